@@ -1,0 +1,34 @@
+"""sparse_attention: efficient self-attention mechanisms for PyTorch.
+
+    import sparse_attention as sa
+    out = sa.attention(q, k, v, sa.SlidingWindow(256))
+"""
+
+from __future__ import annotations
+
+from .functional import attention
+from .patterns import (
+    BigBird,
+    BlockLayout,
+    BlockLocal,
+    Causal,
+    Full,
+    Global,
+    Intersection,
+    Longformer,
+    Pattern,
+    PerHead,
+    RandomBlocks,
+    SlidingWindow,
+    Strided,
+    Union,
+)
+from .reference import reference_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "reference_attention", "Pattern", "BlockLayout", "Union", "Intersection", "PerHead",
+    "Full", "Causal", "SlidingWindow", "Strided", "BlockLocal", "Global", "RandomBlocks",
+    "Longformer", "BigBird",
+]

@@ -1,0 +1,61 @@
+"""The readable reference: dense masked softmax attention, written for clarity.
+
+Every engine and mechanism is tested against this function (with ``mask`` from
+``pattern.mask``), usually in float64. Tests, benchmarks and plots import it from here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """softmax(q k^T * scale, restricted to allowed pairs) v, with empty rows giving 0.
+
+    Args:
+        q: (B, Hq, N, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv); Hq a multiple of Hkv,
+            query head h reads key/value head h // (Hq // Hkv).
+        mask: bool, True = may attend; (N, S), (H, N, S) or anything broadcastable to
+            (B, Hq, N, S). None = every pair.
+        key_padding_mask: (B, S) bool, True = padding (never attended).
+        scale: None = 1/sqrt(D).
+        dropout_mask: optional bool keep-mask broadcastable to (B, Hq, N, S); kept
+            probabilities are divided by (1 - dropout_p).
+        upcast: compute in float32 when inputs are half precision (False = compute in the
+            input dtype, which is how the tolerance baseline "ref_lp" is produced).
+    Returns:
+        (B, Hq, N, Dv) in q's dtype.
+    """
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    B, Hq, N, D = q.shape
+    G = Hq // k.shape[1]
+    k = k.repeat_interleave(G, dim=1)  # (B, Hq, S, D)
+    v = v.repeat_interleave(G, dim=1)
+    scale = D**-0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hq, N, S)
+    allowed = torch.ones(scores.shape, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        allowed = allowed & mask
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    p = torch.exp(scores - row_max)  # exactly 0 where masked
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p) if dropout_p < 1.0 else torch.zeros_like(p)
+    return torch.matmul(p, v).to(dtype)
