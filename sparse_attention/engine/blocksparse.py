@@ -21,6 +21,8 @@ Tensor layout inside the engine (G = Hq // Hkv query heads per key/value head):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -41,8 +43,9 @@ def fold_queries(x: torch.Tensor, Hkv: int, b: int, QB: int) -> torch.Tensor:
     """(B, Hq, N, E) -> (B*Hkv, QB, G*b, E), zero-padded to QB*b rows."""
     B, Hq, N, E = x.shape
     G = Hq // Hkv
-    x = F.pad(x, (0, 0, 0, QB * b - N))
-    x = x.view(B, Hkv, G, QB, b, E)
+    if QB * b != N:
+        x = F.pad(x, (0, 0, 0, QB * b - N))
+    x = x.reshape(B, Hkv, G, QB, b, E)
     if G > 1:
         x = x.permute(0, 1, 3, 2, 4, 5)  # (B, Hkv, QB, G, b, E)
     return x.reshape(B * Hkv, QB, G * b, E)
@@ -63,7 +66,9 @@ def unfold_queries(x: torch.Tensor, B: int, Hq: int, N: int) -> torch.Tensor:
 def fold_keys(x: torch.Tensor, b: int, KB: int) -> torch.Tensor:
     """(B, Hkv, S, E) -> (B*Hkv, KB*b, E) contiguous, zero-padded to whole blocks."""
     B, H, S, E = x.shape
-    return F.pad(x, (0, 0, 0, KB * b - S)).reshape(B * H, KB * b, E).contiguous()
+    if KB * b != S:
+        x = F.pad(x, (0, 0, 0, KB * b - S))
+    return x.reshape(B * H, KB * b, E).contiguous()
 
 
 class _Chunk:
@@ -81,6 +86,14 @@ class _Chunk:
             s = self.seg.row_start + self.lo
             return x[:, s : s + self.hi - self.lo]
         return x.index_select(1, self.rows)
+
+    def max_rows(self, acc: torch.Tensor, x: torch.Tensor) -> None:
+        """acc[:, rows] = max(acc[:, rows], x)."""
+        if self.seg.row_start is not None:
+            s = self.seg.row_start + self.lo
+            torch.maximum(acc[:, s : s + self.hi - self.lo], x, out=acc[:, s : s + self.hi - self.lo])
+        else:
+            acc.index_copy_(1, self.rows, torch.maximum(acc.index_select(1, self.rows), x))
 
     def put_rows(self, acc: torch.Tensor, x: torch.Tensor) -> None:
         """acc[:, rows] += x (rows are distinct within a segment)."""
@@ -164,7 +177,16 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _flip(x: torch.Tensor) -> torch.Tensor:
-    return x.flip(-2)
+    """Reverse dim -2 of (..., b, E); a row gather, several times faster than Tensor.flip on CPU."""
+    b, E = x.shape[-2:]
+    n = x.numel() // (b * E)
+    idx = _reversed_rows(n, b, x.device)
+    return x.reshape(n * b, E).index_select(0, idx).view(x.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _reversed_rows(n: int, b: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(n, device=device).view(-1, 1) * b + torch.arange(b - 1, -1, -1, device=device)).flatten()
 
 
 def _kernel_inputs(ch: _Chunk, qf, kf, vf, G: int, b: int, kpm_f):
@@ -191,21 +213,29 @@ def _from_kernel(x: torch.Tensor, ch: _Chunk, causal: bool, BH: int, lse: bool =
     return x.reshape(BH, R, -1) if lse else x.reshape(BH, R, -1, x.shape[-1])
 
 
-def _lse_merge(out_acc, lse_acc, ch: _Chunk, out_c, lse_c):
-    """Online exact merge of a chunk's (out, lse) into the accumulators (rows distinct)."""
-    old_lse = ch.take_rows(lse_acc)
-    new_lse = torch.logaddexp(old_lse, lse_c)
-    safe = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
-    w_old = torch.exp(old_lse - safe).unsqueeze(-1)
-    w_new = torch.exp(lse_c - safe).unsqueeze(-1)
-    merged = ch.take_rows(out_acc) * w_old + out_c.to(out_acc.dtype) * w_new
-    if ch.seg.row_start is not None:
-        s = ch.seg.row_start + ch.lo
-        out_acc[:, s : s + ch.hi - ch.lo] = merged
-        lse_acc[:, s : s + ch.hi - ch.lo] = new_lse
-    else:
-        out_acc.index_copy_(1, ch.rows, merged)
-        lse_acc.index_copy_(1, ch.rows, new_lse)
+def _merge(parts, BH: int, QB: int, Gb: int, Dv: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of per-chunk (out, lse) into out (BH, QB, G*b, Dv) and lse (BH, QB, G*b).
+
+    lse = log(sum_s exp(lse_s)) per row, out = sum_s exp(lse_s - lse) * out_s; a row no
+    chunk reached, or whose every key is masked, has lse = -inf and out = 0.
+    """
+    if not parts:
+        return (torch.zeros(BH, QB, Gb, Dv, dtype=dtype, device=device),
+                torch.full((BH, QB, Gb), float("-inf"), dtype=dtype, device=device))
+    row_max = torch.full((BH, QB, Gb), float("-inf"), dtype=dtype, device=device)
+    for ch, _, l in parts:
+        ch.max_rows(row_max, l)
+    safe_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    total = torch.zeros_like(row_max)
+    for ch, _, l in parts:
+        ch.put_rows(total, torch.exp(l - ch.take_rows(safe_max)))
+    lse = safe_max + torch.log(total)  # log(0) = -inf for rows with no key
+    safe_lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    out = torch.zeros(BH, QB, Gb, Dv, dtype=dtype, device=device)
+    for ch, o, l in parts:
+        w = torch.exp(l - ch.take_rows(safe_lse)).unsqueeze(-1)
+        ch.put_rows(out, o * w)
+    return out, lse
 
 
 def _dirty_blocks(kpm_f: torch.Tensor | None, b: int) -> torch.Tensor | None:
@@ -220,12 +250,11 @@ def _is_dirty(seg: Segment, dirty: torch.Tensor | None) -> bool:
 
 
 def forward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f):
-    """Run every segment; returns out (BH, QB, G*b, Dv) float32 and lse (BH, QB, G*b) float32."""
+    """Run every segment; returns out (BH, QB, G*b, Dv) and lse (BH, QB, G*b) in the accumulation dtype."""
     BH, QB, Gb, D = qf.shape
     Dv = vf.shape[-1]
-    out_acc = torch.zeros(BH, QB, Gb, Dv, dtype=_acc(qf), device=qf.device)
-    lse_acc = torch.full((BH, QB, Gb), float("-inf"), dtype=_acc(qf), device=qf.device)
     dirty = _dirty_blocks(kpm_f, b)
+    parts = []
     for seg in plan_segments:
         seg_kpm = kpm_f if _is_dirty(seg, dirty) else None
         for ch in _chunks(seg, BH, b, G, D, Dv, qf.element_size(), seg_kpm is not None):
@@ -236,8 +265,8 @@ def forward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f):
             l = _from_kernel(l, ch, causal, BH, lse=True)
             if mask is not None:  # the kernel reports lse=0 for a row with no allowed key
                 l = torch.where(mask.any(-1), l, torch.full_like(l, float("-inf")))
-            _lse_merge(out_acc, lse_acc, ch, o, l)
-    return out_acc, lse_acc
+            parts.append((ch, o, l.to(_acc(qf))))
+    return _merge(parts, BH, QB, Gb, Dv, _acc(qf), qf.device)
 
 
 def backward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, dout):
@@ -316,29 +345,31 @@ def math_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, dropout_p):
 
 
 class _BlockSparseFunction(torch.autograd.Function):
+    """Forward and backward of one shared layout, straight on the fused CPU kernel."""
+
     @staticmethod
     def forward(ctx, q, k, v, plan_segments, G, b, scale, kpm_f, QB, KB):
         qf = fold_queries(q, k.shape[1], b, QB)
         kf, vf = fold_keys(k, b, KB), fold_keys(v, b, KB)
         out, lse = forward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (plan_segments, G, b, scale, kpm_f, QB, KB)
+        # the folded copies are kept (not q, k, v) so the backward does not fold again
+        ctx.save_for_backward(qf, kf, vf, out, lse)
+        ctx.args = (plan_segments, G, b, scale, kpm_f, q.shape, k.shape, v.shape)
         return unfold_queries(out, q.shape[0], q.shape[1], q.shape[2])
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan_segments, G, b, scale, kpm_f, QB, KB = ctx.args
-        B, Hq, N, _ = q.shape
-        Hkv, S = k.shape[1], k.shape[2]
-        qf = fold_queries(q, Hkv, b, QB)
-        kf, vf = fold_keys(k, b, KB), fold_keys(v, b, KB)
-        gf = fold_queries(grad.to(q.dtype), Hkv, b, QB).contiguous()
+        qf, kf, vf, out, lse = ctx.saved_tensors
+        plan_segments, G, b, scale, kpm_f, q_shape, k_shape, v_shape = ctx.args
+        B, Hq, N, _ = q_shape
+        _, Hkv, S, _ = k_shape
+        QB, KB = qf.shape[1], kf.shape[1] // b
+        gf = fold_queries(grad.to(qf.dtype), Hkv, b, QB).contiguous()
         dq, dk, dv = backward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, gf)
-        dq = unfold_queries(dq, B, Hq, N).to(q.dtype)
-        dk = dk.view(B, Hkv, KB * b, -1)[:, :, :S].to(k.dtype)
-        dv = dv.view(B, Hkv, KB * b, -1)[:, :, :S].to(v.dtype)
+        dq = unfold_queries(dq, B, Hq, N).to(qf.dtype)
+        dk = dk.view(B, Hkv, KB * b, -1)[:, :, :S].to(kf.dtype)
+        dv = dv.view(B, Hkv, KB * b, -1)[:, :, :S].to(vf.dtype)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -370,7 +401,8 @@ def blocksparse_attention(q, k, v, plan: Plan, *, scale: float, key_padding_mask
     b = plan.block
     # The fused kernel has no dropout, and turns a NaN query row into zeros (#141128):
     # those cases run the same plan with plain ops, which propagate NaN like the math path.
-    exact_kernel = dropout_p == 0.0 and all(bool(torch.isfinite(t).all()) for t in (q, k, v))
+    # (a sum is non-finite when any element is: one read, no temporary)
+    exact_kernel = dropout_p == 0.0 and all(bool(torch.isfinite(t.sum())) for t in (q, k, v))
     if len(plan.heads) == 1:
         return _run_shared(plan.heads[0], q, k, v, b, scale, key_padding_mask, dropout_p, exact_kernel)
     G = q.shape[1] // k.shape[1]

@@ -1,0 +1,128 @@
+"""Shared helpers: the one tolerance rule, input factories and readable ids.
+
+Tolerance rule (RELIABILITY.md (b)2, flash-attention's): with ``golden`` the reference
+in float64 and ``ref_lp`` the same naive reference run in the input dtype
+(``upcast=False``), the implementation must satisfy
+
+    max|impl - golden| <= factor * max|ref_lp - golden| + floor
+
+with factor 2 for the output and 3 for gradients, and ``floor`` about one ulp of the
+input dtype at the data's magnitude (gradients: at least 1e-5, 3e-5 for short sequences).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparse_attention as sa
+
+torch.backends.cuda.matmul.allow_tf32 = False  # hygiene (b)8; no-op on CPU
+
+FORWARD_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+
+
+def _floor(golden: torch.Tensor, dtype: torch.dtype) -> float:
+    """2 * max|(golden + 0.3 - 0.3) - golden| computed in ``dtype``: ~one ulp at the data's scale."""
+    g = golden.to(dtype)
+    return 2.0 * float(((g + 0.3) - 0.3).double().sub(golden).abs().max()) if golden.numel() else 0.0
+
+
+def assert_within_baseline(name: str, impl, ref_lp, golden, *, grad: bool = False, min_len: int = 64,
+                           factor: float | None = None) -> None:
+    """The tolerance rule. ``name`` labels the tensor in the failure message (out, dq, dk, dv)."""
+    assert impl is not None, f"{name}: implementation gave no tensor (gradient missing?)"
+    assert impl.shape == golden.shape, f"{name}: shape {tuple(impl.shape)} != expected {tuple(golden.shape)}"
+    assert impl.dtype == ref_lp.dtype, f"{name}: dtype {impl.dtype} != input dtype {ref_lp.dtype}"
+    if golden.numel() == 0:
+        return
+    golden = golden.double()
+    finite = torch.isfinite(golden)
+    bad = finite & ~torch.isfinite(impl)
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values where the fp64 reference is finite"
+    # exact structure: zeros of golden that come from empty rows must stay zero is checked elsewhere
+    err = float((impl.double() - golden)[finite].abs().max())
+    base = float((ref_lp.double() - golden)[finite].abs().max())
+    floor = _floor(golden[finite], impl.dtype)
+    if grad:
+        floor = max(floor, 3e-5 if min_len < 64 else 1e-5)
+    factor = factor if factor is not None else (GRAD_FACTOR if grad else FORWARD_FACTOR)
+    tol = factor * base + floor
+    assert err <= tol, (
+        f"{name}: max|impl-golden|={err:.3e} > {factor}*max|ref_lp-golden| ({base:.3e}) + floor ({floor:.3e})"
+        f" = {tol:.3e}"
+    )
+
+
+def make_qkv(B, Hq, Hkv, N, S, D, Dv=None, *, dtype=torch.float32, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, Hq, N, D, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, S, Dv, generator=g, dtype=torch.float64).to(dtype)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def padding_mask(B: int, S: int, *, seed: int = 0, all_padded: int | None = None) -> torch.Tensor:
+    """(B, S) bool, True = padding: a random ~30% of keys, and batch element ``all_padded`` fully padded."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    m = torch.rand(B, S, generator=g) < 0.3
+    if all_padded is not None:
+        m[all_padded] = True
+    return m
+
+
+def dense_pattern_mask(pattern, N: int, S: int):
+    return None if pattern is None else pattern.mask(N, S)
+
+
+def run_and_grad(fn, q, k, v, g):
+    """out = fn(q, k, v); returns (out, dq, dk, dv) for the upstream gradient g (detached)."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g, allow_unused=True)
+    return out.detach(), dq, dk, dv
+
+
+def check_against_reference(fn, q, k, v, pattern, *, key_padding_mask=None, scale=None, seed=0,
+                            grads: bool = True) -> tuple:
+    """Run ``fn`` and the reference (fp64 golden and input-dtype ref_lp); apply the rule to out and grads.
+
+    Returns (impl_results, golden_results) as (out, dq, dk, dv) tuples.
+    """
+    N, S = q.shape[2], k.shape[2]
+    mask = dense_pattern_mask(pattern, N, S)
+
+    def ref(q_, k_, v_, upcast=True):
+        return sa.reference_attention(q_, k_, v_, mask, key_padding_mask=key_padding_mask, scale=scale,
+                                      upcast=upcast)
+
+    gen = torch.Generator().manual_seed(seed + 7)
+    B, Hq, _, _ = q.shape
+    g = torch.randn(B, Hq, N, v.shape[-1], generator=gen, dtype=torch.float64)
+    if not grads:
+        with torch.no_grad():
+            out = fn(q.detach(), k.detach(), v.detach())
+            golden = ref(q.double(), k.double(), v.double())
+            ref_lp = ref(q.detach(), k.detach(), v.detach(), upcast=False)
+        assert_within_baseline("out", out, ref_lp, golden)
+        return (out,), (golden,)
+    impl = run_and_grad(fn, q, k, v, g.to(q.dtype))
+    golden = run_and_grad(ref, q.double(), k.double(), v.double(), g)
+    ref_lp = run_and_grad(lambda a, b, c: ref(a, b, c, upcast=False), q, k, v, g.to(q.dtype))
+    min_len = min(N, S)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        lp = ref_lp[i] if ref_lp[i] is not None else torch.zeros_like(impl[i])
+        gd = golden[i] if golden[i] is not None else torch.zeros_like(impl[i], dtype=torch.float64)
+        assert_within_baseline(name, impl[i], lp, gd, grad=i > 0, min_len=min_len)
+    return impl, golden
+
+
+def registry_id(m) -> str:
+    return m.name
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

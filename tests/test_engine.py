@@ -1,0 +1,211 @@
+"""Every mechanism, on every backend, against the fp64 reference: output and all gradients.
+
+Sizes are awkward on purpose (lengths 1, 37, 97, 301; N != S both ways; head dims 7 and 59;
+Dv != D; MHA/GQA/MQA; key padding with a fully padded batch element).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import check_against_reference, make_qkv, padding_mask
+
+import sparse_attention as sa
+from sparse_attention.engine import _run_blocksparse
+
+MECHS = {m.name: m for m in sa.mechanisms()}
+
+
+def _extra_patterns() -> dict[str, sa.Pattern]:
+    return {
+        "window8_or_global0": sa.SlidingWindow(8) | sa.Global([0, 5]),
+        "causal_and_strided3": sa.Causal() & sa.Strided(3),
+        "longformer_dil2_globals": sa.Longformer(4, global_indices=(0, 3, 20), dilation=2),
+        "longformer_causal_dil2": sa.Longformer(5, global_indices=(1,), dilation=2, causal=True),
+        "bigbird_b16": sa.BigBird(block=16, window_blocks=3, global_blocks=2, random_blocks=1, seed=3),
+        "random_blocks_b16": sa.RandomBlocks(2, block=16, seed=5),
+        "blocklocal_or_causalwindow": sa.BlockLocal(10) | sa.SlidingWindow(3, causal=True),
+    }
+
+
+EXTRA = _extra_patterns()
+
+
+def all_patterns() -> dict[str, sa.Pattern | None]:
+    pats: dict[str, sa.Pattern | None] = {name: m.make() for name, m in MECHS.items()}
+    pats.update(EXTRA)
+    pats["none"] = None
+    return pats
+
+
+PATTERNS = all_patterns()
+
+# (B, Hq, Hkv, N, S, D, Dv, padding) ; padding: None, "some", or "one_empty" (batch element 1 all padded)
+SHAPES = [
+    (2, 4, 4, 97, 97, 16, 16, "some"),
+    (2, 4, 2, 37, 97, 7, 11, "one_empty"),  # GQA, N < S, odd D, Dv != D
+    (2, 2, 1, 97, 37, 59, 59, None),  # MQA, N > S: leading queries of causal patterns are empty
+    (1, 2, 2, 301, 301, 16, 8, None),
+    (2, 2, 1, 1, 97, 8, 8, "some"),  # decode step
+    (2, 4, 2, 37, 1, 8, 8, None),  # a single key
+]
+
+
+def shape_id(s) -> str:
+    B, Hq, Hkv, N, S, D, Dv, pad = s
+    h = f"H{Hq}" if Hq == Hkv else f"H{Hq}kv{Hkv}"
+    dv = "" if Dv == D else f"-Dv{Dv}"
+    p = "" if pad is None else f"-pad_{pad}"
+    return f"B{B}-{h}-N{N}-S{S}-D{D}{dv}{p}"
+
+
+def _call(pattern, backend, kpm):
+    return functools.partial(_attn, pattern=pattern, backend=backend, kpm=kpm)
+
+
+def _attn(q, k, v, *, pattern, backend, kpm):
+    return sa.attention(q, k, v, pattern, key_padding_mask=kpm, backend=backend)
+
+
+def _kpm(shape, seed=0):
+    B, _, _, _, S, _, _, pad = shape
+    if pad is None:
+        return None
+    return padding_mask(B, S, seed=seed, all_padded=1 if pad == "one_empty" else None)
+
+
+def _applicable(pattern, shape) -> bool:
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_blocksparse_matches_reference(name, shape, dtype):
+    pattern = PATTERNS[name]
+    B, Hq, Hkv, N, S, D, Dv, _ = shape
+    if isinstance(pattern, sa.Global) or name in ("window8_or_global0", "longformer_dil2_globals"):
+        pass
+    try:
+        pattern is None or pattern.check_lengths(N, S)
+    except ValueError:
+        pytest.skip(f"{name} is not defined for S={S}")
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=dtype, seed=hash(name) % 1000)
+    check_against_reference(_call(pattern, "blocksparse", _kpm(shape)), q, k, v, pattern,
+                            key_padding_mask=_kpm(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=shape_id)
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_dense_backend_matches_reference(name, shape):
+    pattern = PATTERNS[name]
+    B, Hq, Hkv, N, S, D, Dv, _ = shape
+    try:
+        pattern is None or pattern.check_lengths(N, S)
+    except ValueError:
+        pytest.skip(f"{name} is not defined for S={S}")
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, seed=1)
+    check_against_reference(_call(pattern, "dense", _kpm(shape)), q, k, v, pattern, key_padding_mask=_kpm(shape))
+
+
+BLOCK_SHAPES = [(1, 2, 1, 97, 97, 8, 8, "some"), (2, 2, 2, 70, 131, 8, 5, None), (1, 2, 2, 131, 50, 8, 8, None)]
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("name", [n for n in PATTERNS if n != "none"])
+def test_blocksparse_block_sizes(name, shape, block):
+    """The layout changes with the block size; every block size must give the same attention."""
+    pattern = PATTERNS[name]
+    B, Hq, Hkv, N, S, D, Dv, _ = shape
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, seed=2)
+    kpm = _kpm(shape)
+    fn = functools.partial(_run_blocksparse, pattern=pattern, scale=D**-0.5, key_padding_mask=kpm, block=block)
+    check_against_reference(lambda a, b, c: fn(a, b, c), q, k, v, pattern, key_padding_mask=kpm)
+
+
+PER_HEAD = sa.PerHead([sa.Causal(), sa.SlidingWindow(5), sa.Strided(3, causal=True), sa.Global([2]) | sa.BlockLocal(8)])
+
+
+@pytest.mark.parametrize("backend", ["blocksparse", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("NS", [(37, 37), (37, 97), (97, 37)], ids=lambda t: f"N{t[0]}-S{t[1]}")
+def test_per_head_matches_reference(NS, dtype, backend):
+    N, S = NS
+    q, k, v = make_qkv(2, 4, 2, N, S, 7, 9, dtype=dtype, seed=3)
+    kpm = padding_mask(2, S, all_padded=0)
+    check_against_reference(_call(PER_HEAD, backend, kpm), q, k, v, PER_HEAD, key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "bigbird"])
+def test_long_sequence_1000(name):
+    pattern = PATTERNS[name]
+    q, k, v = make_qkv(1, 2, 1, 1000, 1000, 16, seed=4)
+    check_against_reference(_call(pattern, "blocksparse", None), q, k, v, pattern)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.3, 2.5])
+@pytest.mark.parametrize("backend", ["blocksparse", "dense"])
+def test_explicit_scale(scale, backend):
+    pattern = sa.SlidingWindow(6, causal=True)
+    q, k, v = make_qkv(2, 2, 2, 37, 37, 8, seed=5)
+    fn = lambda a, b, c: sa.attention(a, b, c, pattern, scale=scale, backend=backend)  # noqa: E731
+    check_against_reference(fn, q, k, v, pattern, scale=scale)
+
+
+def test_fully_padded_batch_element_is_exactly_zero():
+    """Batch element 1 has every key padded: its output and dq are exactly 0, dk/dv finite (zero)."""
+    for backend in ("blocksparse", "dense"):
+        for pattern in (None, sa.Causal(), sa.SlidingWindow(4), sa.BigBird(block=16, random_blocks=1)):
+            q, k, v = make_qkv(2, 4, 2, 37, 53, 7)
+            kpm = padding_mask(2, 53, all_padded=1)
+            out = sa.attention(q, k, v, pattern, key_padding_mask=kpm, backend=backend)
+            g = torch.randn_like(out)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+            tag = f"{backend}-{pattern!r}"
+            assert torch.equal(out[1], torch.zeros_like(out[1])), f"out[1] not exactly 0 for {tag}"
+            assert torch.equal(dq[1], torch.zeros_like(dq[1])), f"dq[1] not exactly 0 for {tag}"
+            assert torch.equal(dk[1], torch.zeros_like(dk[1])), f"dk[1] not exactly 0 for {tag}"
+            assert torch.equal(dv[1], torch.zeros_like(dv[1])), f"dv[1] not exactly 0 for {tag}"
+            for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+                assert torch.isfinite(t).all(), f"{name} has non-finite values for {tag}"
+            assert out[0].abs().sum() > 0, f"out[0] unexpectedly zero for {tag}"
+
+
+@pytest.mark.parametrize("backend", ["blocksparse", "dense"])
+def test_empty_rows_from_pattern_are_exactly_zero(backend):
+    """Causal with N > S: the first N - S queries see no key (bottom-right): output and dq rows are 0."""
+    N, S = 40, 17
+    q, k, v = make_qkv(1, 2, 1, N, S, 8)
+    out = sa.attention(q, k, v, sa.Causal(), backend=backend)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(out[:, :, : N - S], torch.zeros_like(out[:, :, : N - S])), "out of empty rows"
+    assert torch.equal(dq[:, :, : N - S], torch.zeros_like(dq[:, :, : N - S])), "dq of empty rows"
+    assert out[:, :, N - S :].abs().amin(-1).gt(0).any(), "out of non-empty rows is zero"
+    for name, t in (("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), f"{name} not finite"
+
+
+@pytest.mark.parametrize("backend", ["blocksparse", "dense"])
+def test_empty_intersection_gives_zero(backend):
+    """Causal & anti-causal-only-future is empty except the diagonal; Causal & Strided off-diagonal empty."""
+    pattern = sa.Causal() & sa.Global([]) if False else sa.SlidingWindow(0, causal=True) & sa.Strided(2) & sa.Global([3])
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 4)
+    out = sa.attention(q, k, v, pattern, backend=backend)
+    ref = sa.reference_attention(q.double(), k.double(), v.double(), pattern.mask(20, 20))
+    assert torch.isfinite(out).all(), "out has non-finite values"
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"out: {m}")
+    empty = ~pattern.mask(20, 20).any(-1)
+    assert empty.sum() >= 18
+    assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty])), "empty rows not exactly 0"
+
+
+def test_backends_agree_bitwise_on_dense_equivalent_pattern():
+    """A pattern equal to a dense mask matches the dense mask bit-for-bit on the same backend."""
+    q, k, v = make_qkv(2, 2, 2, 37, 37, 8, requires_grad=False)
+    for backend in ("dense", "blocksparse"):
+        a = sa.attention(q, k, v, sa.SlidingWindow(40), backend=backend)
+        b = sa.attention(q, k, v, sa.Full(), backend=backend)
+        assert torch.equal(a, b), f"{backend}: SlidingWindow(40) != Full() at S=37"
