@@ -189,26 +189,54 @@ def _reversed_rows(n: int, b: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(n, device=device).view(-1, 1) * b + torch.arange(b - 1, -1, -1, device=device)).flatten()
 
 
-def _kernel_inputs(ch: _Chunk, qf, kf, vf, G: int, b: int, kpm_f):
-    """q, k, v, additive mask and is_causal for one kernel call on this chunk."""
-    kind = ch.seg.kind
-    q = ch.take_rows(qf)  # (BH, R, G*b, D)
-    k = ch.take_keys(kf, b)
-    v = ch.take_keys(vf, b)
+class _Operands:
+    """The folded tensors of one call, and their block-reversed copies made on first use.
+
+    Anti-causal blocks (j >= i) run as causal blocks on reversed rows and columns; when
+    such segments span many rows, reversing each whole tensor once is cheaper than
+    reversing every chunk.
+    """
+
+    def __init__(self, b: int, G: int, **tensors: torch.Tensor):
+        self.b, self.G = b, G
+        self.plain = tensors
+        self.rev: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.plain[name]
+
+    def reversed(self, name: str) -> torch.Tensor:
+        if name not in self.rev:
+            x = self.plain[name]
+            if x.dim() == 3 and name in ("k", "v"):  # (BH, KB*b, E): reverse each key block
+                r = _flip(x.view(x.shape[0], -1, self.b, x.shape[-1])).view(x.shape)
+            elif x.dim() == 4:  # (BH, QB, G*b, E): reverse each query block of each head
+                r = _flip(x.reshape(x.shape[0], -1, self.b, x.shape[-1])).view(x.shape)
+            else:  # lse (BH, QB, G*b)
+                r = x.view(*x.shape[:2], self.G, self.b).flip(-1).reshape(x.shape)
+            self.rev[name] = r
+        return self.rev[name]
+
+
+def _kernel_inputs(ch: _Chunk, ops: _Operands, kpm_f):
+    """q, k, v, additive-ready bool mask and is_causal for one kernel call on this chunk."""
+    b, G = ops.b, ops.G
     mask = ch.bool_mask(G, kpm_f, b)
-    causal = kind in (CAUSAL, ANTICAUSAL) and mask is None
+    causal = ch.seg.kind in (CAUSAL, ANTICAUSAL) and mask is None
+    anti = causal and ch.seg.kind == ANTICAUSAL  # j >= i is causal on reversed rows and columns
+    get = ops.reversed if anti else ops.__getitem__
+    q = ch.take_rows(get("q"))  # (BH, R, G*b, D)
+    k, v = ch.take_keys(get("k"), b), ch.take_keys(get("v"), b)
     if causal:
         BH, R = q.shape[:2]
         q = q.reshape(BH, R * G, b, q.shape[-1])  # GQA form: R*G query heads over R key heads
-        if kind == ANTICAUSAL:  # j >= i is causal on reversed rows and columns
-            q, k, v = _flip(q), _flip(k), _flip(v)
-    return q, k, v, mask, causal
+    return q, k, v, mask, causal, get
 
 
 def _from_kernel(x: torch.Tensor, ch: _Chunk, causal: bool, BH: int, lse: bool = False) -> torch.Tensor:
     """Undo the GQA reshaping and reversal of _kernel_inputs on a kernel output."""
     if causal and ch.seg.kind == ANTICAUSAL:
-        x = x.flip(-1 if lse else -2)
+        x = x.flip(-1) if lse else _flip(x)
     R = ch.hi - ch.lo
     return x.reshape(BH, R, -1) if lse else x.reshape(BH, R, -1, x.shape[-1])
 
@@ -254,11 +282,12 @@ def forward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f):
     BH, QB, Gb, D = qf.shape
     Dv = vf.shape[-1]
     dirty = _dirty_blocks(kpm_f, b)
+    ops = _Operands(b, G, q=qf, k=kf, v=vf)
     parts = []
     for seg in plan_segments:
         seg_kpm = kpm_f if _is_dirty(seg, dirty) else None
         for ch in _chunks(seg, BH, b, G, D, Dv, qf.element_size(), seg_kpm is not None):
-            q, k, v, mask, causal = _kernel_inputs(ch, qf, kf, vf, G, b, seg_kpm)
+            q, k, v, mask, causal, _ = _kernel_inputs(ch, ops, seg_kpm)
             add = None if mask is None else _additive(mask, q.dtype)
             o, l = _fwd(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
             o = _from_kernel(o, ch, causal, BH)
@@ -280,17 +309,16 @@ def backward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, d
     # a row with no allowed key has lse=-inf; +inf makes every exp(score - lse) exactly 0
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     dirty = _dirty_blocks(kpm_f, b)
+    ops = _Operands(b, G, q=qf, k=kf, v=vf, out=out, lse=lse, dout=dout)
     for seg in plan_segments:
         seg_kpm = kpm_f if _is_dirty(seg, dirty) else None
         for ch in _chunks(seg, BH, b, G, D, Dv, qf.element_size(), seg_kpm is not None):
-            q, k, v, mask, causal = _kernel_inputs(ch, qf, kf, vf, G, b, seg_kpm)
+            q, k, v, mask, causal, get = _kernel_inputs(ch, ops, seg_kpm)
             add = None if mask is None else _additive(mask, q.dtype)
-            o, l, g = ch.take_rows(out), ch.take_rows(lse), ch.take_rows(dout)
+            o, l, g = ch.take_rows(get("out")), ch.take_rows(get("lse")), ch.take_rows(get("dout"))
             if causal:
                 o, g = o.reshape(q.shape[:-1] + (Dv,)), g.reshape(q.shape[:-1] + (Dv,))
                 l = l.reshape(q.shape[:-1])
-                if ch.seg.kind == ANTICAUSAL:
-                    o, g, l = _flip(o), _flip(g), l.flip(-1)
             gq, gk, gv = _bwd(g, q, k, v, o, l, 0.0, causal, attn_mask=add, scale=scale)
             if causal and ch.seg.kind == ANTICAUSAL:
                 gq, gk, gv = _flip(gq), _flip(gk), _flip(gv)
