@@ -55,8 +55,6 @@ def _blocksparse_reasons(c: Call) -> list[str]:
     reasons = []
     if c.device.type not in ("cpu", "cuda"):
         reasons.append(f"device {c.device.type} is not supported (cpu, cuda)")
-    if c.device.type == "cuda":
-        reasons.append("the CUDA path of the block-sparse engine is not built yet (see the GPU issue)")
     if c.pattern is not None and c.pattern.num_heads is not None and c.pattern.num_heads != c.Hq:
         reasons.append(f"per-head pattern has {c.pattern.num_heads} heads but q has {c.Hq}")
     return reasons

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from ..patterns.base import ANTICAUSAL, CAUSAL, FULL
 from .plan import Plan, Segment
 
-# Budget for gathered K/V + mask of one chunk of a segment.
-CHUNK_BYTES = 64 << 20
+# Budget for the K/V (gathered, or the kernel's gradient buffers of a view) and mask of
+# one chunk of a segment.
+CHUNK_BYTES = 128 << 20
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -155,15 +156,14 @@ class _Chunk:
 
 
 def _chunks(seg: Segment, BH: int, b: int, G: int, D: int, Dv: int, itemsize: int, dirty: bool):
-    """Split a segment into row chunks within CHUNK_BYTES (views need no split)."""
+    """Split a segment into row chunks within CHUNK_BYTES."""
     R, K = seg.kv.shape
     L = K * b
-    per_row = 0
-    if seg.kv_run is None:
-        per_row += BH * L * (D + Dv) * itemsize
+    # gathered K/V in the forward, the kernel's dK/dV buffers in the backward (views too)
+    per_row = BH * L * (D + Dv) * itemsize
     if seg.mask is not None or dirty:
         per_row += (BH if dirty else 1) * G * b * L * (itemsize + 1)
-    step = R if per_row == 0 else max(1, CHUNK_BYTES // per_row)
+    step = max(1, CHUNK_BYTES // per_row)
     return [_Chunk(seg, lo, min(R, lo + step)) for lo in range(0, R, step)]
 
 
@@ -424,13 +424,18 @@ def _run_shared(segments, q, k, v, b, scale, key_padding_mask, dropout_p, exact_
     return unfold_queries(out, B, Hq, N).to(q.dtype)
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when no element is NaN or inf (a sum is non-finite when any element is: one read, no temporary)."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
 def blocksparse_attention(q, k, v, plan: Plan, *, scale: float, key_padding_mask=None, dropout_p=0.0):
     """Execute ``plan`` on validated inputs q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv)."""
     b = plan.block
-    # The fused kernel has no dropout, and turns a NaN query row into zeros (#141128):
-    # those cases run the same plan with plain ops, which propagate NaN like the math path.
-    # (a sum is non-finite when any element is: one read, no temporary)
-    exact_kernel = dropout_p == 0.0 and all(bool(torch.isfinite(t.sum())) for t in (q, k, v))
+    # The fused CPU kernel has no dropout, and turns a NaN query row into zeros (#141128):
+    # those cases, and other devices, run the same plan with plain differentiable ops,
+    # which propagate NaN like SDPA's math path.
+    exact_kernel = q.device.type == "cpu" and dropout_p == 0.0 and all_finite(q, k, v)
     if len(plan.heads) == 1:
         return _run_shared(plan.heads[0], q, k, v, b, scale, key_padding_mask, dropout_p, exact_kernel)
     G = q.shape[1] // k.shape[1]

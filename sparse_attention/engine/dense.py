@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..patterns.base import Pattern
+from .blocksparse import all_finite
 
 
 def dense_mask(pattern: Pattern | None, n_q: int, n_k: int, key_padding_mask, device) -> torch.Tensor | None:
@@ -29,8 +30,12 @@ def dense_attention(q, k, v, pattern, *, scale, key_padding_mask=None, dropout_p
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     gqa = q.shape[1] != k.shape[1]
-    # the math kernel: fused kernels turn NaN query rows into zeros (#141128)
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-        )
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+
+    if all_finite(q, k, v):
+        return sdpa()
+    with sdpa_kernel(SDPBackend.MATH):  # fused kernels turn NaN query rows into zeros (#141128)
+        return sdpa()
