@@ -83,7 +83,7 @@ def _run_blocksparse(q, k, v, pattern, *, scale, key_padding_mask=None, dropout_
         from ..patterns.full import Full
 
         pattern = Full()
-    b = block or choose_block(pattern, N, S)
+    b = block or choose_block(pattern, N, S, q.shape[1] // k.shape[1])
     plan = build_plan(pattern, pattern.layout(N, S, b, device=q.device))
     return blocksparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask,
                                  dropout_p=dropout_p)

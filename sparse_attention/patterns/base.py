@@ -400,28 +400,44 @@ def _classify(m: torch.Tensor, row_ok: torch.Tensor, tril: torch.Tensor, triu: t
     return kind
 
 
+def classify_candidates(
+    pattern: Pattern, cand: torch.Tensor, n_q: int, n_k: int, block: int, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Kind (int8) of every candidate block, for all query-block rows or only ``rows``.
+
+    cand: (Hl, QB, K) candidate key blocks. Returns (Hl, len(rows) or QB, K). The
+    predicate is evaluated on the candidate blocks only, in chunks of _CLASSIFY_CHUNK.
+    """
+    device = cand.device
+    KB = num_blocks(n_k, block)
+    if rows is None:
+        rows = torch.arange(cand.shape[1], device=device)
+    cand = cand[:, rows]
+    Hl, R, K = cand.shape
+    kind = torch.zeros(Hl, R, K, dtype=torch.int8, device=device)
+    ar = torch.arange(block, device=device)
+    tril = ar.view(-1, 1) >= ar.view(1, -1)  # (b, b): j <= i
+    triu = ar.view(-1, 1) <= ar.view(1, -1)
+    per_chunk = max(1, _CLASSIFY_CHUNK // (block * block))
+    for h in range(Hl):
+        head = h if pattern.num_heads is not None else None
+        # only real candidates are evaluated (rows have different counts; padding is skipped)
+        r_idx, k_idx = torch.nonzero(cand[h] != KB, as_tuple=True)
+        for p0 in range(0, r_idx.numel(), per_chunk):
+            r, j = r_idx[p0 : p0 + per_chunk], k_idx[p0 : p0 + per_chunk]
+            qi = (rows[r] * block).view(-1, 1, 1) + ar.view(1, -1, 1)  # (P, b, 1)
+            ki = (cand[h, r, j] * block).view(-1, 1, 1) + ar.view(1, 1, -1)  # (P, 1, b)
+            m = pattern.allowed(qi, ki, n_q=n_q, n_k=n_k, head=head) & (ki < n_k)  # (P, b, b)
+            row_ok = (qi < n_q).expand_as(m)  # rows past N are don't-care
+            kind[h, r, j] = _classify(m, row_ok, tril, triu)
+    return kind
+
+
 @functools.lru_cache(maxsize=64)
 def _build_layout(pattern: Pattern, n_q: int, n_k: int, block: int, device: torch.device) -> BlockLayout:
     KB = num_blocks(n_k, block)
     cand = pattern._candidates(n_q, n_k, block, device)  # (Hl, QB, K)
-    Hl, QB, K = cand.shape
-    kind = torch.zeros(Hl, QB, K, dtype=torch.int8, device=device)
-    if QB and K:
-        ar = torch.arange(block, device=device)
-        tril = ar.view(-1, 1) >= ar.view(1, -1)  # (b, b): j <= i
-        triu = ar.view(-1, 1) <= ar.view(1, -1)
-        rows_per_chunk = max(1, _CLASSIFY_CHUNK // (K * block * block))
-        for h in range(Hl):
-            head = h if pattern.num_heads is not None else None
-            for r0 in range(0, QB, rows_per_chunk):
-                r1 = min(QB, r0 + rows_per_chunk)
-                c = cand[h, r0:r1]  # (R, K)
-                qi = (torch.arange(r0, r1, device=device) * block).view(-1, 1, 1, 1) + ar.view(1, 1, -1, 1)
-                ki = c.view(*c.shape, 1, 1) * block + ar.view(1, 1, 1, -1)
-                m = pattern.allowed(qi, ki, n_q=n_q, n_k=n_k, head=head)  # (R, K, b, b)
-                m = m & (ki < n_k) & (c != KB).view(*c.shape, 1, 1)
-                row_ok = (qi < n_q).expand_as(m)  # rows past N are don't-care
-                kind[h, r0:r1] = _classify(m, row_ok, tril, triu)
+    kind = classify_candidates(pattern, cand, n_q, n_k, block)
     # drop empty candidates: move them to the end and trim
     kv = torch.where(kind != EMPTY, cand, torch.full_like(cand, KB))
     order = torch.argsort(kv, dim=-1, stable=True)
