@@ -7,7 +7,8 @@ in float64 and ``ref_lp`` the same naive reference run in the input dtype
     max|impl - golden| <= factor * max|ref_lp - golden| + floor
 
 with factor 2 for the output and 3 for gradients, and ``floor`` about one ulp of the
-input dtype at the data's magnitude (gradients: at least 1e-5, 3e-5 for short sequences).
+input dtype at the data's magnitude (gradients: at least 1e-5, 3e-5 for short sequences;
+fp32: at least 8 eps * max|golden|, since the fp32 baseline is nearly exact).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def assert_within_baseline(name: str, impl, ref_lp, golden, *, grad: bool = Fals
     err = float((impl.double() - golden)[finite].abs().max())
     base = float((ref_lp.double() - golden)[finite].abs().max())
     floor = _floor(golden[finite], impl.dtype)
+    if impl.dtype == torch.float32:
+        # fp32 ref_lp is almost exact, so the ratio is noise (RELIABILITY (b)3): allow a few ulps
+        # at the data's magnitude for the block-wise LSE merge (one rounding per key block).
+        floor = max(floor, 8 * torch.finfo(torch.float32).eps * float(golden[finite].abs().max()))
     if grad:
         floor = max(floor, 3e-5 if min_len < 64 else 1e-5)
     factor = factor if factor is not None else (GRAD_FACTOR if grad else FORWARD_FACTOR)

@@ -132,14 +132,17 @@ class _Chunk:
             return
         acc.index_add_(1, self.kv.flatten(), x.reshape(BH, R * K, b, E))
 
-    def bool_mask(self, G: int, kpm_f: torch.Tensor | None, b: int) -> torch.Tensor | None:
-        """(BH or 1, R, G*b, K*b) bool mask of this call, or None when the kernel needs none."""
+    def bool_mask(self, G: int, kpm_f: torch.Tensor | None, b: int, triangles: bool = False) -> torch.Tensor | None:
+        """(BH or 1, R, G*b, K*b) bool mask of this call, or None when the kernel needs none.
+
+        ``triangles``: give causal/anti-causal blocks an explicit mask instead of is_causal.
+        """
         seg = self.seg
         R, K = self.kv.shape
         L = K * b
         if seg.mask is not None:
             m = seg.mask[self.lo : self.hi]
-        elif kpm_f is None:
+        elif kpm_f is None and not (triangles and seg.kind != FULL):
             return None
         elif seg.kind == FULL:
             m = torch.ones(R, b, L, dtype=torch.bool, device=self.kv.device)
@@ -218,10 +221,12 @@ class _Operands:
         return self.rev[name]
 
 
-def _kernel_inputs(ch: _Chunk, ops: _Operands, kpm_f):
+def _kernel_inputs(ch: _Chunk, ops: _Operands, kpm_f, scale: float):
     """q, k, v, additive-ready bool mask and is_causal for one kernel call on this chunk."""
     b, G = ops.b, ops.G
-    mask = ch.bool_mask(G, kpm_f, b)
+    # the CPU kernel's is_causal yields NaN for scale <= 0 (its -inf mask is scaled too;
+    # SDPA itself has this bug in torch 2.13): use an explicit mask there
+    mask = ch.bool_mask(G, kpm_f, b, triangles=scale <= 0)
     causal = ch.seg.kind in (CAUSAL, ANTICAUSAL) and mask is None
     anti = causal and ch.seg.kind == ANTICAUSAL  # j >= i is causal on reversed rows and columns
     get = ops.reversed if anti else ops.__getitem__
@@ -287,7 +292,7 @@ def forward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f):
     for seg in plan_segments:
         seg_kpm = kpm_f if _is_dirty(seg, dirty) else None
         for ch in _chunks(seg, BH, b, G, D, Dv, qf.element_size(), seg_kpm is not None):
-            q, k, v, mask, causal, _ = _kernel_inputs(ch, ops, seg_kpm)
+            q, k, v, mask, causal, _ = _kernel_inputs(ch, ops, seg_kpm, scale)
             add = None if mask is None else _additive(mask, q.dtype)
             o, l = _fwd(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
             o = _from_kernel(o, ch, causal, BH)
@@ -313,7 +318,7 @@ def backward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, d
     for seg in plan_segments:
         seg_kpm = kpm_f if _is_dirty(seg, dirty) else None
         for ch in _chunks(seg, BH, b, G, D, Dv, qf.element_size(), seg_kpm is not None):
-            q, k, v, mask, causal, get = _kernel_inputs(ch, ops, seg_kpm)
+            q, k, v, mask, causal, get = _kernel_inputs(ch, ops, seg_kpm, scale)
             add = None if mask is None else _additive(mask, q.dtype)
             o, l, g = ch.take_rows(get("out")), ch.take_rows(get("lse")), ch.take_rows(get("dout"))
             if causal:
@@ -345,11 +350,7 @@ def math_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, dropout_p):
             if upcast:
                 q, k, v = q.float(), k.float(), v.float()
             s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (BH, R, G*b, L)
-            mask = ch.bool_mask(G, kpm_f if seg_kpm is not None else None, b)
-            if mask is None and seg.kind in (CAUSAL, ANTICAUSAL):
-                ar = torch.arange(b, device=q.device)
-                tri = ar.view(-1, 1) >= ar.view(1, -1) if seg.kind == CAUSAL else ar.view(-1, 1) <= ar.view(1, -1)
-                mask = tri.repeat(G, 1).view(1, 1, G * b, b)
+            mask = ch.bool_mask(G, seg_kpm, b, triangles=True)
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
             chunks.append((ch, s, v))
