@@ -13,61 +13,74 @@ from .patterns.base import Pattern
 class PatternStats:
     n_q: int
     n_k: int
-    attended_pairs: int  # allowed (query, key) pairs, summed over pattern heads (per head for shared)
-    density: float  # attended_pairs / (N * S) (averaged over heads for per-head patterns)
-    flops_forward: int  # 4 * B * H * D * pairs (QK^T and PV), the useful work
+    attended_pairs: int  # allowed (query, key) pairs per head (averaged over heads for per-head patterns)
+    density: float  # attended_pairs / (N * S)
+    flops_forward: int  # 4 * B * H * D * attended_pairs (QK^T and PV): the useful work
     flops_dense: int  # the same for dense attention
-    computed_pairs: int  # pairs the block-sparse engine computes (whole blocks), per head
+    computed_pairs: int  # pairs the block-sparse engine computes per head (whole blocks)
     block: int
     peak_memory_bytes: int  # block-sparse engine, forward+backward, above the inputs (estimate)
-    dense_peak_memory_bytes: int  # dense SDPA with a materialised mask, forward+backward (estimate)
+    dense_scores_bytes: int  # the B x H x N x S score matrix a naive implementation materialises
 
     def __str__(self) -> str:
-        gb = 1 << 30
+        gib = 1 << 30
         return (
-            f"N={self.n_q} S={self.n_k}: {self.attended_pairs} pairs, density {self.density:.4f}, "
+            f"N={self.n_q} S={self.n_k}: {self.attended_pairs} pairs/head, density {self.density:.4f}, "
             f"{self.flops_forward / 1e9:.2f} GFLOP forward (dense {self.flops_dense / 1e9:.2f}), "
-            f"engine computes {self.computed_pairs} pairs at block {self.block}, "
-            f"peak memory ~{self.peak_memory_bytes / gb:.3f} GiB (dense ~{self.dense_peak_memory_bytes / gb:.3f} GiB)"
+            f"engine computes {self.computed_pairs} pairs/head at block {self.block}, "
+            f"peak memory ~{self.peak_memory_bytes / gib:.3f} GiB "
+            f"(an N x S score matrix: {self.dense_scores_bytes / gib:.3f} GiB)"
         )
 
 
-def pattern_stats(pattern: Pattern, n_q: int, n_k: int, *, num_heads: int = 1, head_dim: int = 64, batch: int = 1,
-                  dtype: torch.dtype = torch.float32, block: int | None = None) -> PatternStats:
-    """Attended pairs, density, FLOPs and estimated peak memory, computed from the layout alone.
+def pattern_stats(pattern: Pattern, n_q: int, n_k: int, *, num_heads: int = 1, num_kv_heads: int | None = None,
+                  head_dim: int = 64, batch: int = 1, dtype: torch.dtype = torch.float32,
+                  block: int | None = None) -> PatternStats:
+    """Attended pairs, density, FLOPs and estimated peak memory, from the block layout alone.
 
-    Pairs are counted exactly from the block layout (the predicate is evaluated on
-    the visited blocks only, never on N x S).
+    Pairs are counted exactly from the layout (the predicate is evaluated on visited
+    blocks only, never on N x S). The memory estimate adds up what the block-sparse
+    engine allocates for a forward+backward pass: saved output and LSE, float32
+    gradient accumulators, padded copies, the returned gradients and one chunk of work.
     """
+    from .engine.blocksparse import ROW_CHUNK_BYTES
+    from .engine.plan import build_plan
     from .engine.tuning import choose_block
 
-    b = block or choose_block(pattern, n_q, n_k)
-    layout = pattern.layout(n_q, n_k, b)
-    plan_pairs = 0
-    pairs = 0
-    ar = torch.arange(b)
-    for h in range(layout.num_heads):
-        head = h if pattern.num_heads is not None else None
-        kv, valid = layout.kv_index[h], layout.valid[h]
-        rows, cols = torch.nonzero(valid, as_tuple=True)
-        for i in range(0, rows.numel(), 4096):
-            r, c = rows[i : i + 4096], kv[rows[i : i + 4096], cols[i : i + 4096]]
-            qi = (r * b).view(-1, 1, 1) + ar.view(1, -1, 1)
-            ki = (c * b).view(-1, 1, 1) + ar.view(1, 1, -1)
-            m = pattern.allowed(qi, ki, n_q=n_q, n_k=n_k, head=head) & (qi < n_q) & (ki < n_k)
-            pairs += int(m.sum())
-        plan_pairs += int(valid.sum()) * b * b
-    heads_in_layout = layout.num_heads
-    per_head_pairs = pairs / heads_in_layout
-    itemsize = torch.empty((), dtype=dtype).element_size()
     H = num_heads
-    flops = int(4 * batch * H * head_dim * per_head_pairs)
-    computed = plan_pairs // heads_in_layout
-    # engine: out/lse/grad accumulators in fp32 (~6 N*D per head) + one chunk of gathered K/V
-    from .engine.blocksparse import CHUNK_BYTES
-
-    acc = batch * H * n_q * head_dim * 4 * 6 + batch * H * n_k * head_dim * 4 * 4
-    peak = acc + min(CHUNK_BYTES, computed // max(n_q, 1) * 2 * head_dim * itemsize * batch * H * max(n_q, 1) // b)
-    dense_peak = batch * H * n_q * n_k * (itemsize * 3 + 1) + acc
-    return PatternStats(n_q, n_k, int(per_head_pairs), per_head_pairs / max(n_q * n_k, 1), flops,
-                        4 * batch * H * head_dim * n_q * n_k, computed, b, int(peak), int(dense_peak))
+    Hkv = num_kv_heads or H
+    b = block or choose_block(pattern, n_q, n_k, H // Hkv)
+    layout = pattern.layout(n_q, n_k, b)
+    plan = build_plan(pattern, layout)
+    pairs = 0
+    computed = 0
+    for segments in plan.heads:
+        for seg in segments:
+            computed += seg.num_items * b * seg.num_kv_blocks * b
+            for lo in range(0, seg.num_items, 64):
+                hi = min(seg.num_items, lo + 64)
+                m = seg.item_mask(lo, hi)
+                if m is None:  # every visited pair allowed; count real queries and keys only
+                    q_real = torch.clamp(n_q - seg.rows[lo:hi] * b, 0, b)
+                    pairs += int((q_real * seg.num_kv_blocks * b).sum())
+                else:
+                    m = m.expand(hi - lo, *m.shape[1:])
+                    q_real = (seg.rows[lo:hi] * b).view(-1, 1) + torch.arange(b) < n_q  # (R, b)
+                    pairs += int((m & q_real.unsqueeze(-1)).sum())
+    Hl = layout.num_heads
+    per_head_pairs = pairs / Hl
+    computed //= Hl
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    D = head_dim
+    QBb, KBb = -(-n_q // b) * b, -(-n_k // b) * b
+    per_batch = (
+        H * QBb * D * itemsize * 3  # padded q, saved out, folded upstream gradient
+        + H * QBb * 4  # lse
+        + (H * QBb * D + 2 * Hkv * KBb * D) * 4  # float32 dq, dk, dv accumulators
+        + (H * n_q * D + 2 * Hkv * n_k * D) * itemsize  # the returned gradients
+        + 2 * Hkv * KBb * D * itemsize  # padded k, v
+    )
+    peak = batch * per_batch + ROW_CHUNK_BYTES
+    return PatternStats(n_q, n_k, int(per_head_pairs), per_head_pairs / max(n_q * n_k, 1),
+                        int(4 * batch * H * D * per_head_pairs), 4 * batch * H * D * n_q * n_k, computed, b,
+                        int(peak), batch * H * n_q * n_k * itemsize)

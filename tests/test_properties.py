@@ -192,7 +192,7 @@ def test_key_permutation_invariance_full(N, S, window, seed):
 @FEW
 @given(x=attention_inputs())
 def test_chunked_execution_equals_unchunked(x):
-    """Splitting segments into row chunks (CHUNK_BYTES) must not change the result."""
+    """Splitting segments into row chunks (ROW_CHUNK_BYTES) must not change the result."""
     p, B, Hq, Hkv, N, S, D, Dv, block, padded, seed = x
     if not _defined(p, N, S):
         return
@@ -203,13 +203,13 @@ def test_chunked_execution_equals_unchunked(x):
     gout = torch.randn(B, Hq, N, Dv)
     a = _run_blocksparse(qs, ks, vs, p, scale=0.5, key_padding_mask=kpm, block=block)
     ga = torch.autograd.grad(a, (qs, ks, vs), gout)
-    old = bs.CHUNK_BYTES
-    bs.CHUNK_BYTES = 1  # one query block per chunk
+    old = bs.ROW_CHUNK_BYTES
+    bs.ROW_CHUNK_BYTES = 1  # one query block per chunk
     try:
         b = _run_blocksparse(qc, kc, vc, p, scale=0.5, key_padding_mask=kpm, block=block)
         gb = torch.autograd.grad(b, (qc, kc, vc), gout)
     finally:
-        bs.CHUNK_BYTES = old
+        bs.ROW_CHUNK_BYTES = old
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m: f"out: {m}")
     for n, x1, x2 in zip(("dq", "dk", "dv"), gb, ga):
         torch.testing.assert_close(x1, x2, atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")

@@ -1,18 +1,22 @@
-"""Block-sparse engine: run a plan of dense kernel calls and merge them exactly.
+"""Block-sparse engine: run a plan of batched fused-kernel calls, forward and backward.
 
-Every segment of the plan (see ``plan.py``) is one call of PyTorch's fused attention
-kernel on a batch of (query block, key blocks) items. Each call returns its output
-and the log-sum-exp (LSE) of its scores; the rows are merged exactly:
-
-    lse = logaddexp(lse_1, lse_2, ...),   out = sum_s exp(lse_s - lse) * out_s
-
-The backward calls the kernel's backward per segment with the *merged* output and
-LSE, which gives each segment's exact share of dQ, dK and dV (the same identity
-flash-attention's backward relies on), so nothing of size N x S is ever built.
+Every segment of the plan (see ``plan.py``) is a batch of items, each one query block
+against the concatenation of the key blocks it visits, with an element mask only
+where some visited pair is not allowed. On CPU each batch is one call of PyTorch's
+fused flash-attention kernel, which also returns the log-sum-exp (LSE) of each row.
+The backward calls the kernel's backward on the same batches with the saved output
+and LSE, so nothing of size N x S is ever built.
 
 Memory: K/V of a segment whose key blocks form a sliding run are read through a
-strided view (no copy); gathered K/V and masks are processed in row chunks of at most
-``CHUNK_BYTES``, so peak memory is O(N * keys per query) and never O(N * S).
+strided view (no copy), other K/V are gathered; work proceeds in chunks of query
+blocks of about ``ROW_CHUNK_BYTES``, so peak memory is O(N * keys per query), never
+O(N * S). Chunks also keep temporaries small enough for the C allocator to recycle:
+fresh large buffers are page-faulted in at a few GB/s, which costs more than the
+extra kernel calls.
+
+On other devices, with dropout, or with non-finite inputs (the fused CPU kernel turns
+a NaN query row into zeros, pytorch#141128), the same plan runs with plain
+differentiable ops (``math_segments``).
 
 Tensor layout inside the engine (G = Hq // Hkv query heads per key/value head):
     qf: (B*Hkv, QB, G*b, D)  query blocks, the G heads of a group stacked per block
@@ -21,17 +25,15 @@ Tensor layout inside the engine (G = Hq // Hkv query heads per key/value head):
 
 from __future__ import annotations
 
-import functools
+import bisect
 
 import torch
 import torch.nn.functional as F
 
-from ..patterns.base import ANTICAUSAL, CAUSAL, FULL
 from .plan import Plan, Segment
 
-# Budget for the K/V (gathered, or the kernel's gradient buffers of a view) and mask of
-# one chunk of a segment.
-CHUNK_BYTES = 128 << 20
+# Working set of one chunk of query blocks (see the module docstring).
+ROW_CHUNK_BYTES = 24 << 20
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -72,8 +74,13 @@ def fold_keys(x: torch.Tensor, b: int, KB: int) -> torch.Tensor:
     return x.reshape(B * H, KB * b, E).contiguous()
 
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class _Chunk:
-    """The tensors of one kernel call: items rows[i] x key blocks kv[i]."""
+    """Items lo..hi-1 of a segment: query blocks rows[i] against key blocks kv[i]."""
 
     def __init__(self, seg: Segment, lo: int, hi: int):
         self.seg = seg
@@ -81,28 +88,24 @@ class _Chunk:
         self.rows = seg.rows[lo:hi]
         self.kv = seg.kv[lo:hi]
 
+    def _row_slice(self) -> slice | None:
+        if self.seg.row_start is None:
+            return None
+        s = self.seg.row_start + self.lo
+        return slice(s, s + self.hi - self.lo)
+
     def take_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x (BH, QB, ...) -> (BH, R, ...) for this chunk's query blocks."""
-        if self.seg.row_start is not None:
-            s = self.seg.row_start + self.lo
-            return x[:, s : s + self.hi - self.lo]
-        return x.index_select(1, self.rows)
+        s = self._row_slice()
+        return x[:, s] if s is not None else x.index_select(1, self.rows)
 
-    def max_rows(self, acc: torch.Tensor, x: torch.Tensor) -> None:
-        """acc[:, rows] = max(acc[:, rows], x)."""
-        if self.seg.row_start is not None:
-            s = self.seg.row_start + self.lo
-            torch.maximum(acc[:, s : s + self.hi - self.lo], x, out=acc[:, s : s + self.hi - self.lo])
+    def put_rows(self, x: torch.Tensor, val: torch.Tensor) -> None:
+        """x[:, rows] = val (each query block belongs to one item)."""
+        s = self._row_slice()
+        if s is not None:
+            x[:, s] = val
         else:
-            acc.index_copy_(1, self.rows, torch.maximum(acc.index_select(1, self.rows), x))
-
-    def put_rows(self, acc: torch.Tensor, x: torch.Tensor) -> None:
-        """acc[:, rows] += x (rows are distinct within a segment)."""
-        if self.seg.row_start is not None:
-            s = self.seg.row_start + self.lo
-            acc[:, s : s + self.hi - self.lo] += x
-        else:
-            acc.index_add_(1, self.rows, x)
+            x.index_copy_(1, self.rows, val.to(x.dtype))
 
     def take_keys(self, kf: torch.Tensor, b: int) -> torch.Tensor:
         """kf (BH, KB*b, E) -> (BH, R, K*b, E): a strided view for runs, else a gather."""
@@ -116,7 +119,7 @@ class _Chunk:
             )
         return kf.view(BH, -1, b, E).index_select(1, self.kv.flatten()).view(BH, R, K * b, E)
 
-    def put_keys(self, acc: torch.Tensor, x: torch.Tensor, b: int) -> None:
+    def add_keys(self, acc: torch.Tensor, x: torch.Tensor, b: int) -> None:
         """acc (BH, KB, b, E) += the per-key gradients x (BH, R, K*b, E)."""
         BH, R, _, E = x.shape
         K = self.kv.shape[1]
@@ -127,148 +130,27 @@ class _Chunk:
             if step == 0:
                 acc[:, start : start + K] += x.sum(1)
                 return
-            for t in range(K):
+            for t in range(K):  # item r holds key block start + r*step + t
                 acc[:, start + t : start + t + (R - 1) * step + 1 : step] += x[:, :, t]
             return
-        acc.index_add_(1, self.kv.flatten(), x.reshape(BH, R * K, b, E))
+        acc.index_add_(1, self.kv.flatten(), x.reshape(BH, R * K, b, E).to(acc.dtype))
 
-    def bool_mask(self, G: int, kpm_f: torch.Tensor | None, b: int, triangles: bool = False) -> torch.Tensor | None:
-        """(BH or 1, R, G*b, K*b) bool mask of this call, or None when the kernel needs none.
-
-        ``triangles``: give causal/anti-causal blocks an explicit mask instead of is_causal.
-        """
-        seg = self.seg
+    def mask(self, G: int, kpm_f: torch.Tensor | None, b: int) -> torch.Tensor | None:
+        """(1 or BH, R or 1, G*b, K*b) bool mask of this call (True = attend), or None."""
         R, K = self.kv.shape
         L = K * b
-        if seg.mask is not None:
-            m = seg.mask[self.lo : self.hi]
-        elif kpm_f is None and not (triangles and seg.kind != FULL):
+        m = self.seg.item_mask(self.lo, self.hi)  # (R or 1, b, L)
+        if m is None and kpm_f is None:
             return None
-        elif seg.kind == FULL:
-            m = torch.ones(R, b, L, dtype=torch.bool, device=self.kv.device)
-        else:
-            ar = torch.arange(b, device=self.kv.device)
-            tri = ar.view(-1, 1) >= ar.view(1, -1) if seg.kind == CAUSAL else ar.view(-1, 1) <= ar.view(1, -1)
-            m = tri.expand(R, b, b)
-        m = m.unsqueeze(1).expand(R, G, b, L).reshape(1, R, G * b, L)
+        if m is None:
+            m = torch.ones(1, b, L, dtype=torch.bool, device=self.kv.device)
+        if G > 1:
+            m = m.unsqueeze(1).expand(m.shape[0], G, b, L).reshape(m.shape[0], G * b, L)
+        m = m.unsqueeze(0)
         if kpm_f is not None:
-            # kpm_f: (BH, KB*b) True = key may be attended
-            keep = self.take_keys(kpm_f.unsqueeze(-1), b).squeeze(-1)  # (BH, R, L)
+            keep = self.take_keys(kpm_f.unsqueeze(-1), b).squeeze(-1)  # (BH, R, L), True = real key
             m = m & keep.unsqueeze(2)
         return m
-
-
-def _chunks(seg: Segment, BH: int, b: int, G: int, D: int, Dv: int, itemsize: int, dirty: bool):
-    """Split a segment into row chunks within CHUNK_BYTES."""
-    R, K = seg.kv.shape
-    L = K * b
-    # gathered K/V in the forward, the kernel's dK/dV buffers in the backward (views too)
-    per_row = BH * L * (D + Dv) * itemsize
-    if seg.mask is not None or dirty:
-        per_row += (BH if dirty else 1) * G * b * L * (itemsize + 1)
-    step = max(1, CHUNK_BYTES // per_row)
-    return [_Chunk(seg, lo, min(R, lo + step)) for lo in range(0, R, step)]
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: float32, or float64 for float64 inputs."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
-def _flip(x: torch.Tensor) -> torch.Tensor:
-    """Reverse dim -2 of (..., b, E); a row gather, several times faster than Tensor.flip on CPU."""
-    b, E = x.shape[-2:]
-    n = x.numel() // (b * E)
-    idx = _reversed_rows(n, b, x.device)
-    return x.reshape(n * b, E).index_select(0, idx).view(x.shape)
-
-
-@functools.lru_cache(maxsize=16)
-def _reversed_rows(n: int, b: int, device: torch.device) -> torch.Tensor:
-    return (torch.arange(n, device=device).view(-1, 1) * b + torch.arange(b - 1, -1, -1, device=device)).flatten()
-
-
-class _Operands:
-    """The folded tensors of one call, and their block-reversed copies made on first use.
-
-    Anti-causal blocks (j >= i) run as causal blocks on reversed rows and columns; when
-    such segments span many rows, reversing each whole tensor once is cheaper than
-    reversing every chunk.
-    """
-
-    def __init__(self, b: int, G: int, **tensors: torch.Tensor):
-        self.b, self.G = b, G
-        self.plain = tensors
-        self.rev: dict[str, torch.Tensor] = {}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.plain[name]
-
-    def reversed(self, name: str) -> torch.Tensor:
-        if name not in self.rev:
-            x = self.plain[name]
-            if x.dim() == 3 and name in ("k", "v"):  # (BH, KB*b, E): reverse each key block
-                r = _flip(x.view(x.shape[0], -1, self.b, x.shape[-1])).view(x.shape)
-            elif x.dim() == 4:  # (BH, QB, G*b, E): reverse each query block of each head
-                r = _flip(x.reshape(x.shape[0], -1, self.b, x.shape[-1])).view(x.shape)
-            else:  # lse (BH, QB, G*b)
-                r = x.view(*x.shape[:2], self.G, self.b).flip(-1).reshape(x.shape)
-            self.rev[name] = r
-        return self.rev[name]
-
-
-def _kernel_inputs(ch: _Chunk, ops: _Operands, kpm_f, scale: float):
-    """q, k, v, additive-ready bool mask and is_causal for one kernel call on this chunk."""
-    b, G = ops.b, ops.G
-    # the CPU kernel's is_causal yields NaN for scale <= 0 (its -inf mask is scaled too;
-    # SDPA itself has this bug in torch 2.13): use an explicit mask there
-    mask = ch.bool_mask(G, kpm_f, b, triangles=scale <= 0)
-    causal = ch.seg.kind in (CAUSAL, ANTICAUSAL) and mask is None
-    anti = causal and ch.seg.kind == ANTICAUSAL  # j >= i is causal on reversed rows and columns
-    get = ops.reversed if anti else ops.__getitem__
-    q = ch.take_rows(get("q"))  # (BH, R, G*b, D)
-    k, v = ch.take_keys(get("k"), b), ch.take_keys(get("v"), b)
-    if causal:
-        BH, R = q.shape[:2]
-        q = q.reshape(BH, R * G, b, q.shape[-1])  # GQA form: R*G query heads over R key heads
-    return q, k, v, mask, causal, get
-
-
-def _from_kernel(x: torch.Tensor, ch: _Chunk, causal: bool, BH: int, lse: bool = False) -> torch.Tensor:
-    """Undo the GQA reshaping and reversal of _kernel_inputs on a kernel output."""
-    if causal and ch.seg.kind == ANTICAUSAL:
-        x = x.flip(-1) if lse else _flip(x)
-    R = ch.hi - ch.lo
-    return x.reshape(BH, R, -1) if lse else x.reshape(BH, R, -1, x.shape[-1])
-
-
-def _merge(parts, BH: int, QB: int, Gb: int, Dv: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact merge of per-chunk (out, lse) into out (BH, QB, G*b, Dv) and lse (BH, QB, G*b).
-
-    lse = log(sum_s exp(lse_s)) per row, out = sum_s exp(lse_s - lse) * out_s; a row no
-    chunk reached, or whose every key is masked, has lse = -inf and out = 0.
-    """
-    if not parts:
-        return (torch.zeros(BH, QB, Gb, Dv, dtype=dtype, device=device),
-                torch.full((BH, QB, Gb), float("-inf"), dtype=dtype, device=device))
-    row_max = torch.full((BH, QB, Gb), float("-inf"), dtype=dtype, device=device)
-    for ch, _, l in parts:
-        ch.max_rows(row_max, l)
-    safe_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-    total = torch.zeros_like(row_max)
-    for ch, _, l in parts:
-        ch.put_rows(total, torch.exp(l - ch.take_rows(safe_max)))
-    lse = safe_max + torch.log(total)  # log(0) = -inf for rows with no key
-    safe_lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    out = torch.zeros(BH, QB, Gb, Dv, dtype=dtype, device=device)
-    for ch, o, l in parts:
-        w = torch.exp(l - ch.take_rows(safe_lse)).unsqueeze(-1)
-        ch.put_rows(out, o * w)
-    return out, lse
 
 
 def _dirty_blocks(kpm_f: torch.Tensor | None, b: int) -> torch.Tensor | None:
@@ -278,33 +160,52 @@ def _dirty_blocks(kpm_f: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return (~kpm_f).view(kpm_f.shape[0], -1, b).any(-1).any(0)
 
 
-def _is_dirty(seg: Segment, dirty: torch.Tensor | None) -> bool:
-    return dirty is not None and bool(dirty[seg.kv].any())
+def _padding_for(ch: _Chunk, kpm_f: torch.Tensor | None, dirty: torch.Tensor | None) -> torch.Tensor | None:
+    """The key padding mask if this chunk visits a key block holding padding, else None."""
+    return kpm_f if dirty is not None and bool(dirty[ch.kv].any()) else None
 
 
-def forward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f):
-    """Run every segment; returns out (BH, QB, G*b, Dv) and lse (BH, QB, G*b) in the accumulation dtype."""
+def _row_chunks(segments, BH: int, QB: int, b: int, G: int, E: int, itemsize: int):
+    """Yield the chunks of every segment, about ROW_CHUNK_BYTES of work each."""
+    per_row = 0.0
+    for seg in segments:
+        L = seg.num_kv_blocks * b
+        # q, out and their gradients; K/V or their gradient buffers; an additive mask
+        per_item = BH * (2 * G * b + L) * 2 * E * itemsize + (G * b * L * (itemsize + 1) if seg.needs_mask else 0)
+        per_row += per_item * seg.num_items / max(QB, 1)
+    step = max(1, min(QB, int(ROW_CHUNK_BYTES // max(per_row, 1.0))))
+    for r0 in range(0, QB, step):
+        for seg in segments:
+            lo, hi = bisect.bisect_left(seg.row_list, r0), bisect.bisect_left(seg.row_list, r0 + step)
+            if hi > lo:
+                yield _Chunk(seg, lo, hi)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def forward_segments(segments, qf, kf, vf, G, b, scale, kpm_f):
+    """out (BH, QB, G*b, Dv) in the input dtype and lse (BH, QB, G*b) in the accumulation dtype."""
     BH, QB, Gb, D = qf.shape
     Dv = vf.shape[-1]
+    out = torch.zeros(BH, QB, Gb, Dv, dtype=qf.dtype, device=qf.device)
+    lse = torch.full((BH, QB, Gb), float("-inf"), dtype=_acc(qf), device=qf.device)
     dirty = _dirty_blocks(kpm_f, b)
-    ops = _Operands(b, G, q=qf, k=kf, v=vf)
-    parts = []
-    for seg in plan_segments:
-        seg_kpm = kpm_f if _is_dirty(seg, dirty) else None
-        for ch in _chunks(seg, BH, b, G, D, Dv, qf.element_size(), seg_kpm is not None):
-            q, k, v, mask, causal, _ = _kernel_inputs(ch, ops, seg_kpm, scale)
-            add = None if mask is None else _additive(mask, q.dtype)
-            o, l = _fwd(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
-            o = _from_kernel(o, ch, causal, BH)
-            l = _from_kernel(l, ch, causal, BH, lse=True)
-            if mask is not None:  # the kernel reports lse=0 for a row with no allowed key
-                l = torch.where(mask.any(-1), l, torch.full_like(l, float("-inf")))
-            parts.append((ch, o, l.to(_acc(qf))))
-    return _merge(parts, BH, QB, Gb, Dv, _acc(qf), qf.device)
+    for ch in _row_chunks(segments, BH, QB, b, G, max(D, Dv), qf.element_size()):
+        mask = ch.mask(G, _padding_for(ch, kpm_f, dirty), b)
+        add = None if mask is None else _additive(mask, qf.dtype)
+        o, l = _fwd(ch.take_rows(qf), ch.take_keys(kf, b), ch.take_keys(vf, b), 0.0, False, attn_mask=add,
+                    scale=scale)
+        if mask is not None:  # the kernel reports lse=0 for a row with no allowed key
+            l = torch.where(mask.any(-1), l, torch.full_like(l, float("-inf")))
+        ch.put_rows(out, o)
+        ch.put_rows(lse, l)
+    return out, lse
 
 
-def backward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, dout):
-    """Gradients (float32) dq (BH, QB, G*b, D), dk (BH, KB, b, D), dv (BH, KB, b, Dv)."""
+def backward_segments(segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, dout):
+    """Gradients in the accumulation dtype: dq (BH, QB, G*b, D), dk (BH, KB, b, D), dv (BH, KB, b, Dv)."""
     BH, QB, Gb, D = qf.shape
     Dv = vf.shape[-1]
     KB = kf.shape[1] // b
@@ -314,62 +215,44 @@ def backward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, d
     # a row with no allowed key has lse=-inf; +inf makes every exp(score - lse) exactly 0
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     dirty = _dirty_blocks(kpm_f, b)
-    ops = _Operands(b, G, q=qf, k=kf, v=vf, out=out, lse=lse, dout=dout)
-    for seg in plan_segments:
-        seg_kpm = kpm_f if _is_dirty(seg, dirty) else None
-        for ch in _chunks(seg, BH, b, G, D, Dv, qf.element_size(), seg_kpm is not None):
-            q, k, v, mask, causal, get = _kernel_inputs(ch, ops, seg_kpm, scale)
-            add = None if mask is None else _additive(mask, q.dtype)
-            o, l, g = ch.take_rows(get("out")), ch.take_rows(get("lse")), ch.take_rows(get("dout"))
-            if causal:
-                o, g = o.reshape(q.shape[:-1] + (Dv,)), g.reshape(q.shape[:-1] + (Dv,))
-                l = l.reshape(q.shape[:-1])
-            gq, gk, gv = _bwd(g, q, k, v, o, l, 0.0, causal, attn_mask=add, scale=scale)
-            if causal and ch.seg.kind == ANTICAUSAL:
-                gq, gk, gv = _flip(gq), _flip(gk), _flip(gv)
-            ch.put_rows(dq, gq.reshape(BH, ch.hi - ch.lo, Gb, D).to(dq.dtype))
-            ch.put_keys(dk, gk.to(dk.dtype), b)
-            ch.put_keys(dv, gv.to(dv.dtype), b)
+    for ch in _row_chunks(segments, BH, QB, b, G, max(D, Dv), qf.element_size()):
+        mask = ch.mask(G, _padding_for(ch, kpm_f, dirty), b)
+        add = None if mask is None else _additive(mask, qf.dtype)
+        gq, gk, gv = _bwd(ch.take_rows(dout), ch.take_rows(qf), ch.take_keys(kf, b), ch.take_keys(vf, b),
+                          ch.take_rows(out), ch.take_rows(lse), 0.0, False, attn_mask=add,
+                          scale=scale)
+        ch.put_rows(dq, gq)
+        ch.add_keys(dk, gk, b)
+        ch.add_keys(dv, gv, b)
     return dq, dk, dv
 
 
-def math_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, dropout_p):
-    """The same plan run with plain autograd ops (dropout, non-finite inputs).
+def math_segments(segments, qf, kf, vf, G, b, scale, kpm_f, dropout_p):
+    """The same plan with plain differentiable ops (dropout, non-finite inputs, non-CPU devices).
 
-    Returns out (BH, QB, G*b, Dv) in float32 (half inputs are upcast).
+    Returns out (BH, QB, G*b, Dv) in the accumulation dtype (half inputs are upcast).
     """
     BH, QB, Gb, D = qf.shape
     Dv = vf.shape[-1]
     upcast = qf.dtype in (torch.float16, torch.bfloat16)
-    chunks = []
     dirty = _dirty_blocks(kpm_f, b)
-    for seg in plan_segments:
-        seg_kpm = kpm_f if _is_dirty(seg, dirty) else None
-        for ch in _chunks(seg, BH, b, G, D, Dv, qf.element_size(), seg_kpm is not None):
-            q, k, v = ch.take_rows(qf), ch.take_keys(kf, b), ch.take_keys(vf, b)
-            if upcast:
-                q, k, v = q.float(), k.float(), v.float()
-            s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (BH, R, G*b, L)
-            mask = ch.bool_mask(G, seg_kpm, b, triangles=True)
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            chunks.append((ch, s, v))
-    lse = torch.full((BH, QB, Gb), float("-inf"), dtype=_acc(qf), device=qf.device)
-    for ch, s, _ in chunks:  # rows are distinct within a chunk
-        part = torch.logsumexp(s, -1)
-        if ch.seg.row_start is not None:
-            st = ch.seg.row_start + ch.lo
-            lse = torch.cat([lse[:, :st], torch.logaddexp(lse[:, st : st + ch.hi - ch.lo], part),
-                             lse[:, st + ch.hi - ch.lo :]], 1)
-        else:
-            lse = lse.index_copy(1, ch.rows, torch.logaddexp(lse.index_select(1, ch.rows), part))
-    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     out = torch.zeros(BH, QB, Gb, Dv, dtype=_acc(qf), device=qf.device)
-    for ch, s, v in chunks:
-        p = torch.exp(s - ch.take_rows(safe).unsqueeze(-1))
+    for ch in _row_chunks(segments, BH, QB, b, G, max(D, Dv), qf.element_size()):
+        q, k, v = ch.take_rows(qf), ch.take_keys(kf, b), ch.take_keys(vf, b)
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (BH, R, G*b, L)
+        mask = ch.mask(G, _padding_for(ch, kpm_f, dirty), b)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        row_max = s.amax(-1, keepdim=True)
+        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max).detach()
+        p = torch.exp(s - row_max)  # exactly 0 where masked; NaN propagates
+        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
-        out = out.index_add(1, ch.rows, torch.matmul(p, v))
+        val = torch.matmul(p, v).to(out.dtype)
+        out = out.index_copy(1, ch.rows, val)
     return out
 
 
@@ -377,25 +260,24 @@ class _BlockSparseFunction(torch.autograd.Function):
     """Forward and backward of one shared layout, straight on the fused CPU kernel."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan_segments, G, b, scale, kpm_f, QB, KB):
+    def forward(ctx, q, k, v, segments, G, b, scale, kpm_f, QB, KB):
         qf = fold_queries(q, k.shape[1], b, QB)
         kf, vf = fold_keys(k, b, KB), fold_keys(v, b, KB)
-        out, lse = forward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f)
-        out = out.to(q.dtype)
-        # the folded copies are kept (not q, k, v) so the backward does not fold again
+        out, lse = forward_segments(segments, qf, kf, vf, G, b, scale, kpm_f)
+        # the folded tensors are kept (not q, k, v) so the backward does not fold again
         ctx.save_for_backward(qf, kf, vf, out, lse)
-        ctx.args = (plan_segments, G, b, scale, kpm_f, q.shape, k.shape, v.shape)
+        ctx.args = (segments, G, b, scale, kpm_f, q.shape, k.shape)
         return unfold_queries(out, q.shape[0], q.shape[1], q.shape[2])
 
     @staticmethod
     def backward(ctx, grad):
         qf, kf, vf, out, lse = ctx.saved_tensors
-        plan_segments, G, b, scale, kpm_f, q_shape, k_shape, v_shape = ctx.args
+        segments, G, b, scale, kpm_f, q_shape, k_shape = ctx.args
         B, Hq, N, _ = q_shape
         _, Hkv, S, _ = k_shape
         QB, KB = qf.shape[1], kf.shape[1] // b
         gf = fold_queries(grad.to(qf.dtype), Hkv, b, QB).contiguous()
-        dq, dk, dv = backward_segments(plan_segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, gf)
+        dq, dk, dv = backward_segments(segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, gf)
         dq = unfold_queries(dq, B, Hq, N).to(qf.dtype)
         dk = dk.view(B, Hkv, KB * b, -1)[:, :, :S].to(kf.dtype)
         dv = dv.view(B, Hkv, KB * b, -1)[:, :, :S].to(vf.dtype)
@@ -404,8 +286,8 @@ class _BlockSparseFunction(torch.autograd.Function):
 
 def _run_shared(segments, q, k, v, b, scale, key_padding_mask, dropout_p, exact_kernel):
     """Attention for heads sharing one layout. q (B, Hq, N, D) -> (B, Hq, N, Dv)."""
-    B, Hq, N, _ = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    B, Hq, N, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     QB, KB = -(-N // b), -(-S // b)
     kpm_f = None
@@ -413,7 +295,6 @@ def _run_shared(segments, q, k, v, b, scale, key_padding_mask, dropout_p, exact_
         keep = F.pad(~key_padding_mask, (0, KB * b - S))  # (B, KB*b), padding past S is never read
         kpm_f = keep.unsqueeze(1).expand(B, Hkv, KB * b).reshape(B * Hkv, KB * b)
     if exact_kernel:
-        D, Dv = q.shape[-1], v.shape[-1]
         if D != Dv:  # the fused kernel wants one head size: zero columns change no score or output
             E = max(D, Dv)
             q, k, v = F.pad(q, (0, E - D)), F.pad(k, (0, E - D)), F.pad(v, (0, E - Dv))
@@ -433,9 +314,6 @@ def all_finite(*tensors: torch.Tensor) -> bool:
 def blocksparse_attention(q, k, v, plan: Plan, *, scale: float, key_padding_mask=None, dropout_p=0.0):
     """Execute ``plan`` on validated inputs q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv)."""
     b = plan.block
-    # The fused CPU kernel has no dropout, and turns a NaN query row into zeros (#141128):
-    # those cases, and other devices, run the same plan with plain differentiable ops,
-    # which propagate NaN like SDPA's math path.
     exact_kernel = q.device.type == "cpu" and dropout_p == 0.0 and all_finite(q, k, v)
     if len(plan.heads) == 1:
         return _run_shared(plan.heads[0], q, k, v, b, scale, key_padding_mask, dropout_p, exact_kernel)

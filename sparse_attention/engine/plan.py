@@ -1,17 +1,19 @@
 """From a block layout to a plan of kernel calls.
 
-A *segment* is one batched kernel call: R items, each one query block against the
-concatenation of K key blocks, all of one kind:
+Each query block is one *item*: its queries against the concatenation of every key
+block it visits. Items with the same number of key blocks, and the same need (or not)
+of an element mask, form a *segment*, which the engine runs as one batched call of
+the fused kernel. A query block belongs to exactly one segment, so the kernel's
+softmax already spans all of its keys and no partial results need merging.
 
-* FULL: no mask at all (the kernel's fastest path);
-* CAUSAL / ANTICAUSAL: one diagonal-triangle block, run with ``is_causal`` (the
-  anti-causal one on row- and column-reversed blocks), no mask tensor;
-* MASKED: an explicit element mask evaluated from the pattern's predicate.
+Why not split a row by block kind (full blocks without a mask, triangles with
+``is_causal``)? Measured on the CPU kernel (torch 2.13, AVX-512): ``is_causal`` saves
+nothing on blocks of <= 512 keys, an additive mask costs only 5-10%, while every extra
+call and merge costs more than that (benchmarks/RESULTS.md).
 
-Items are grouped by kind and by K so each segment is a dense batch. When the key
-blocks of every item form one run whose start advances by a fixed step (sliding
-windows, block-local), the engine reads K/V through a strided view instead of
-gathering them. The plan depends only on (layout, pattern) and is cached.
+When the key blocks of every item form one run whose start advances by a fixed step
+(sliding windows, block-local), the engine reads K/V through a strided view instead of
+gathering them. The plan depends only on (pattern, layout) and is cached.
 """
 
 from __future__ import annotations
@@ -21,17 +23,27 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns.base import ANTICAUSAL, CAUSAL, FULL, MASKED, BlockLayout, Pattern
+from ..patterns.base import FULL, BlockLayout, Pattern
+
+# Element masks of a segment are kept in the plan up to this many elements (bool);
+# larger ones are evaluated from the predicate chunk by chunk at run time.
+MASK_STORE_LIMIT = 1 << 25
 
 
 @dataclass(frozen=True, eq=False)
 class Segment:
-    kind: int
-    rows: torch.Tensor  # (R,) query block of each item (distinct within a segment)
+    rows: torch.Tensor  # (R,) query block of each item, ascending
     kv: torch.Tensor  # (R, K) key blocks of each item
     row_start: int | None  # rows == row_start + arange(R) when not None
     kv_run: tuple[int, int] | None  # (start, step): kv[r, t] == start + r*step + t when not None
-    mask: torch.Tensor | None  # (R, b, K*b) bool for MASKED, else None
+    needs_mask: bool  # some visited pair is not allowed (partial blocks, key tail)
+    mask: torch.Tensor | None  # stored mask: (R, b, K*b) or (1, b, K*b) when shared by all items
+    row_list: tuple[int, ...]  # rows as Python ints (to cut row ranges cheaply)
+    pattern: Pattern
+    head: int | None  # layout head for per-head patterns
+    n_q: int
+    n_k: int
+    block: int
 
     @property
     def num_items(self) -> int:
@@ -40,6 +52,15 @@ class Segment:
     @property
     def num_kv_blocks(self) -> int:
         return self.kv.shape[1]
+
+    def item_mask(self, lo: int, hi: int) -> torch.Tensor | None:
+        """(R or 1, b, K*b) bool mask of items lo..hi-1 (True = attend), None if all allowed."""
+        if not self.needs_mask:
+            return None
+        if self.mask is not None:
+            return self.mask if self.mask.shape[0] == 1 else self.mask[lo:hi]
+        return _evaluate_mask(self.pattern, self.head, self.rows[lo:hi], self.kv[lo:hi], self.n_q, self.n_k,
+                              self.block)
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +71,15 @@ class Plan:
     @property
     def block(self) -> int:
         return self.layout.block
+
+
+def _evaluate_mask(pattern, head, rows, kv, n_q, n_k, b) -> torch.Tensor:
+    R, K = kv.shape
+    ar = torch.arange(b, device=kv.device)
+    qi = (rows * b).view(R, 1, 1) + ar.view(1, b, 1)  # (R, b, 1)
+    ki = (kv.unsqueeze(-1) * b + ar).reshape(R, 1, K * b)  # (R, 1, K*b)
+    m = pattern.allowed(qi, ki, n_q=n_q, n_k=n_k, head=head) & (ki < n_k)
+    return m.expand(R, b, K * b)
 
 
 def _arith_start(x: torch.Tensor) -> tuple[int, int] | None:
@@ -64,22 +94,21 @@ def _arith_start(x: torch.Tensor) -> tuple[int, int] | None:
     return int(x[0]), step
 
 
-def _segment(kind, rows, kv, pattern, layout, head) -> Segment:
+def _segment(rows, kv, needs_mask, pattern, layout, head) -> Segment:
     R, K = kv.shape
     row_start = _arith_start(rows)
-    row_start = row_start[0] if row_start is not None and row_start[1] == 1 else None
+    row_start = row_start[0] if row_start is not None and (row_start[1] == 1 or R == 1) else None
     kv_run = None
-    if K and torch.equal(kv, kv[:, :1] + torch.arange(K, device=kv.device)):
+    if torch.equal(kv, kv[:, :1] + torch.arange(K, device=kv.device)):
         kv_run = _arith_start(kv[:, 0])
     mask = None
-    if kind == MASKED:
-        b = layout.block
-        ar = torch.arange(b, device=kv.device)
-        qi = (rows * b).view(R, 1, 1) + ar.view(1, b, 1)  # (R, b, 1)
-        ki = (kv.unsqueeze(-1) * b + ar).reshape(R, 1, K * b)  # (R, 1, K*b)
-        m = pattern.allowed(qi, ki, n_q=layout.n_q, n_k=layout.n_k, head=head)
-        mask = (m & (ki < layout.n_k)).expand(R, b, K * b).contiguous()
-    return Segment(kind, rows, kv, row_start, kv_run, mask)
+    b = layout.block
+    if needs_mask and R * b * K * b <= MASK_STORE_LIMIT:
+        mask = _evaluate_mask(pattern, head, rows, kv, layout.n_q, layout.n_k, b)
+        # translation-invariant patterns give every interior item the same mask
+        mask = mask[:1].clone() if torch.equal(mask, mask[:1].expand_as(mask)) else mask.contiguous()
+    return Segment(rows, kv, row_start, kv_run, needs_mask, mask, tuple(rows.tolist()), pattern, head,
+                   layout.n_q, layout.n_k, b)
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,23 +116,14 @@ def build_plan(pattern: Pattern, layout: BlockLayout) -> Plan:
     heads = []
     for h in range(layout.num_heads):
         head = h if pattern.num_heads is not None else None
-        kv_index, kind = layout.kv_index[h], layout.kind[h]  # (QB, K)
-        segments: list[Segment] = []
-        for k in (FULL, MASKED):
-            sel = kind == k
-            count = sel.sum(-1)
-            for c in torch.unique(count).tolist():
-                if c == 0:
-                    continue
-                rows = torch.nonzero(count == c).flatten()
-                kv = kv_index[rows][sel[rows]].view(-1, c)
-                segments.append(_segment(k, rows, kv, pattern, layout, head))
-        for k in (CAUSAL, ANTICAUSAL):
-            # one item per triangle block; a row with several goes into several segments
-            sel = kind == k
-            occurrence = sel.cumsum(-1) * sel
-            for j in range(1, int(occurrence.max()) + 1 if sel.any() else 1):
-                rows, col = torch.nonzero(occurrence == j, as_tuple=True)
-                segments.append(_segment(k, rows, kv_index[rows, col].view(-1, 1), pattern, layout, head))
+        kv_index, valid = layout.kv_index[h], layout.valid[h]  # (QB, K); valid entries come first
+        count = valid.sum(-1)
+        partial = (valid & (layout.kind[h] != FULL)).any(-1)
+        segments = []
+        for c, p in torch.unique(torch.stack([count, partial.long()], -1), dim=0).tolist():
+            if c == 0:
+                continue  # query blocks with no allowed key: output 0
+            rows = torch.nonzero((count == c) & (partial == bool(p))).flatten()
+            segments.append(_segment(rows, kv_index[rows, :c], bool(p), pattern, layout, head))
         heads.append(tuple(segments))
     return Plan(layout, tuple(heads))
