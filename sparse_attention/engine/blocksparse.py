@@ -86,7 +86,17 @@ class _Chunk:
         self.seg = seg
         self.lo, self.hi = lo, hi
         self.rows = seg.rows[lo:hi]
-        self.kv = seg.kv[lo:hi]
+        # a fused segment's items share their key blocks: the chunk is one tall item
+        self.kv = seg.kv[lo : lo + 1] if seg.fused else seg.kv[lo:hi]
+
+    def to_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row tensor (BH, R, G*b[, E]) -> the kernel's items (one tall item when fused)."""
+        return x.reshape(x.shape[0], 1, -1, *x.shape[3:]) if self.seg.fused else x
+
+    def from_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_kernel."""
+        R = self.hi - self.lo
+        return x.reshape(x.shape[0], R, -1, *x.shape[3:]) if self.seg.fused else x
 
     def _row_slice(self) -> slice | None:
         if self.seg.row_start is None:
@@ -100,12 +110,20 @@ class _Chunk:
         return x[:, s] if s is not None else x.index_select(1, self.rows)
 
     def put_rows(self, x: torch.Tensor, val: torch.Tensor) -> None:
-        """x[:, rows] = val (each query block belongs to one item)."""
+        """x[:, rows] = val."""
         s = self._row_slice()
         if s is not None:
             x[:, s] = val
         else:
             x.index_copy_(1, self.rows, val.to(x.dtype))
+
+    def add_rows(self, x: torch.Tensor, val: torch.Tensor) -> None:
+        """x[:, rows] += val."""
+        s = self._row_slice()
+        if s is not None:
+            x[:, s] += val
+        else:
+            x.index_add_(1, self.rows, val.to(x.dtype))
 
     def take_keys(self, kf: torch.Tensor, b: int) -> torch.Tensor:
         """kf (BH, KB*b, E) -> (BH, R, K*b, E): a strided view for runs, else a gather."""
@@ -136,9 +154,11 @@ class _Chunk:
         acc.index_add_(1, self.kv.flatten(), x.reshape(BH, R * K, b, E).to(acc.dtype))
 
     def mask(self, G: int, kpm_f: torch.Tensor | None, b: int) -> torch.Tensor | None:
-        """(1 or BH, R or 1, G*b, K*b) bool mask of this call (True = attend), or None."""
-        R, K = self.kv.shape
-        L = K * b
+        """Bool mask of this call in the kernel's item form (True = attend), or None.
+
+        (1 or BH, R or 1, G*b, K*b); a fused chunk has one item of R*G*b rows.
+        """
+        L = self.kv.shape[1] * b
         m = self.seg.item_mask(self.lo, self.hi)  # (R or 1, b, L)
         if m is None and kpm_f is None:
             return None
@@ -146,9 +166,11 @@ class _Chunk:
             m = torch.ones(1, b, L, dtype=torch.bool, device=self.kv.device)
         if G > 1:
             m = m.unsqueeze(1).expand(m.shape[0], G, b, L).reshape(m.shape[0], G * b, L)
+        if self.seg.fused:  # the rows of every item stacked into one
+            m = m.expand(self.hi - self.lo, G * b, L).reshape(1, -1, L)
         m = m.unsqueeze(0)
         if kpm_f is not None:
-            keep = self.take_keys(kpm_f.unsqueeze(-1), b).squeeze(-1)  # (BH, R, L), True = real key
+            keep = self.take_keys(kpm_f.unsqueeze(-1), b).squeeze(-1)  # (BH, items, L), True = real key
             m = m & keep.unsqueeze(2)
         return m
 
@@ -185,22 +207,36 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def _merge_rows(ch: _Chunk, out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
+    """Merge a partial result into rows that other segments may have written (exact, via the LSE)."""
+    old = ch.take_rows(lse)
+    new = torch.logaddexp(old, l)
+    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+    merged = ch.take_rows(out) * torch.exp(old - safe).unsqueeze(-1) + o * torch.exp(l - safe).unsqueeze(-1)
+    ch.put_rows(out, merged)
+    ch.put_rows(lse, new)
+
+
 def forward_segments(segments, qf, kf, vf, G, b, scale, kpm_f):
-    """out (BH, QB, G*b, Dv) in the input dtype and lse (BH, QB, G*b) in the accumulation dtype."""
+    """out (BH, QB, G*b, Dv) and lse (BH, QB, G*b), both in the accumulation dtype."""
     BH, QB, Gb, D = qf.shape
     Dv = vf.shape[-1]
-    out = torch.zeros(BH, QB, Gb, Dv, dtype=qf.dtype, device=qf.device)
+    out = torch.zeros(BH, QB, Gb, Dv, dtype=_acc(qf), device=qf.device)
     lse = torch.full((BH, QB, Gb), float("-inf"), dtype=_acc(qf), device=qf.device)
     dirty = _dirty_blocks(kpm_f, b)
     for ch in _row_chunks(segments, BH, QB, b, G, max(D, Dv), qf.element_size()):
         mask = ch.mask(G, _padding_for(ch, kpm_f, dirty), b)
         add = None if mask is None else _additive(mask, qf.dtype)
-        o, l = _fwd(ch.take_rows(qf), ch.take_keys(kf, b), ch.take_keys(vf, b), 0.0, False, attn_mask=add,
-                    scale=scale)
+        o, l = _fwd(ch.to_kernel(ch.take_rows(qf)), ch.take_keys(kf, b), ch.take_keys(vf, b), 0.0, False,
+                    attn_mask=add, scale=scale)
         if mask is not None:  # the kernel reports lse=0 for a row with no allowed key
             l = torch.where(mask.any(-1), l, torch.full_like(l, float("-inf")))
-        ch.put_rows(out, o)
-        ch.put_rows(lse, l)
+        o, l = ch.from_kernel(o), ch.from_kernel(l)
+        if ch.seg.fused:  # its rows also belong to other segments
+            _merge_rows(ch, out, lse, o, l.to(lse.dtype))
+        else:
+            ch.put_rows(out, o)
+            ch.put_rows(lse, l)
     return out, lse
 
 
@@ -218,10 +254,10 @@ def backward_segments(segments, qf, kf, vf, G, b, scale, kpm_f, out, lse, dout):
     for ch in _row_chunks(segments, BH, QB, b, G, max(D, Dv), qf.element_size()):
         mask = ch.mask(G, _padding_for(ch, kpm_f, dirty), b)
         add = None if mask is None else _additive(mask, qf.dtype)
-        gq, gk, gv = _bwd(ch.take_rows(dout), ch.take_rows(qf), ch.take_keys(kf, b), ch.take_keys(vf, b),
-                          ch.take_rows(out), ch.take_rows(lse), 0.0, False, attn_mask=add,
-                          scale=scale)
-        ch.put_rows(dq, gq)
+        rows = [ch.to_kernel(ch.take_rows(x)) for x in (dout, qf, out, lse)]
+        gq, gk, gv = _bwd(rows[0], rows[1], ch.take_keys(kf, b), ch.take_keys(vf, b), rows[2], rows[3], 0.0,
+                          False, attn_mask=add, scale=scale)
+        ch.add_rows(dq, ch.from_kernel(gq))
         ch.add_keys(dk, gk, b)
         ch.add_keys(dv, gv, b)
     return dq, dk, dv
@@ -236,23 +272,28 @@ def math_segments(segments, qf, kf, vf, G, b, scale, kpm_f, dropout_p):
     Dv = vf.shape[-1]
     upcast = qf.dtype in (torch.float16, torch.bfloat16)
     dirty = _dirty_blocks(kpm_f, b)
-    out = torch.zeros(BH, QB, Gb, Dv, dtype=_acc(qf), device=qf.device)
+    parts = []
+    lse = torch.full((BH, QB, Gb), float("-inf"), dtype=_acc(qf), device=qf.device)
     for ch in _row_chunks(segments, BH, QB, b, G, max(D, Dv), qf.element_size()):
-        q, k, v = ch.take_rows(qf), ch.take_keys(kf, b), ch.take_keys(vf, b)
+        q, k, v = ch.to_kernel(ch.take_rows(qf)), ch.take_keys(kf, b), ch.take_keys(vf, b)
         if upcast:
             q, k, v = q.float(), k.float(), v.float()
-        s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (BH, R, G*b, L)
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (BH, items, rows per item, L)
         mask = ch.mask(G, _padding_for(ch, kpm_f, dirty), b)
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
-        row_max = s.amax(-1, keepdim=True)
-        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max).detach()
-        p = torch.exp(s - row_max)  # exactly 0 where masked; NaN propagates
-        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+        # a row may take keys from several segments: combine their log-sum-exps (rows are
+        # distinct within a chunk)
+        part = ch.from_kernel(torch.logsumexp(s, -1)).to(lse.dtype)
+        lse = lse.index_copy(1, ch.rows, torch.logaddexp(lse.index_select(1, ch.rows), part))
+        parts.append((ch, s, v))
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    out = torch.zeros(BH, QB, Gb, Dv, dtype=_acc(qf), device=qf.device)
+    for ch, s, v in parts:
+        p = torch.exp(s - ch.to_kernel(ch.take_rows(safe)).unsqueeze(-1).to(s.dtype))  # 0 where masked
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
-        val = torch.matmul(p, v).to(out.dtype)
-        out = out.index_copy(1, ch.rows, val)
+        out = out.index_add(1, ch.rows, ch.from_kernel(torch.matmul(p, v)).to(out.dtype))
     return out
 
 
@@ -264,6 +305,7 @@ class _BlockSparseFunction(torch.autograd.Function):
         qf = fold_queries(q, k.shape[1], b, QB)
         kf, vf = fold_keys(k, b, KB), fold_keys(v, b, KB)
         out, lse = forward_segments(segments, qf, kf, vf, G, b, scale, kpm_f)
+        out = out.to(q.dtype)
         # the folded tensors are kept (not q, k, v) so the backward does not fold again
         ctx.save_for_backward(qf, kf, vf, out, lse)
         ctx.args = (segments, G, b, scale, kpm_f, q.shape, k.shape)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns.base import FULL, BlockLayout, Pattern
+from ..patterns.base import EMPTY, FULL, BlockLayout, Pattern
 
 # Element masks of a segment are kept in the plan up to this many elements (bool);
 # larger ones are evaluated from the predicate chunk by chunk at run time.
@@ -39,6 +39,7 @@ class Segment:
     needs_mask: bool  # some visited pair is not allowed (partial blocks, key tail)
     mask: torch.Tensor | None  # stored mask: (R, b, K*b) or (1, b, K*b) when shared by all items
     row_list: tuple[int, ...]  # rows as Python ints (to cut row ranges cheaply)
+    fused: bool  # every item visits the same key blocks: a chunk runs as one tall kernel item
     pattern: Pattern
     head: int | None  # layout head for per-head patterns
     n_q: int
@@ -94,7 +95,7 @@ def _arith_start(x: torch.Tensor) -> tuple[int, int] | None:
     return int(x[0]), step
 
 
-def _segment(rows, kv, needs_mask, pattern, layout, head) -> Segment:
+def _segment(rows, kv, needs_mask, pattern, layout, head, fused=False) -> Segment:
     R, K = kv.shape
     row_start = _arith_start(rows)
     row_start = row_start[0] if row_start is not None and (row_start[1] == 1 or R == 1) else None
@@ -107,23 +108,47 @@ def _segment(rows, kv, needs_mask, pattern, layout, head) -> Segment:
         mask = _evaluate_mask(pattern, head, rows, kv, layout.n_q, layout.n_k, b)
         # translation-invariant patterns give every interior item the same mask
         mask = mask[:1].clone() if torch.equal(mask, mask[:1].expand_as(mask)) else mask.contiguous()
-    return Segment(rows, kv, row_start, kv_run, needs_mask, mask, tuple(rows.tolist()), pattern, head,
+    return Segment(rows, kv, row_start, kv_run, needs_mask, mask, tuple(rows.tolist()), fused, pattern, head,
                    layout.n_q, layout.n_k, b)
+
+
+def _column_blocks(kv_index: torch.Tensor, valid: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
+    """Key blocks that every query block with any key visits (global keys, causal's first block)."""
+    rows = int(valid.any(-1).sum())
+    if rows < 2:
+        return kv_index.new_zeros(0)
+    visits = torch.bincount(kv_index[valid], minlength=num_kv_blocks)
+    return torch.nonzero(visits == rows).flatten()
 
 
 @functools.lru_cache(maxsize=64)
 def build_plan(pattern: Pattern, layout: BlockLayout) -> Plan:
+    KB = layout.num_kv_blocks
     heads = []
     for h in range(layout.num_heads):
         head = h if pattern.num_heads is not None else None
-        kv_index, valid = layout.kv_index[h], layout.valid[h]  # (QB, K); valid entries come first
-        count = valid.sum(-1)
-        partial = (valid & (layout.kind[h] != FULL)).any(-1)
+        kv_index, kind = layout.kv_index[h], layout.kind[h]  # (QB, K), valid entries first
+        valid = kind != EMPTY
+        # Key blocks every row visits become one segment whose chunks run as a single tall
+        # item (many query blocks against the same keys: the kernel's most efficient shape),
+        # merged with the rest of each row through the log-sum-exp.
+        cols = _column_blocks(kv_index, valid, KB)
+        in_cols = torch.isin(kv_index, cols) & valid
+        rest = valid & ~in_cols
+        order = torch.argsort((~rest).to(torch.int8), dim=-1, stable=True)  # keep the rest first, sorted
+        kv_rest, kind_rest, rest = kv_index.gather(-1, order), kind.gather(-1, order), rest.gather(-1, order)
+        count = rest.sum(-1)
+        partial = (rest & (kind_rest != FULL)).any(-1)
         segments = []
         for c, p in torch.unique(torch.stack([count, partial.long()], -1), dim=0).tolist():
             if c == 0:
-                continue  # query blocks with no allowed key: output 0
+                continue
             rows = torch.nonzero((count == c) & (partial == bool(p))).flatten()
-            segments.append(_segment(rows, kv_index[rows, :c], bool(p), pattern, layout, head))
+            segments.append(_segment(rows, kv_rest[rows, :c], bool(p), pattern, layout, head))
+        if cols.numel():
+            rows = torch.nonzero(valid.any(-1)).flatten()
+            col_partial = bool((in_cols & (kind != FULL)).any())
+            kv = cols.view(1, -1).expand(rows.numel(), -1).contiguous()
+            segments.append(_segment(rows, kv, col_partial, pattern, layout, head, fused=True))
         heads.append(tuple(segments))
     return Plan(layout, tuple(heads))
