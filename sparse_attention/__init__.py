@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from . import registry
+from .cost import PatternStats, pattern_stats
 from .functional import attention
 from .patterns import (
     BigBird,
@@ -23,15 +25,14 @@ from .patterns import (
     Strided,
     Union,
 )
-from . import registry
-from .cost import PatternStats, pattern_stats
 from .reference import reference_attention
 from .registry import mechanisms
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "reference_attention", "mechanisms", "registry", "pattern_stats", "PatternStats", "Pattern", "BlockLayout", "Union", "Intersection", "PerHead",
+    "attention", "reference_attention", "mechanisms", "registry", "pattern_stats", "PatternStats",
+    "Pattern", "BlockLayout", "Union", "Intersection", "PerHead",
     "Full", "Causal", "SlidingWindow", "Strided", "BlockLocal", "Global", "RandomBlocks",
     "Longformer", "BigBird",
 ]

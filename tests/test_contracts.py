@@ -103,7 +103,7 @@ def test_non_contiguous_inputs_equal_contiguous(name, backend):
                              (qa, ka, va), g)
     gb = torch.autograd.grad(sa.attention(qb, kb, vb, pattern, key_padding_mask=kpm, backend=backend),
                              (qb, kb, vb), g.contiguous())
-    for n, x, y in zip(("dq", "dk", "dv"), ga, gb):
+    for n, x, y in zip(("dq", "dk", "dv"), ga, gb, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 

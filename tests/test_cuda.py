@@ -37,5 +37,5 @@ def test_blocksparse_cuda_matches_reference(name, dtype):
     out = sa.attention(*dev, pattern, backend="blocksparse")
     grads = torch.autograd.grad(out, dev, g.to("cuda", dtype))
     assert_within_baseline("out", out.cpu(), ref_lp, golden)
-    for label, a, b_, c in zip(("dq", "dk", "dv"), grads, ref_lp_grads, golden_grads):
+    for label, a, b_, c in zip(("dq", "dk", "dv"), grads, ref_lp_grads, golden_grads, strict=True):
         assert_within_baseline(label, a.cpu(), b_, c, grad=True)

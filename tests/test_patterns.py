@@ -210,7 +210,7 @@ def test_wide_window_equals_full_or_causal(causal, NS, backend):
         assert torch.equal(wide.mask(N, S), plain.mask(N, S)), f"mask of window {w}"
         a = sa.attention(q, k, v, wide, backend=backend)
         b = sa.attention(q, k, v, plain, backend=backend)
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m: f"out window={w}: {m}")
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m, w=w: f"out window={w}: {m}")
 
 
 def test_causal_alignment_is_bottom_right():

@@ -186,7 +186,7 @@ def test_key_permutation_invariance_full(N, S, window, seed):
     for backend in ("blocksparse", "dense"):
         a = sa.attention(q, k, v, sa.Full(), backend=backend)
         b = sa.attention(q, k[:, :, perm], v[:, :, perm], sa.Full(), backend=backend)
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m: f"{backend} out: {m}")
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m, backend=backend: f"{backend} out: {m}")
 
 
 @FEW
@@ -211,7 +211,7 @@ def test_chunked_execution_equals_unchunked(x):
     finally:
         bs.ROW_CHUNK_BYTES = old
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m: f"out: {m}")
-    for n, x1, x2 in zip(("dq", "dk", "dv"), gb, ga):
+    for n, x1, x2 in zip(("dq", "dk", "dv"), gb, ga, strict=True):
         torch.testing.assert_close(x1, x2, atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
@@ -242,7 +242,7 @@ def test_no_cross_talk_between_batch_elements(x):
     for i in range(B):
         one = _run_blocksparse(q[i : i + 1], k[i : i + 1], v[i : i + 1], p, scale=0.5,
                                key_padding_mask=kpm[i : i + 1], block=block)
-        torch.testing.assert_close(one, full[i : i + 1], atol=2e-6, rtol=2e-6, msg=lambda m: f"out[{i}]: {m}")
+        torch.testing.assert_close(one, full[i : i + 1], atol=2e-6, rtol=2e-6, msg=lambda m, i=i: f"out[{i}]: {m}")
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ def layout_cost(pattern: Pattern, n_q: int, n_k: int, block: int, group: int = 1
     visited = (kind != 0).sum(-1)  # (Hl, r) key blocks per item
     masked = ((kind != 0) & (kind != FULL)).any(-1)
     work = (visited * block * block).double() * torch.where(masked, _MASK_COST, 1.0)
-    groups = len({(int(c), bool(m)) for c, m in zip(visited.flatten(), masked.flatten())})
+    groups = len({(int(c), bool(m)) for c, m in zip(visited.flatten(), masked.flatten(), strict=True)})
     per_head = float(work.sum()) * QB / rows.numel() / kind.shape[0]
     return per_head / _kernel_rate(block * group) + groups * _CALL_COST_PAIRS
 

@@ -26,6 +26,7 @@ see no key and their output is 0.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -264,23 +265,42 @@ def _merged_heads(parts: tuple[Pattern, ...]) -> int | None:
     return heads.pop() if heads else None
 
 
-class Union(Pattern):
-    """``a | b``: a pair is allowed when any part allows it."""
+class _Combination(Pattern):
+    """Shared machinery of ``a | b`` and ``a & b``: flattening, validation, the predicate."""
+
+    _op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    _symbol: str
 
     def __init__(self, *parts: Pattern):
         flat: list[Pattern] = []
         for p in parts:
             if not isinstance(p, Pattern):
-                raise TypeError(f"Union parts must be Patterns, got {type(p).__name__}")
-            flat.extend(p.parts if isinstance(p, Union) else (p,))
+                raise TypeError(f"{type(self).__name__} parts must be Patterns, got {type(p).__name__}")
+            flat.extend(p.parts if type(p) is type(self) else (p,))
         self.parts = tuple(flat)
         self.num_heads = _merged_heads(self.parts)
 
     def allowed(self, q_idx, kv_idx, *, n_q, n_k, head=None):
         out = self.parts[0].allowed(q_idx, kv_idx, n_q=n_q, n_k=n_k, head=head)
         for p in self.parts[1:]:
-            out = out | p.allowed(q_idx, kv_idx, n_q=n_q, n_k=n_k, head=head)
+            out = type(self)._op(out, p.allowed(q_idx, kv_idx, n_q=n_q, n_k=n_k, head=head))
         return out
+
+    def check_lengths(self, n_q, n_k):
+        for p in self.parts:
+            p.check_lengths(n_q, n_k)
+
+    def __repr__(self) -> str:
+        return f" {self._symbol} ".join(
+            f"({p!r})" if isinstance(p, _Combination) else repr(p) for p in self.parts
+        )
+
+
+class Union(_Combination):
+    """``a | b``: a pair is allowed when any part allows it."""
+
+    _op = torch.logical_or
+    _symbol = "|"
 
     def _candidates(self, n_q, n_k, block, device):
         KB = num_blocks(n_k, block)
@@ -289,31 +309,12 @@ class Union(Pattern):
         cat = torch.cat([c.expand(H, *c.shape[1:]) for c in cands], dim=-1)
         return dedupe_sorted_rows(cat, KB)
 
-    def check_lengths(self, n_q, n_k):
-        for p in self.parts:
-            p.check_lengths(n_q, n_k)
 
-    def __repr__(self) -> str:
-        return " | ".join(f"({p!r})" if isinstance(p, Intersection) else repr(p) for p in self.parts)
-
-
-class Intersection(Pattern):
+class Intersection(_Combination):
     """``a & b``: a pair is allowed when every part allows it."""
 
-    def __init__(self, *parts: Pattern):
-        flat: list[Pattern] = []
-        for p in parts:
-            if not isinstance(p, Pattern):
-                raise TypeError(f"Intersection parts must be Patterns, got {type(p).__name__}")
-            flat.extend(p.parts if isinstance(p, Intersection) else (p,))
-        self.parts = tuple(flat)
-        self.num_heads = _merged_heads(self.parts)
-
-    def allowed(self, q_idx, kv_idx, *, n_q, n_k, head=None):
-        out = self.parts[0].allowed(q_idx, kv_idx, n_q=n_q, n_k=n_k, head=head)
-        for p in self.parts[1:]:
-            out = out & p.allowed(q_idx, kv_idx, n_q=n_q, n_k=n_k, head=head)
-        return out
+    _op = torch.logical_and
+    _symbol = "&"
 
     def _candidates(self, n_q, n_k, block, device):
         KB = num_blocks(n_k, block)
@@ -328,13 +329,6 @@ class Intersection(Pattern):
                 a = torch.where(member, a, torch.full_like(a, KB))
             out = dedupe_sorted_rows(a, KB)
         return out
-
-    def check_lengths(self, n_q, n_k):
-        for p in self.parts:
-            p.check_lengths(n_q, n_k)
-
-    def __repr__(self) -> str:
-        return " & ".join(f"({p!r})" if isinstance(p, Union) else repr(p) for p in self.parts)
 
 
 class PerHead(Pattern):
