@@ -54,6 +54,7 @@ def attention(
         # no queries: empty output; no keys: every row is empty, so 0 (kept differentiable)
         return (q.sum() * 0 + k.sum() * 0 + v.sum() * 0).expand(B, Hq, N, Dv).clone()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    call = Call(pattern, B, Hq, Hkv, N, S, D, Dv, q.dtype, q.device, needs_grad, dropout_p)
+    call = Call(pattern, B, Hq, Hkv, N, S, D, Dv, q.dtype, q.device, needs_grad, dropout_p,
+                key_padding_mask is not None)
     chosen = select_backend(backend, call)
     return chosen.run(q, k, v, pattern, scale=scale, key_padding_mask=key_padding_mask, dropout_p=dropout_p)

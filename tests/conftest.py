@@ -9,6 +9,14 @@ in float64 and ``ref_lp`` the same naive reference run in the input dtype
 with factor 2 for the output and 3 for gradients, and ``floor`` about one ulp of the
 input dtype at the data's magnitude (gradients: at least 1e-5, 3e-5 for short sequences;
 fp32: at least 8 eps * max|golden|, since the fp32 baseline is nearly exact).
+
+For half precision the baseline is the larger error of two same-dtype computations of
+the dense problem: the naive reference, and PyTorch's fused SDPA kernel with the dense
+mask. The block-sparse engine runs that same fused kernel, whose backward (like
+flash-attention's) derives D = rowsum(dO * O) from the output rounded to the input
+dtype; on rows with very few keys this alone can exceed 3x the naive error (observed:
+dk 9.7e-3 against a naive 5.3e-4 for N=1, two attended keys, bf16, with SDPA and the
+engine giving bitwise the same error).
 """
 
 from __future__ import annotations
@@ -32,7 +40,12 @@ def _floor(golden: torch.Tensor, dtype: torch.dtype) -> float:
 
 def assert_within_baseline(name: str, impl, ref_lp, golden, *, grad: bool = False, min_len: int = 64,
                            factor: float | None = None) -> None:
-    """The tolerance rule. ``name`` labels the tensor in the failure message (out, dq, dk, dv)."""
+    """The tolerance rule. ``name`` labels the tensor in the failure message (out, dq, dk, dv).
+
+    ``ref_lp``: the same-dtype baseline, or a list of them (the largest error counts).
+    """
+    baselines = list(ref_lp) if isinstance(ref_lp, (list, tuple)) else [ref_lp]
+    ref_lp = baselines[0]
     assert impl is not None, f"{name}: implementation gave no tensor (gradient missing?)"
     assert impl.shape == golden.shape, f"{name}: shape {tuple(impl.shape)} != expected {tuple(golden.shape)}"
     assert impl.dtype == ref_lp.dtype, f"{name}: dtype {impl.dtype} != input dtype {ref_lp.dtype}"
@@ -44,7 +57,7 @@ def assert_within_baseline(name: str, impl, ref_lp, golden, *, grad: bool = Fals
     assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values where the fp64 reference is finite"
     # exact structure: zeros of golden that come from empty rows must stay zero is checked elsewhere
     err = float((impl.double() - golden)[finite].abs().max())
-    base = float((ref_lp.double() - golden)[finite].abs().max())
+    base = max(float((r.double() - golden)[finite].abs().max()) for r in baselines)
     floor = _floor(golden[finite], impl.dtype)
     if impl.dtype == torch.float32:
         # fp32 ref_lp is almost exact, so the ratio is noise (RELIABILITY (b)3): allow a few ulps
@@ -115,13 +128,31 @@ def check_against_reference(fn, q, k, v, pattern, *, key_padding_mask=None, scal
         return (out,), (golden,)
     impl = run_and_grad(fn, q, k, v, g.to(q.dtype))
     golden = run_and_grad(ref, q.double(), k.double(), v.double(), g)
-    ref_lp = run_and_grad(lambda a, b, c: ref(a, b, c, upcast=False), q, k, v, g.to(q.dtype))
+    baselines = [run_and_grad(lambda a, b, c: ref(a, b, c, upcast=False), q, k, v, g.to(q.dtype))]
+    if q.dtype in (torch.float16, torch.bfloat16):
+        baselines.append(run_and_grad(_fused_sdpa(mask, key_padding_mask, scale), q, k, v, g.to(q.dtype)))
     min_len = min(N, S)
     for i, name in enumerate(("out", "dq", "dk", "dv")):
-        lp = ref_lp[i] if ref_lp[i] is not None else torch.zeros_like(impl[i])
+        lps = [b[i] if b[i] is not None else torch.zeros_like(impl[i]) for b in baselines]
         gd = golden[i] if golden[i] is not None else torch.zeros_like(impl[i], dtype=torch.float64)
-        assert_within_baseline(name, impl[i], lp, gd, grad=i > 0, min_len=min_len)
+        assert_within_baseline(name, impl[i], lps, gd, grad=i > 0, min_len=min_len)
     return impl, golden
+
+
+def _fused_sdpa(mask, key_padding_mask, scale):
+    """PyTorch's fused SDPA on the dense problem (the kernel the block-sparse engine batches)."""
+
+    def fn(q, k, v):
+        B, Hq, N, _ = q.shape
+        S = k.shape[2]
+        allowed = torch.ones(B, Hq, N, S, dtype=torch.bool)
+        if mask is not None:
+            allowed = allowed & mask
+        if key_padding_mask is not None:
+            allowed = allowed & ~key_padding_mask[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                                                enable_gqa=Hq != k.shape[1])
+    return fn
 
 
 def registry_id(m) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from ..patterns.base import Pattern
 from .blocksparse import blocksparse_attention
-from .dense import dense_attention
+from .dense import dense_attention, sdpa_native
 from .plan import Plan, build_plan
 
 
@@ -34,6 +34,7 @@ class Call:
     device: torch.device
     requires_grad: bool
     dropout_p: float
+    padded: bool  # a key_padding_mask was given
 
 
 # Above this many score elements (B*H*N*S), auto prefers the block-sparse engine for
@@ -46,7 +47,9 @@ def _dense_reasons(c: Call) -> list[str]:
 
 
 def _dense_auto_reasons(c: Call) -> list[str]:
-    if c.pattern is not None and c.B * c.Hq * c.N * c.S > DENSE_AUTO_LIMIT:
+    if sdpa_native(c.pattern, c.N, c.S, c.padded):
+        return []  # SDPA's own fused kernels: no mask is built, O(N) memory
+    if c.B * c.Hq * c.N * c.S > DENSE_AUTO_LIMIT:
         return [f"B*H*N*S={c.B * c.Hq * c.N * c.S} exceeds {DENSE_AUTO_LIMIT}: a dense mask would dominate"]
     return []
 
@@ -61,8 +64,8 @@ def _blocksparse_reasons(c: Call) -> list[str]:
 
 
 def _blocksparse_auto_reasons(c: Call) -> list[str]:
-    if c.pattern is None:
-        return ["full attention runs faster as plain SDPA"]
+    if sdpa_native(c.pattern, c.N, c.S, c.padded):
+        return ["SDPA runs this pattern natively (full, or causal with N == S), faster"]
     return _blocksparse_reasons(c)
 
 
@@ -89,13 +92,14 @@ def _run_blocksparse(q, k, v, pattern, *, scale, key_padding_mask=None, dropout_
                                  dropout_p=dropout_p)
 
 
+# auto tries them in this order
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("blocksparse", _run_blocksparse, _blocksparse_reasons, _blocksparse_auto_reasons,
-                "gathers the key blocks each query block needs and runs the fused kernel; O(N * keys)"),
         Backend("dense", dense_attention, _dense_reasons, _dense_auto_reasons,
-                "materialised mask + SDPA math kernel; O(N * S) memory, the reference"),
+                "SDPA: natively for full/causal, else with a materialised mask (O(N * S), small inputs)"),
+        Backend("blocksparse", _run_blocksparse, _blocksparse_reasons, _blocksparse_auto_reasons,
+                "batches each query block with the key blocks it visits into the fused kernel; O(N * keys)"),
     )
 }
 

@@ -1,7 +1,9 @@
-"""Dense backend: materialise the N x S mask and call SDPA's math kernel.
+"""Dense backend: PyTorch's SDPA.
 
-The reference the fast engines are checked against at run time, and the fastest
-choice for short sequences. Memory O(B * H * N * S).
+Full attention and causal attention with N == S run on SDPA's own fused kernels (no
+mask, O(N) memory). Any other pattern gets its N x S mask materialised: the fastest
+choice for short sequences, memory O(B * H * N * S). Non-finite inputs go to SDPA's
+math kernel, which propagates NaN (the fused CPU kernel zeroes NaN query rows).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..patterns.base import Pattern
+from ..patterns.full import Causal, Full
 from .blocksparse import all_finite
 
 
@@ -25,15 +28,25 @@ def dense_mask(pattern: Pattern | None, n_q: int, n_k: int, key_padding_mask, de
     return mask
 
 
+def sdpa_native(pattern: Pattern | None, n_q: int, n_k: int, padded: bool) -> bool:
+    """Patterns SDPA runs itself without a materialised mask: full, and causal when N == S (unpadded)."""
+    return pattern is None or isinstance(pattern, Full) or (isinstance(pattern, Causal) and n_q == n_k and not padded)
+
+
 def dense_attention(q, k, v, pattern, *, scale, key_padding_mask=None, dropout_p=0.0):
-    mask = dense_mask(pattern, q.shape[2], k.shape[2], key_padding_mask, q.device)
-    if mask is not None:
-        mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    N, S = q.shape[2], k.shape[2]
+    # (SDPA's is_causal gives NaN for scale <= 0 on CPU in torch 2.13: use the mask there)
+    is_causal = isinstance(pattern, Causal) and N == S and key_padding_mask is None and scale > 0
+    if is_causal or isinstance(pattern, Full):
+        pattern = None  # SDPA's is_causal is top-left aligned, which equals ours when N == S
+    mask = dense_mask(pattern, N, S, key_padding_mask, q.device)
+    if mask is not None and pattern is not None:
+        mask = mask.expand(q.shape[0], q.shape[1], N, S)
     gqa = q.shape[1] != k.shape[1]
 
     def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=gqa)
 
     if all_finite(q, k, v):
         return sdpa()
