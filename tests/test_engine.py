@@ -81,28 +81,24 @@ def _kpm(shape, seed=0):
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_blocksparse_matches_reference(name, shape, dtype):
-    pattern = PATTERNS[name]
-    B, Hq, Hkv, N, S, D, Dv, _ = shape
-    try:
-        pattern is None or pattern.check_lengths(N, S)
-    except ValueError:
-        pytest.skip(f"{name} is not defined for S={S}")
-    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=dtype, seed=zlib.crc32(name.encode()) % 1000)
-    check_against_reference(_call(pattern, "blocksparse", _kpm(shape)), q, k, v, pattern,
-                            key_padding_mask=_kpm(shape))
+    _compare_backend("blocksparse", name, shape, dtype, seed=zlib.crc32(name.encode()) % 1000)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=shape_id)
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_dense_backend_matches_reference(name, shape):
+    _compare_backend("dense", name, shape, torch.float32, seed=1)
+
+
+def _compare_backend(backend, name, shape, dtype, seed):
     pattern = PATTERNS[name]
     B, Hq, Hkv, N, S, D, Dv, _ = shape
     try:
         pattern is None or pattern.check_lengths(N, S)
     except ValueError:
         pytest.skip(f"{name} is not defined for S={S}")
-    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, seed=1)
-    check_against_reference(_call(pattern, "dense", _kpm(shape)), q, k, v, pattern, key_padding_mask=_kpm(shape))
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=dtype, seed=seed)
+    check_against_reference(_call(pattern, backend, _kpm(shape)), q, k, v, pattern, key_padding_mask=_kpm(shape))
 
 
 BLOCK_SHAPES = [(1, 2, 1, 97, 97, 8, 8, "some"), (2, 2, 2, 70, 131, 8, 5, None), (1, 2, 2, 131, 50, 8, 8, None)]
