@@ -40,8 +40,10 @@ def pattern_stats(pattern: Pattern, n_q: int, n_k: int, *, num_heads: int = 1, n
 
     Pairs are counted exactly from the layout (the predicate is evaluated on visited
     blocks only, never on N x S). The memory estimate adds up what the block-sparse
-    engine allocates for a forward+backward pass: saved output and LSE, float32
-    gradient accumulators, padded copies, the returned gradients and one chunk of work.
+    engine allocates for a forward+backward pass (the output, the saved LSE, float32
+    gradient accumulators, padded or converted copies and one chunk of work); for
+    SlidingWindow(256), H=8, D=64 it gives 0.15 / 0.53 GiB at N = 16384 / 65536 where
+    benchmarks/bench_core.py measured 0.16 / 0.54 GiB (warm call).
     """
     from .engine.blocksparse import ROW_CHUNK_BYTES
     from .engine.plan import build_plan
@@ -73,12 +75,17 @@ def pattern_stats(pattern: Pattern, n_q: int, n_k: int, *, num_heads: int = 1, n
     itemsize = torch.empty((), dtype=dtype).element_size()
     D = head_dim
     QBb, KBb = -(-n_q // b) * b, -(-n_k // b) * b
+    G = H // Hkv
+    q_copy = QBb != n_q or G > 1  # queries (and the upstream gradient) are folded by a copy
+    kv_copy = KBb != n_k
+    half = itemsize < 4
     per_batch = (
-        H * QBb * D * itemsize * 3  # padded q, saved out, folded upstream gradient
-        + H * QBb * 4  # lse
-        + (H * QBb * D + 2 * Hkv * KBb * D) * 4  # float32 dq, dk, dv accumulators
-        + (H * n_q * D + 2 * Hkv * n_k * D) * itemsize  # the returned gradients
-        + 2 * Hkv * KBb * D * itemsize  # padded k, v
+        H * QBb * (D * 4 + 4)  # float32 output accumulator (kept for the backward when fp32) and lse
+        + (H * QBb * D * itemsize if half else 0)  # the output in the input dtype
+        + (H * QBb * D * itemsize * 2 if q_copy else 0)  # folded q and upstream gradient
+        + (2 * Hkv * KBb * D * itemsize if kv_copy else 0)  # padded k, v
+        + (H * QBb * D + 2 * Hkv * KBb * D) * 4  # float32 dq, dk, dv (returned as they are for fp32)
+        + ((H * n_q * D + 2 * Hkv * n_k * D) * itemsize if half or q_copy or kv_copy else 0)  # converted grads
     )
     peak = batch * per_batch + ROW_CHUNK_BYTES
     return PatternStats(n_q, n_k, int(per_head_pairs), per_head_pairs / max(n_q * n_k, 1),
