@@ -1,0 +1,218 @@
+"""Linear attention (elu+1, ReLU, FAVOR+) against its explicit quadratic form, and FAVOR+ statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad
+
+import sparse_attention as sa
+from sparse_attention.approx import FavorPlus, linear, reference_linear_attention
+
+SHAPES = [  # B, Hq, Hkv, N, S, D, Dv
+    (1, 1, 1, 1, 1, 4, 4),
+    (2, 4, 2, 37, 37, 7, 5),
+    (1, 3, 1, 97, 61, 16, 16),
+    (2, 2, 2, 130, 130, 8, 3),
+]
+
+
+def _id(s):
+    return "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s)
+
+
+def _fmap(name, D):
+    return FavorPlus(D, 32, seed=1) if name == "favor+" else name
+
+
+@pytest.fixture
+def small_segments(monkeypatch):
+    """Force several segments of the causal loop even at test sizes."""
+    monkeypatch.setattr(linear, "_SEGMENT_ROWS", 16)
+
+
+@pytest.mark.parametrize("fmap", ["elu", "relu", "favor+"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
+def test_matches_quadratic_form(shape, causal, fmap, masked, small_segments):
+    B, Hq, Hkv, N, S, D, Dv = shape
+    if causal and N != S:
+        pytest.skip("causal needs N == S")
+    fm = _fmap(fmap, D)
+    kpm = padding_mask(B, S, all_padded=B - 1 if B > 1 else None) if masked else None
+    opts = dict(feature_map=fm, causal=causal, key_padding_mask=kpm)
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=torch.float32)
+    g = torch.randn(B, Hq, N, Dv, dtype=torch.float64)
+    impl = run_and_grad(lambda a, b, c: sa.linear_attention(a, b, c, chunk_size=5, **opts), q, k, v, g.float())
+    golden = run_and_grad(lambda a, b, c: reference_linear_attention(a, b, c, **opts), q.double(), k.double(),
+                          v.double(), g)
+    ref_lp = run_and_grad(lambda a, b, c: reference_linear_attention(a, b, c, **opts), q, k, v, g.float())
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert_within_baseline(name, impl[i], ref_lp[i], golden[i], grad=i > 0, min_len=min(N, S))
+    # the fast path in float64 is the quadratic form up to rounding
+    impl64 = run_and_grad(lambda a, b, c: sa.linear_attention(a, b, c, chunk_size=5, **opts), q.double(),
+                          k.double(), v.double(), g)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        torch.testing.assert_close(impl64[i], golden[i], rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("fmap", ["elu", "relu", "favor+"])
+def test_fully_padded_rows_are_zero(causal, fmap):
+    B, H, N, D = 2, 2, 11, 4
+    q, k, v = make_qkv(B, H, H, N, N, D)
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[1] = True
+    k.data[1, :, 3] = float("inf")  # a non-finite value at a padded key must not leak
+    v.data[1, :, 5] = float("nan")
+    out = sa.linear_attention(q, k, v, feature_map=_fmap(fmap, D), causal=causal, key_padding_mask=kpm)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.backward(torch.randn_like(out))
+    for name, t in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+
+
+def test_relu_all_zero_features_give_zero():
+    q = -torch.rand(1, 1, 3, 4)  # relu(q) == 0 everywhere
+    k, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 2)
+    assert torch.equal(sa.linear_attention(q, k, v, feature_map="relu"), torch.zeros(1, 1, 3, 2))
+
+
+@pytest.mark.parametrize("fmap", ["elu", "relu", "favor+"])
+def test_causal_never_reads_future_keys(fmap, small_segments):
+    B, H, N, D, t = 2, 3, 50, 8, 23
+    q, k, v = make_qkv(B, H, H, N, N, D, requires_grad=False)
+    fm = _fmap(fmap, D)
+    out = sa.linear_attention(q, k, v, feature_map=fm, causal=True, chunk_size=7)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, t + 1:] = torch.randn_like(k2[:, :, t + 1:])
+    v2[:, :, t + 1:] = 100 * torch.randn_like(v2[:, :, t + 1:])
+    out2 = sa.linear_attention(q, k2, v2, feature_map=fm, causal=True, chunk_size=7)
+    assert torch.equal(out2[:, :, : t + 1], out[:, :, : t + 1])
+    assert not torch.equal(out2[:, :, t + 1:], out[:, :, t + 1:])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("fmap", ["elu", "favor+"])
+def test_gradcheck(causal, fmap, small_segments):
+    q, k, v = make_qkv(1, 2, 1, 9, 9, 3, 2, dtype=torch.float64)
+    kpm = torch.tensor([[False] * 7 + [True] * 2])
+    fm = _fmap(fmap, 3)
+    # eps=0: FAVOR+'s detached row stabiliser then cancels exactly, so autograd's gradient is exact
+    fn = lambda a, b, c: sa.linear_attention(a, b, c, feature_map=fm, causal=causal, chunk_size=4,  # noqa: E731
+                                            key_padding_mask=kpm, eps=0.0)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bf16_smoke(causal):
+    q, k, v = make_qkv(2, 4, 2, 70, 70, 16, dtype=torch.bfloat16)
+    out = sa.linear_attention(q, k, v, causal=causal)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    golden = reference_linear_attention(q.double(), k.double(), v.double(), causal=causal)
+    ref_lp = reference_linear_attention(q, k, v, causal=causal, upcast=False)
+    assert_within_baseline("out", out.detach(), ref_lp.detach(), golden.detach())
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_empty_lengths():
+    q, k, v = make_qkv(1, 2, 2, 0, 5, 4)
+    assert sa.linear_attention(q, k, v).shape == (1, 2, 0, 4)
+    q, k, v = make_qkv(1, 2, 2, 3, 0, 4)
+    out = sa.linear_attention(q, k, v)
+    assert torch.equal(out, torch.zeros(1, 2, 3, 4))
+
+
+# ----------------------------------------------------------------------------- FAVOR+
+
+
+def test_favor_estimator_is_unbiased():
+    """Averaged over independent draws, φ(q)·φ(k) -> exp(q·k/√D); tolerance from the sample std."""
+    D, m, draws = 8, 8, 2000
+    g = torch.Generator().manual_seed(0)
+    q = 0.7 * torch.randn(5, D, generator=g, dtype=torch.float64)
+    k = 0.7 * torch.randn(5, D, generator=g, dtype=torch.float64)
+    exact = torch.exp((q * k).sum(-1) / math.sqrt(D))  # (5,) pairs q_i, k_i
+    est = torch.stack([
+        (lambda fm: (fm.raw(q) * fm.raw(k)).sum(-1))(FavorPlus(D, m, seed=s).double()) for s in range(draws)
+    ])  # (draws, 5)
+    mean, std = est.mean(0), est.std(0)
+    z = (mean - exact).abs() / (std / math.sqrt(draws))
+    assert (z < 4.5).all(), f"|mean - exact| / stderr = {z.tolist()}"  # 4.5 sigma: false alarm < 1e-5
+
+
+def test_favor_error_falls_with_features():
+    B, H, N, D = 1, 2, 64, 16
+    q, k, v = make_qkv(B, H, H, N, N, D, requires_grad=False)
+    q, k = 0.5 * q, 0.5 * k
+    exact = sa.reference_attention(q, k, v)
+    errs = []
+    for m in (8, 32, 128, 512):
+        e = [float((sa.linear_attention(q, k, v, feature_map=FavorPlus(D, m, seed=s), eps=0.0) - exact)
+                   .pow(2).mean().sqrt()) for s in range(4)]
+        errs.append(sum(e) / len(e))
+    assert all(a > b for a, b in zip(errs[:-1], errs[1:], strict=True)), f"rmse for F=8,32,128,512: {errs}"
+    assert errs[-1] < errs[0] / 4, errs
+
+
+def test_favor_is_deterministic_and_redraws():
+    a, b = FavorPlus(16, 40, seed=3), FavorPlus(16, 40, seed=3)
+    assert torch.equal(a.projection, b.projection)
+    assert not torch.equal(a.projection, FavorPlus(16, 40, seed=4).projection)
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, requires_grad=False)
+    assert torch.equal(sa.linear_attention(q, k, v, feature_map=a), sa.linear_attention(q, k, v, feature_map=b))
+    before = a.projection.clone()
+    a.redraw()
+    b.redraw()
+    assert not torch.equal(a.projection, before)
+    assert torch.equal(a.projection, b.projection)
+    fresh = FavorPlus(16, 40, seed=3)
+    fresh.load_state_dict(a.state_dict())
+    assert torch.equal(fresh.projection, a.projection)
+
+
+def test_favor_orthogonal_blocks():
+    w = FavorPlus(8, 20, seed=0).projection.double()
+    block = w[:8] / w[:8].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(block @ block.T, torch.eye(8, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(feature_map="softmax"), ValueError, "feature_map"),
+    (dict(feature_map=3), TypeError, "feature_map"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(chunk_size=2.5), TypeError, "chunk_size"),
+    (dict(eps=-1.0), ValueError, "eps"),
+    (dict(eps=float("nan")), ValueError, "eps"),
+    (dict(causal="yes"), TypeError, "causal"),
+    (dict(key_padding_mask=torch.zeros(2, 6)), TypeError, "key_padding_mask"),
+    (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError, "key_padding_mask"),
+    (dict(feature_map=FavorPlus(5)), ValueError, "head_dim"),
+    (dict(feature_map=lambda x: x.sum(-1)), ValueError, "feature map"),
+])
+def test_bad_arguments(kwargs, exc, words):
+    q, k, v = make_qkv(2, 2, 2, 6, 6, 4, requires_grad=False)
+    with pytest.raises(exc, match=words):
+        sa.linear_attention(q, k, v, **kwargs)
+
+
+def test_bad_tensors_and_causal_lengths():
+    q, k, v = make_qkv(1, 2, 2, 6, 7, 4, requires_grad=False)
+    with pytest.raises(ValueError, match="N == S"):
+        sa.linear_attention(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="multiple"):
+        sa.linear_attention(torch.randn(1, 3, 6, 4), k, v)
+    with pytest.raises(TypeError, match="floating"):
+        sa.linear_attention(q.long(), k, v)
+    with pytest.raises(ValueError, match="4 dimensions"):
+        sa.linear_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="head_dim"):
+        FavorPlus(0)
