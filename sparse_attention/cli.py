@@ -90,11 +90,16 @@ def _options(extra: list[str], mech: registry.Mechanism) -> dict:
     return opts
 
 
-def _build(mech: registry.Mechanism, opts: dict):
+def _pattern(args, extra: list[str], n_q: int, n_k: int):
+    """The mechanism named on the command line, built with its options and checked for N, S."""
+    mech = _mechanism(args.mechanism)
+    opts = _options(extra, mech)
     try:
-        return mech.make(**opts)
+        pattern = mech.make(**opts)
+        pattern.check_lengths(n_q, n_k)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{mech.name}: {e}") from None
+    return pattern
 
 
 def _output_path(path: str, suffixes: tuple[str, ...]) -> str:
@@ -140,18 +145,13 @@ def cmd_list(args, extra) -> int:
 def cmd_show(args, extra) -> int:
     from .viz import render_masks
 
-    mech = _mechanism(args.mechanism)
-    pattern = _build(mech, _options(extra, mech))
-    path = _output_path(args.output, (".png", ".svg"))
     n = args.seq_len
-    try:
-        pattern.check_lengths(n, n)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    pattern = _pattern(args, extra, n, n)
+    path = _output_path(args.output, (".png", ".svg"))
     mask = pattern.mask(n, n)
     masks = mask if mask.dim() == 3 else mask.unsqueeze(0)
     if mask.dim() == 3 and args.heads not in (None, mask.shape[0]):
-        raise UsageError(f"{mech.name} has {mask.shape[0]} heads, got --heads {args.heads}")
+        raise UsageError(f"{args.mechanism} has {mask.shape[0]} heads, got --heads {args.heads}")
     block = getattr(pattern, "block", None)  # block patterns show their block grid
     density = float(mask.float().mean())
     title = f"{pattern!r} | N=S={n}, density {density:.3f}" + (f", grid: blocks of {block}" if block else "")
@@ -162,13 +162,9 @@ def cmd_show(args, extra) -> int:
 
 
 def cmd_cost(args, extra) -> int:
-    mech = _mechanism(args.mechanism)
-    pattern = _build(mech, _options(extra, mech))
     n, s = args.seq_len, args.kv_len or args.seq_len
-    try:
-        st = pattern.stats(n, s, num_heads=args.heads, head_dim=args.dim, batch=args.batch, dtype=args.dtype)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    pattern = _pattern(args, extra, n, s)
+    st = pattern.stats(n, s, num_heads=args.heads, head_dim=args.dim, batch=args.batch, dtype=args.dtype)
     gib = 2**30
     rows = [
         ["attended pairs per head", f"{st.attended_pairs:,}", f"{n * s:,}"],
@@ -188,13 +184,8 @@ def cmd_check(args, extra) -> int:
     from .reference import reference_attention
     from .testing import verdict
 
-    mech = _mechanism(args.mechanism)
-    pattern = _build(mech, _options(extra, mech))
     n, s = args.seq_len, args.kv_len or args.seq_len
-    try:
-        pattern.check_lengths(n, s)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    pattern = _pattern(args, extra, n, s)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     kv_heads = args.kv_heads or args.heads
