@@ -6,6 +6,7 @@ import torch
 
 from ._checks import check_dropout, check_key_padding_mask, check_qkv, check_scale
 from .engine import Call, select_backend
+from .dynamic.base import DynamicPattern
 from .patterns.base import Pattern
 
 
@@ -41,18 +42,25 @@ def attention(
         gradient 0. Accumulation is in float32 for half-precision inputs.
     """
     B, Hq, Hkv, N, S, D, Dv = check_qkv(q, k, v)
-    if pattern is not None and not isinstance(pattern, Pattern):
-        raise TypeError(f"pattern must be a sparse_attention Pattern or None, got {type(pattern).__name__}")
+    if pattern is not None and not isinstance(pattern, (Pattern, DynamicPattern)):
+        raise TypeError(f"pattern must be a sparse_attention Pattern, a content-based mechanism or None, "
+                        f"got {type(pattern).__name__}")
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     scale = check_scale(scale, D)
     dropout_p = check_dropout(dropout_p)
-    if pattern is not None:
-        pattern.check_lengths(N, S)
-        if pattern.num_heads is not None and pattern.num_heads != Hq:
-            raise ValueError(f"pattern is per-head with {pattern.num_heads} heads, but q has Hq={Hq} heads")
+    static = pattern.restrict if isinstance(pattern, DynamicPattern) else pattern
+    if static is not None:
+        static.check_lengths(N, S)
+        if static.num_heads is not None and static.num_heads != Hq:
+            raise ValueError(f"pattern is per-head with {static.num_heads} heads, but q has Hq={Hq} heads")
     if N == 0 or S == 0 or Dv == 0:
         # no queries: empty output; no keys: every row is empty, so 0 (kept differentiable)
         return (q.sum() * 0 + k.sum() * 0 + v.sum() * 0).expand(B, Hq, N, Dv).clone()
+    if isinstance(pattern, DynamicPattern):
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r}: content-based mechanisms run their own selection and "
+                             "attention; use backend='auto'")
+        return pattern.attend(q, k, v, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     call = Call(pattern, B, Hq, Hkv, N, S, D, Dv, q.dtype, q.device, needs_grad, dropout_p,
                 key_padding_mask is not None)

@@ -1,0 +1,59 @@
+"""Content-based sparsity: which pairs are kept depends on q and k.
+
+A dynamic mechanism runs its own selection step and computation (``attend``), and can
+say exactly which pairs it kept for given inputs (``kept``), which is what
+``sa.explain`` returns, what the plotting tool draws and what the tests compare against.
+Composing with a static pattern (``TopK(32) & Causal()``) restricts the selection to
+the pairs the pattern allows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns.base import Pattern
+
+
+class DynamicPattern:
+    """Base class of content-based mechanisms (TopK, ProbSparse, ...)."""
+
+    #: static pattern the selection is restricted to (None: every pair is a candidate)
+    restrict: Pattern | None = None
+
+    def attend(self, q, k, v, *, key_padding_mask, scale, dropout_p) -> torch.Tensor:
+        """(B, Hq, N, Dv) output for validated inputs (see ``sa.attention``)."""
+        raise NotImplementedError
+
+    def kept(self, q, k, *, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """(B, Hq, N, S) bool: the pairs this mechanism keeps for these q, k."""
+        raise NotImplementedError
+
+    def with_restriction(self, pattern: Pattern) -> DynamicPattern:
+        raise NotImplementedError
+
+    def __and__(self, other: object) -> DynamicPattern:
+        if not isinstance(other, Pattern):
+            return NotImplemented
+        restrict = other if self.restrict is None else self.restrict & other
+        return self.with_restriction(restrict)
+
+    __rand__ = __and__
+
+    def candidates(self, n_q: int, n_k: int, q_idx: torch.Tensor, device) -> torch.Tensor | None:
+        """(Hr or 1, C, S) bool: the static restriction for query indices ``q_idx`` (None: all pairs)."""
+        if self.restrict is None:
+            return None
+        kv = torch.arange(n_k, device=device)
+        m = self.restrict.allowed(q_idx.to(device).view(-1, 1), kv.view(1, -1), n_q=n_q, n_k=n_k)
+        return m if m.dim() == 3 else m.unsqueeze(0)
+
+
+def allowed_mask(mech: DynamicPattern, B: int, H: int, n_q: int, n_k: int, q_idx: torch.Tensor,
+                 key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """(B or 1, H or 1, C, S) bool candidates for a chunk of queries: restriction and key padding."""
+    m = mech.candidates(n_q, n_k, q_idx, device)
+    m = None if m is None else m.unsqueeze(0)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]
+        m = keep if m is None else m & keep
+    return m

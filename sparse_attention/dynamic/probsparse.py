@@ -1,0 +1,142 @@
+"""ProbSparse self-attention (Informer; Zhou et al., 2021, arXiv:2012.07436).
+
+Only the "active" queries attend; the rest ("lazy") output a cheap summary of V.
+
+1. Each query i scores a sample of ``ceil(factor * ln S)`` keys drawn uniformly (with
+   replacement, one draw per query, shared by batch and heads) from a generator seeded
+   with ``seed``; its sparsity measurement is M(q_i) = max_j s_ij - mean_j s_ij over
+   that sample (s = q.k * scale).
+2. The ``u = ceil(factor * ln N)`` queries with the largest M (per batch and head)
+   attend to every allowed key (all keys; causal: keys at or before the query's
+   position, bottom-right aligned; padded keys never).
+3. Lazy queries output the mean of V over the non-padded keys (non-causal), or, when
+   causal, the running mean of V over the keys up to their position. (The official
+   Informer code uses the running *sum* for the causal case; the mean keeps the output
+   on the scale of V. ``causal_lazy="sum"`` reproduces the code.)
+
+With factor large enough that u >= N every query is active: plain softmax attention.
+Cost: O(N ln S) for the measurement and O(u S) for the attention.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_int
+from .base import DynamicPattern
+from .topk import grouped_scores, grouped_values
+
+
+class ProbSparse(DynamicPattern):
+    """Informer's ProbSparse attention (see the module docstring).
+
+    Args:
+        factor: sampling factor c (> 0): u = ceil(c ln N) active queries, ceil(c ln S) sampled keys.
+        seed: seed of the key sample.
+        causal: lazy queries take the running mean of V; active queries see keys j <= i.
+        causal_lazy: "mean" (default) or "sum" (the official code's running sum).
+    """
+
+    def __init__(self, factor: float = 5.0, *, seed: int = 0, causal: bool = False, causal_lazy: str = "mean"):
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not factor > 0:
+            raise ValueError(f"factor must be a positive number, got {factor!r}")
+        self.factor = float(factor)
+        self.seed = check_int("seed", seed)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
+        if causal_lazy not in ("mean", "sum"):
+            raise ValueError(f"causal_lazy must be 'mean' or 'sum', got {causal_lazy!r}")
+        self.causal_lazy = causal_lazy
+
+    def __repr__(self) -> str:
+        return f"ProbSparse(factor={self.factor}, seed={self.seed}, causal={self.causal})"
+
+    def with_restriction(self, pattern):
+        raise TypeError("ProbSparse selects queries, not pairs; combine it with causal=True instead of `&`")
+
+    def num_active(self, n_q: int) -> int:
+        return min(n_q, math.ceil(self.factor * math.log(max(n_q, 2))))
+
+    def num_samples(self, n_k: int) -> int:
+        return min(n_k, math.ceil(self.factor * math.log(max(n_k, 2))))
+
+    def _allowed(self, pos: torch.Tensor, n_k: int, key_padding_mask) -> torch.Tensor | None:
+        """Keys the active queries at key-space positions ``pos`` (B, H, u) may see: (B|1, H|1, u|1, S) bool."""
+        m = None
+        if self.causal:
+            m = torch.arange(n_k, device=pos.device) <= pos.unsqueeze(-1)
+        if key_padding_mask is not None:
+            keep = ~key_padding_mask[:, None, None, :]
+            m = keep if m is None else m & keep
+        return m
+
+    def active_queries(self, q, k, *, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """(B, H, u) indices of the active queries (the top-u of the sparsity measurement)."""
+        B, H, N, D = q.shape
+        S = k.shape[2]
+        scale = D**-0.5 if scale is None else scale
+        g = torch.Generator().manual_seed(self.seed)
+        sample = torch.randint(S, (N, self.num_samples(S)), generator=g).to(q.device)  # (N, s)
+        with torch.no_grad():
+            ks = k[:, :, sample]  # (B, Hkv, N, s, D)
+            G = H // k.shape[1]
+            acc = torch.promote_types(q.dtype, torch.float32)
+            qs = q.to(acc).view(B, k.shape[1], G, N, 1, D)
+            s = torch.matmul(qs, ks.to(acc).unsqueeze(2).transpose(-1, -2)).view(B, H, N, -1) * scale
+            m = s.amax(-1) - s.mean(-1)  # (B, H, N)
+        return m.topk(self.num_active(N), dim=-1).indices.sort(-1).values
+
+    def kept(self, q, k, *, key_padding_mask=None, scale=None):
+        B, H, N, _ = q.shape
+        S = k.shape[2]
+        active = self.active_queries(q, k, key_padding_mask=key_padding_mask, scale=scale)
+        rows = torch.ones(B, H, active.shape[-1], S, dtype=torch.bool, device=q.device)
+        allowed = self._allowed(active + (S - N), S, key_padding_mask)
+        if allowed is not None:
+            rows = rows & allowed
+        out = torch.zeros(B, H, N, S, dtype=torch.bool, device=q.device)
+        out.scatter_(2, active.unsqueeze(-1).expand(-1, -1, -1, S), rows)
+        return out
+
+    def lazy_output(self, v: torch.Tensor, n_q: int, key_padding_mask, H: int) -> torch.Tensor:
+        """(B, H, N, Dv): the mean (or running mean/sum) of V that lazy queries output."""
+        B, Hkv, S, Dv = v.shape
+        w = torch.ones(B, 1, S, 1, dtype=v.dtype, device=v.device)
+        if key_padding_mask is not None:
+            w = (~key_padding_mask).to(v.dtype).view(B, 1, S, 1)
+        vw = v * w
+        if not self.causal:
+            mean = vw.sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1)
+            out = mean.expand(B, Hkv, n_q, Dv)
+        else:
+            csum, count = vw.cumsum(2), w.cumsum(2)
+            pos = torch.arange(n_q, device=v.device) + (S - n_q)  # key-space positions
+            valid = pos >= 0
+            pos = pos.clamp(min=0)
+            run = csum[:, :, pos] if self.causal_lazy == "sum" else csum[:, :, pos] / count[:, :, pos].clamp_min(1)
+            out = run * valid.view(1, 1, -1, 1).to(v.dtype)
+        return out.repeat_interleave(H // Hkv, dim=1)
+
+    def attend(self, q, k, v, *, key_padding_mask, scale, dropout_p):
+        B, H, N, D = q.shape
+        S = k.shape[2]
+        active = self.active_queries(q, k, key_padding_mask=key_padding_mask, scale=scale)  # (B, H, u)
+        out = self.lazy_output(v, N, key_padding_mask, H).to(q.dtype)
+        qa = q.gather(2, active.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, H, u, D)
+        s = grouped_scores(qa, k, scale)  # (B, H, u, S)
+        allowed = self._allowed(active + (S - N), S, key_padding_mask)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        top = s.amax(-1, keepdim=True)
+        top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+        p = torch.exp(s - top)
+        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        oa = grouped_values(p, v).to(q.dtype)  # (B, H, u, Dv)
+        return out.scatter(2, active.unsqueeze(-1).expand(-1, -1, -1, oa.shape[-1]), oa)

@@ -1,0 +1,184 @@
+"""Content-based mechanisms (TopK, ProbSparse) against dense masked attention over the pairs they keep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad
+
+import sparse_attention as sa
+from sparse_attention.dynamic import ProbSparse, TopK, explain, kept_stats
+
+SHAPES = [  # B, Hq, Hkv, N, S, D
+    (2, 4, 2, 37, 53, 8),
+    (1, 2, 1, 97, 97, 16),
+    (2, 2, 2, 1, 40, 8),
+]
+
+
+def _ids(s):
+    B, Hq, Hkv, N, S, D = s
+    return f"B{B}-H{Hq}kv{Hkv}-N{N}-S{S}-D{D}"
+
+
+def _compare_over_kept(mech, q, k, v, kpm=None, rows=None):
+    """Output and gradients equal dense attention over exactly explain()'s pairs (on ``rows`` if given)."""
+    kept = explain(q, k, mech, key_padding_mask=kpm)
+    g = torch.randn(q.shape[:-1] + v.shape[-1:], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    impl = run_and_grad(lambda a, b, c: sa.attention(a, b, c, mech, key_padding_mask=kpm), q, k, v, g.to(q.dtype))
+    golden = run_and_grad(lambda a, b, c: sa.reference_attention(a, b, c, kept), q.double(), k.double(), v.double(),
+                          g)
+    ref_lp = run_and_grad(lambda a, b, c: sa.reference_attention(a, b, c, kept, upcast=False), q, k, v,
+                          g.to(q.dtype))
+    if rows is not None:  # forward only, restricted rows (ProbSparse's lazy rows are not attention)
+        assert_within_baseline("out", impl[0][rows], ref_lp[0][rows], golden[0][rows])
+        return kept
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert_within_baseline(name, impl[i], ref_lp[i], golden[i], grad=i > 0, min_len=min(q.shape[2], k.shape[2]))
+    return kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("mech", [TopK(5), TopK(5) & sa.Causal(), TopK(3, chunk_size=7) & sa.SlidingWindow(6),
+                                  TopK(1000)], ids=repr)
+def test_topk_equals_dense_attention_over_kept_pairs(mech, shape, dtype):
+    B, Hq, Hkv, N, S, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, dtype=dtype, seed=11)
+    kpm = padding_mask(B, S, all_padded=1 if B > 1 else None)
+    _compare_over_kept(mech, q, k, v)
+    _compare_over_kept(mech, q, k, v, kpm)
+
+
+@pytest.mark.parametrize("k_top", [1, 4, 17])
+def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
+    q, k, _ = make_qkv(2, 2, 2, 33, 29, 8, seed=2, requires_grad=False)
+    kept = explain(q, k, TopK(k_top))
+    assert torch.equal(kept.sum(-1), torch.full((2, 2, 33), min(k_top, 29))), "not exactly k keys per row"
+    scores = q @ k.transpose(-1, -2)
+    worst_kept = scores.masked_fill(~kept, float("inf")).amin(-1)
+    best_dropped = scores.masked_fill(kept, float("-inf")).amax(-1)
+    assert bool((worst_kept >= best_dropped).all()), "a dropped key scores higher than a kept one"
+
+
+def test_topk_with_restriction_keeps_fewer_when_fewer_allowed():
+    q, k, _ = make_qkv(1, 1, 1, 20, 20, 4, seed=1, requires_grad=False)
+    kept = explain(q, k, TopK(6) & sa.Causal())
+    allowed = sa.Causal().mask(20, 20)
+    assert not bool((kept & ~allowed).any()), "kept a pair outside the restriction"
+    assert torch.equal(kept.sum(-1)[0, 0], allowed.sum(-1).clamp(max=6))
+
+
+def test_topk_large_k_equals_full_attention():
+    q, k, v = make_qkv(2, 2, 1, 31, 45, 8, seed=5, requires_grad=False)
+    torch.testing.assert_close(sa.attention(q, k, v, TopK(45)), sa.attention(q, k, v), atol=2e-6, rtol=2e-6)
+
+
+def test_topk_chunking_does_not_change_the_result():
+    """Same selection, and the same values up to float32 rounding (matmuls of other shapes round differently)."""
+    q, k, v = make_qkv(1, 2, 2, 50, 50, 8, seed=6)
+    assert torch.equal(explain(q, k, TopK(7)), explain(q, k, TopK(7, chunk_size=3)))
+    g = torch.randn(1, 2, 50, 8, generator=torch.Generator().manual_seed(0))
+    a = run_and_grad(lambda x, y, z: sa.attention(x, y, z, TopK(7)), q, k, v, g)
+    b = run_and_grad(lambda x, y, z: sa.attention(x, y, z, TopK(7, chunk_size=3)), q, k, v, g)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), a, b, strict=True):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_causal_topk_never_looks_at_future_keys():
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 8, seed=7, requires_grad=False)
+    mech = TopK(4) & sa.Causal()
+    base = sa.attention(q, k, v, mech)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 25:] = torch.randn_like(k2[:, :, 25:]) * 10
+    v2[:, :, 25:] = torch.randn_like(v2[:, :, 25:]) * 10
+    assert torch.equal(sa.attention(q, k2, v2, mech)[:, :, :25], base[:, :, :25])
+
+
+def test_topk_gradcheck_fp64():
+    q, k, v = make_qkv(1, 2, 1, 6, 7, 3, dtype=torch.float64, seed=21)
+    assert torch.autograd.gradcheck(lambda a, b, c: sa.attention(a, b, c, TopK(3) & sa.Causal()), (q, k, v))
+
+
+# --- ProbSparse ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=_ids)
+def test_probsparse_active_rows_are_attention_and_lazy_rows_the_mean(shape, causal):
+    B, Hq, Hkv, N, S, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, seed=12)
+    mech = ProbSparse(2, causal=causal)
+    kept = explain(q, k, mech)
+    active = kept.any(-1)
+    assert int(active[0, 0].sum()) == min(N, mech.num_active(N)) or causal, "not u active queries"
+    _compare_over_kept(mech, q, k, v, rows=active)
+    out = sa.attention(q, k, v, mech)
+    lazy = mech.lazy_output(v, N, None, Hq)
+    torch.testing.assert_close(out[~active], lazy[~active].to(out.dtype), atol=1e-6, rtol=1e-6)
+    if causal:  # the running mean of the keys up to each query's position
+        pos = torch.arange(N) + (S - N)
+        running = torch.stack([v[:, :, : p + 1].mean(2) for p in pos.tolist()], 2).repeat_interleave(Hq // Hkv, 1)
+        torch.testing.assert_close(lazy, running.to(lazy.dtype), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_probsparse_with_every_query_active_is_full_attention(causal):
+    q, k, v = make_qkv(2, 2, 2, 30, 30, 8, seed=13, requires_grad=False)
+    mech = ProbSparse(50, causal=causal)
+    assert mech.num_active(30) == 30
+    expected = sa.attention(q, k, v, sa.Causal() if causal else None)
+    torch.testing.assert_close(sa.attention(q, k, v, mech), expected, atol=2e-6, rtol=2e-6)
+
+
+def test_probsparse_is_deterministic_for_a_seed():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 8, seed=14, requires_grad=False)
+    a = sa.attention(q, k, v, ProbSparse(1, seed=3))
+    assert torch.equal(a, sa.attention(q, k, v, ProbSparse(1, seed=3)))
+    assert torch.equal(explain(q, k, ProbSparse(1, seed=3)), explain(q, k, ProbSparse(1, seed=3)))
+
+
+def test_probsparse_gradients_match_reference_pieces():
+    """Gradients flow through the active rows' attention and the lazy rows' mean of V."""
+    q, k, v = make_qkv(1, 2, 2, 24, 24, 4, dtype=torch.float64, seed=15)
+    mech = ProbSparse(1.5)
+    assert torch.autograd.gradcheck(lambda a, b, c: sa.attention(a, b, c, mech), (q, k, v))
+
+
+# --- explain and validation ---------------------------------------------------------------
+
+
+def test_explain_static_pattern_is_its_mask_without_padding():
+    q, k, _ = make_qkv(2, 2, 1, 20, 24, 4, requires_grad=False)
+    kpm = padding_mask(2, 24)
+    kept = explain(q, k, sa.SlidingWindow(3), key_padding_mask=kpm)
+    expected = sa.SlidingWindow(3).mask(20, 24) & ~kpm[:, None, None, :]
+    assert torch.equal(kept, expected.expand(2, 2, 20, 24))
+
+
+def test_kept_stats():
+    kept = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    kept[0, 0, 1, 0] = kept[0, 0, 2, 2] = kept[0, 0, 2, 3] = True
+    st = kept_stats(kept)
+    assert st.density == 3 / 16 and st.empty_rows == 0.5 and abs(st.mean_distance - (1 + 0 + 1) / 3) < 1e-12
+
+
+@pytest.mark.parametrize(("make", "exc", "match"), [
+    (lambda: TopK(0), ValueError, "k must be >= 1"),
+    (lambda: TopK(-2), ValueError, "k must be >= 1"),
+    (lambda: TopK(2.5), TypeError, "k must be an int"),
+    (lambda: TopK(3, chunk_size=0), ValueError, "chunk_size"),
+    (lambda: ProbSparse(0), ValueError, "factor"),
+    (lambda: ProbSparse(-1.0), ValueError, "factor"),
+    (lambda: ProbSparse(causal_lazy="median"), ValueError, "causal_lazy"),
+    (lambda: ProbSparse(2) & sa.Causal(), TypeError, "causal=True"),
+])
+def test_bad_configurations(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_explicit_backend_is_refused_for_content_based_mechanisms():
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 4, requires_grad=False)
+    with pytest.raises(ValueError, match="backend='blocksparse'"):
+        sa.attention(q, k, v, TopK(2), backend="blocksparse")
