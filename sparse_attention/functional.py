@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_dropout, check_key_padding_mask, check_qkv, check_scale
-from .engine import Call, select_backend
 from .dynamic.base import DynamicPattern
+from .engine import Call, select_backend
 from .patterns.base import Pattern
 
 
