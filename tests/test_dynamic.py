@@ -7,7 +7,7 @@ import torch
 from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad
 
 import sparse_attention as sa
-from sparse_attention.dynamic import ProbSparse, TopK, explain, kept_stats
+from sparse_attention.dynamic import LSH, ProbSparse, TopK, explain, kept_stats
 
 SHAPES = [  # B, Hq, Hkv, N, S, D
     (2, 4, 2, 37, 53, 8),
@@ -145,6 +145,41 @@ def test_probsparse_gradients_match_reference_pieces():
     assert torch.autograd.gradcheck(lambda a, b, c: sa.attention(a, b, c, mech), (q, k, v))
 
 
+# --- LSH ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 2, 1, 50, 20, 8)], ids=_ids)
+@pytest.mark.parametrize("mech", [LSH(8), LSH(8, n_hashes=3), LSH(8, n_hashes=2, causal=True),
+                                  LSH(5, n_hashes=4, n_buckets=4)], ids=repr)
+def test_lsh_equals_dense_attention_over_the_union_of_rounds(mech, shape, dtype):
+    B, Hq, Hkv, N, S, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, dtype=dtype, seed=17)
+    _compare_over_kept(mech, q, k, v)
+    _compare_over_kept(mech, q, k, v, padding_mask(B, S))
+
+
+def test_lsh_union_grows_with_rounds_and_one_chunk_is_full_attention():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 8, seed=18, requires_grad=False)
+    one, three = explain(q, k, LSH(8, n_hashes=1, seed=4)), explain(q, k, LSH(8, n_hashes=3, seed=4))
+    assert not bool((one & ~three).any()), "round 1's pairs must be in the 3-round union (same seed)"
+    assert int(three.sum()) > int(one.sum())
+    assert bool(explain(q, k, LSH(64)).all()), "bucket_size >= N is one chunk: every pair"
+    torch.testing.assert_close(sa.attention(q, k, v, LSH(64)), sa.attention(q, k, v), atol=2e-6, rtol=2e-6)
+
+
+def test_causal_lsh_never_looks_at_future_keys_and_is_deterministic():
+    """No future pair is kept and future values never matter (future keys move chunk boundaries, as in Reformer)."""
+    q, k, v = make_qkv(1, 2, 2, 48, 48, 8, seed=19, requires_grad=False)
+    mech = LSH(6, n_hashes=2, causal=True, seed=1)
+    assert not bool((explain(q, k, mech) & ~sa.Causal().mask(48, 48)).any()), "kept a future key"
+    base = sa.attention(q, k, v, mech)
+    assert torch.equal(base, sa.attention(q, k, v, LSH(6, n_hashes=2, causal=True, seed=1)))
+    v2 = v.clone()
+    v2[:, :, 30:] += 5.0  # values only: hashing depends on q, k
+    assert torch.equal(sa.attention(q, k, v2, mech)[:, :, :30], base[:, :, :30])
+
+
 # --- explain and validation ---------------------------------------------------------------
 
 
@@ -172,6 +207,10 @@ def test_kept_stats():
     (lambda: ProbSparse(-1.0), ValueError, "factor"),
     (lambda: ProbSparse(causal_lazy="median"), ValueError, "causal_lazy"),
     (lambda: ProbSparse(2) & sa.Causal(), TypeError, "causal=True"),
+    (lambda: LSH(0), ValueError, "bucket_size"),
+    (lambda: LSH(8, n_hashes=0), ValueError, "n_hashes"),
+    (lambda: LSH(8, n_buckets=3), ValueError, "n_buckets must be even"),
+    (lambda: LSH(8) & sa.Causal(), TypeError, "causal=True"),
 ])
 def test_bad_configurations(make, exc, match):
     with pytest.raises(exc, match=match):

@@ -2,7 +2,8 @@
 
 from .base import DynamicPattern
 from .explain import KeptStats, explain, kept_stats
+from .lsh import LSH
 from .probsparse import ProbSparse
 from .topk import TopK
 
-__all__ = ["DynamicPattern", "TopK", "ProbSparse", "explain", "kept_stats", "KeptStats"]
+__all__ = ["DynamicPattern", "TopK", "ProbSparse", "LSH", "explain", "kept_stats", "KeptStats"]

@@ -1,0 +1,206 @@
+"""LSH attention (Reformer; Kitaev et al., 2020, arXiv:2001.04451).
+
+Queries and keys are hashed with the same random rotations (angular LSH:
+h(x) = argmax([xR, -xR]) over ``n_buckets`` buckets, R of shape (D, n_buckets/2) drawn
+from a generator seeded with ``seed``). In each of ``n_hashes`` rounds, queries and keys
+are sorted by (bucket, position) and cut into C = ceil(N / bucket_size) chunks (keys into
+C chunks of ceil(S / C)); query chunk c attends the keys of chunks c and c-1 (chunk 0
+only its own: no wrap-around). Any N and S work.
+
+With several rounds the result is attention over the *union* of the pairs found by any
+round, each pair counted once: in every round a pair's score is lowered by the log of
+the number of rounds that found it, and the rounds are merged through their
+log-sum-exp (Reformer's duplicate correction), which is exactly softmax over the union.
+
+``causal=True`` additionally drops keys after the query's position (bottom-right
+aligned). A causal query never attends a future key, but, as in Reformer, which past
+keys share its chunk depends on the hashes of all keys (the sort is global), so
+changing a future *key* can change which past keys it sees; future *values* never
+matter. Memory is O(N * bucket_size * n_hashes); nothing of size N x S is built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_int
+from .base import DynamicPattern
+
+
+class LSH(DynamicPattern):
+    """Angular-LSH bucketed attention; see the module docstring.
+
+    Args:
+        bucket_size: queries per chunk (> 0); each query sees up to ~2 key chunks.
+        n_hashes: hashing rounds (> 0); their pairs are united.
+        n_buckets: buckets per round (even; default: about 2 * S / bucket_size, at least 2).
+        seed: seed of the random rotations.
+        causal: only keys at or before the query's position.
+    """
+
+    def __init__(self, bucket_size: int = 64, n_hashes: int = 1, *, n_buckets: int | None = None, seed: int = 0,
+                 causal: bool = False):
+        self.bucket_size = check_int("bucket_size", bucket_size, minimum=1)
+        self.n_hashes = check_int("n_hashes", n_hashes, minimum=1)
+        if n_buckets is not None:
+            n_buckets = check_int("n_buckets", n_buckets, minimum=2)
+            if n_buckets % 2:
+                raise ValueError(f"n_buckets must be even (argmax over [xR, -xR]), got {n_buckets}")
+        self.n_buckets = n_buckets
+        self.seed = check_int("seed", seed)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
+
+    def __repr__(self) -> str:
+        return (f"LSH(bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, "
+                f"seed={self.seed}, causal={self.causal})")
+
+    def with_restriction(self, pattern):
+        raise TypeError("LSH restricted by a static pattern is not supported; use causal=True for causal LSH")
+
+    # --- hashing and chunking ----------------------------------------------------------
+    def buckets_for(self, n_k: int) -> int:
+        if self.n_buckets is not None:
+            return self.n_buckets
+        return max(2, 2 * round(n_k / self.bucket_size))
+
+    def rotations(self, D: int, n_k: int, device, dtype) -> torch.Tensor:
+        """(n_hashes, D, n_buckets / 2) random rotations, reproducible from the seed."""
+        g = torch.Generator().manual_seed(self.seed)
+        r = torch.randn(self.n_hashes, D, self.buckets_for(n_k) // 2, generator=g, dtype=torch.float64)
+        return r.to(device, dtype)
+
+    @staticmethod
+    def hash(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """x (B, H, L, D), rot (R, D, nb/2) -> bucket ids (R, B, H, L)."""
+        proj = torch.einsum("bhld,rdk->rbhlk", x, rot)
+        return torch.cat([proj, -proj], dim=-1).argmax(-1)
+
+    def _chunks(self, q, k):
+        """Per round: sort orders and chunk ids of queries and keys.
+
+        Returns q_order (R, B, H, N), k_order (R, B, H, S) (sorted position -> original
+        index), q_chunk (R, B, H, N), k_chunk (R, B, H, S) (original index -> chunk), C, ks.
+        """
+        B, Hq, N, D = q.shape
+        S = k.shape[2]
+        G = Hq // k.shape[1]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        with torch.no_grad():
+            rot = self.rotations(D, S, q.device, acc)
+            hq = self.hash(q.to(acc), rot)
+            hk = self.hash(k.to(acc), rot).repeat_interleave(G, dim=2)  # keys per query head
+            # sort by bucket, then position (stable)
+            q_order = torch.sort(hq * N + torch.arange(N, device=q.device), dim=-1).indices
+            k_order = torch.sort(hk * S + torch.arange(S, device=q.device), dim=-1).indices
+            C = math.ceil(N / self.bucket_size)
+            ks = math.ceil(S / C)
+            q_chunk = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(N, device=q.device).expand_as(
+                q_order) // self.bucket_size)
+            k_chunk = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(S, device=q.device).expand_as(
+                k_order) // ks)
+        return q_order, k_order, q_chunk, k_chunk, C, ks
+
+    def kept(self, q, k, *, key_padding_mask=None, scale=None):
+        B, H, N, _ = q.shape
+        S = k.shape[2]
+        _, _, q_chunk, k_chunk, _, _ = self._chunks(q, k)
+        d = q_chunk.unsqueeze(-1) - k_chunk.unsqueeze(-2)  # (R, B, H, N, S)
+        kept = ((d == 0) | (d == 1)).any(0)
+        return kept & self._static_allowed(N, S, key_padding_mask, q.device)
+
+    def _static_allowed(self, n_q, n_k, key_padding_mask, device) -> torch.Tensor:
+        m = torch.ones(1, 1, n_q, n_k, dtype=torch.bool, device=device)
+        if self.causal:
+            pos = torch.arange(n_q, device=device) + (n_k - n_q)
+            m = m & (torch.arange(n_k, device=device).view(1, -1) <= pos.view(-1, 1))
+        if key_padding_mask is not None:
+            m = m & ~key_padding_mask[:, None, None, :]
+        return m
+
+    # --- attention ---------------------------------------------------------------------
+    def attend(self, q, k, v, *, key_padding_mask, scale, dropout_p):
+        B, Hq, N, D = q.shape
+        S, Dv = k.shape[2], v.shape[3]
+        G = Hq // k.shape[1]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        q_order, k_order, q_chunk, k_chunk, C, ks = self._chunks(q, k)
+        R, bs = self.n_hashes, self.bucket_size
+        kx = k.repeat_interleave(G, dim=1)  # (B, Hq, S, D)
+        vx = v.repeat_interleave(G, dim=1)
+        # sorted, padded to whole chunks: queries (R, B, H, C*bs), keys (R, B, H, C*ks)
+        pad_q, pad_k = C * bs - N, C * ks - S
+        qo = torch.nn.functional.pad(q_order, (0, pad_q), value=-1)
+        ko = torch.nn.functional.pad(k_order, (0, pad_k), value=-1)
+        qi, ki = qo.clamp(min=0), ko.clamp(min=0)
+
+        def take(x, idx):  # x (B, H, L, E), idx (R, B, H, M) -> (R, B, H, M, E)
+            return x.unsqueeze(0).expand(R, *x.shape).gather(3, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+        qs = take(q.to(acc), qi).view(R, B, Hq, C, bs, D)
+        k_cur = take(kx.to(acc), ki).view(R, B, Hq, C, ks, D)
+        v_cur = take(vx.to(acc), ki).view(R, B, Hq, C, ks, Dv)
+        k_prev = torch.cat([torch.zeros_like(k_cur[:, :, :, :1]), k_cur[:, :, :, :-1]], 3)
+        v_prev = torch.cat([torch.zeros_like(v_cur[:, :, :, :1]), v_cur[:, :, :, :-1]], 3)
+        keys = torch.cat([k_cur, k_prev], 4)  # (R, B, H, C, 2ks, D)
+        vals = torch.cat([v_cur, v_prev], 4)
+        kidx = torch.cat([ko.view(R, B, Hq, C, ks), torch.cat([
+            torch.full_like(ko.view(R, B, Hq, C, ks)[:, :, :, :1], -1), ko.view(R, B, Hq, C, ks)[:, :, :, :-1]], 3)],
+            4)  # original key index per slot, -1 = none
+        qidx = qo.view(R, B, Hq, C, bs)
+        s = torch.matmul(qs, keys.transpose(-1, -2)) * scale  # (R, B, H, C, bs, 2ks)
+        valid = (kidx.unsqueeze(-2) >= 0) & (qidx.unsqueeze(-1) >= 0)
+        kq = kidx.clamp(min=0).unsqueeze(-2)  # (R, B, H, C, 1, 2ks)
+        qq = qidx.clamp(min=0).unsqueeze(-1)  # (R, B, H, C, bs, 1)
+        if self.causal:
+            valid = valid & (kq <= qq + (S - N))
+        if key_padding_mask is not None:
+            padded = key_padding_mask[None, :, None, None, None, :].expand(R, B, Hq, C, 1, S)
+            valid = valid & ~padded.gather(-1, kq.expand(R, B, Hq, C, 1, 2 * ks))
+        # (the previous-chunk slots of chunk 0 and key slots past S hold kidx -1: never valid)
+        # Reformer's duplicate correction: a pair found by c rounds scores log(c) lower in each
+        s = s - torch.log(_pair_counts(q_chunk, k_chunk, qq, kq).clamp(min=1).to(s.dtype))
+        s = s.masked_fill(~valid, float("-inf"))
+        lse = torch.logsumexp(s, -1)  # (R, B, H, C, bs)
+        p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+        if dropout_p > 0:
+            p = torch.nn.functional.dropout(p, dropout_p)
+        o = torch.matmul(p, vals)  # (R, B, H, C, bs, Dv)
+        # back to the original query order, then merge the rounds through their log-sum-exps
+        o = _unsort(o.reshape(R, B, Hq, C * bs, Dv), qo, N)  # (R, B, H, N, Dv)
+        lse = _unsort(lse.reshape(R, B, Hq, C * bs, 1), qo, N)[..., 0]  # (R, B, H, N)
+        total = torch.logsumexp(lse, 0)
+        w = torch.exp(lse - torch.where(torch.isneginf(total), torch.zeros_like(total), total))
+        return (o * w.unsqueeze(-1)).sum(0).to(q.dtype)
+
+
+def _pair_counts(q_chunk, k_chunk, qq, kq) -> torch.Tensor:
+    """In how many rounds each (query slot, key slot) pair lands in the same or the previous chunk.
+
+    q_chunk (R, B, H, N), k_chunk (R, B, H, S): chunk of every original index per round;
+    qq (R, B, H, C, bs, 1), kq (R, B, H, C, 1, 2ks): original indices of the slots.
+    Returns (R, B, H, C, bs, 2ks) int.
+    """
+    R = q_chunk.shape[0]
+    count = None
+    for r in range(R):
+        qc = q_chunk[r].unsqueeze(0).expand(R, *q_chunk.shape[1:])  # round r's chunks, for every slot round
+        kc = k_chunk[r].unsqueeze(0).expand(R, *k_chunk.shape[1:])
+        cq = qc.gather(3, qq.flatten(3)).view(qq.shape)
+        ck = kc.gather(3, kq.flatten(3)).view(kq.shape)
+        d = cq - ck
+        hit = ((d == 0) | (d == 1)).to(torch.int16)
+        count = hit if count is None else count + hit
+    return count
+
+
+def _unsort(x: torch.Tensor, order: torch.Tensor, N: int) -> torch.Tensor:
+    """x (R, B, H, M, E) in sorted order (order: sorted slot -> original index, -1 = padding) -> (R, B, H, N, E)."""
+    E = x.shape[-1]
+    valid = (order >= 0).unsqueeze(-1)
+    src = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    out = torch.zeros(*order.shape[:3], N, E, dtype=x.dtype, device=x.device)
+    return out.scatter_add(3, order.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, -1, E), src)
