@@ -7,7 +7,7 @@ import torch
 from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad
 
 import sparse_attention as sa
-from sparse_attention.dynamic import LSH, ProbSparse, TopK, explain, kept_stats
+from sparse_attention.dynamic import LSH, ProbSparse, Routing, TopK, explain, kept_stats, update_centroids
 
 SHAPES = [  # B, Hq, Hkv, N, S, D
     (2, 4, 2, 37, 53, 8),
@@ -180,6 +180,49 @@ def test_causal_lsh_never_looks_at_future_keys_and_is_deterministic():
     assert torch.equal(sa.attention(q, k, v2, mech)[:, :, :30], base[:, :, :30])
 
 
+# --- Routing ------------------------------------------------------------------------------
+
+
+def _centroids(shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 2, 1, 50, 20, 8)], ids=_ids)
+@pytest.mark.parametrize("make", [lambda H, D: Routing(_centroids((4, D))),
+                                  lambda H, D: Routing(_centroids((H, 3, D)), causal=True),
+                                  lambda H, D: Routing(_centroids((5, D)), capacity=20)],
+                         ids=["shared-K4", "per-head-causal", "capacity20"])
+def test_routing_equals_dense_attention_over_cluster_pairs(make, shape, dtype):
+    B, Hq, Hkv, N, S, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, dtype=dtype, seed=23)
+    mech = make(Hq, D)
+    _compare_over_kept(mech, q, k, v)
+    _compare_over_kept(mech, q, k, v, padding_mask(B, S))
+
+
+def test_routing_single_cluster_is_full_attention_and_pairs_follow_clusters():
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 8, seed=24, requires_grad=False)
+    torch.testing.assert_close(sa.attention(q, k, v, Routing(_centroids((1, 8)))), sa.attention(q, k, v),
+                               atol=2e-6, rtol=2e-6)
+    mech = Routing(_centroids((4, 8), seed=2))
+    kept = explain(q, k, mech)
+    _, qm, _, km, _ = mech._route(q, k)
+    expected = (qm.float() @ km.float().transpose(-1, -2)) > 0  # share a cluster
+    assert torch.equal(kept, expected)
+    assert int(qm.sum(2).max()) == 10, "each centroid takes capacity = ceil(40 / 4) queries"
+
+
+def test_update_centroids_moves_towards_assigned_tokens():
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x = torch.tensor([[[[2.0, 0.2], [3.0, -0.2]]]])  # both nearest to centroid 0
+    new = update_centroids(c, x, decay=0.5)
+    assert torch.equal(new[1], c[1]), "a centroid with no token must not move"
+    torch.testing.assert_close(new[0], 0.5 * c[0] + 0.5 * torch.nn.functional.normalize(x[0, 0], dim=-1).mean(0))
+    with pytest.raises(ValueError, match="decay"):
+        update_centroids(c, x, decay=1.0)
+
+
 # --- explain and validation ---------------------------------------------------------------
 
 
@@ -211,6 +254,9 @@ def test_kept_stats():
     (lambda: LSH(8, n_hashes=0), ValueError, "n_hashes"),
     (lambda: LSH(8, n_buckets=3), ValueError, "n_buckets must be even"),
     (lambda: LSH(8) & sa.Causal(), TypeError, "causal=True"),
+    (lambda: Routing(torch.zeros(0, 8)), ValueError, "num_clusters"),
+    (lambda: Routing(torch.zeros(8)), ValueError, "centroids"),
+    (lambda: Routing(torch.zeros(2, 8), capacity=0), ValueError, "capacity"),
 ])
 def test_bad_configurations(make, exc, match):
     with pytest.raises(exc, match=match):

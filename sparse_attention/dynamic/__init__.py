@@ -4,6 +4,9 @@ from .base import DynamicPattern
 from .explain import KeptStats, explain, kept_stats
 from .lsh import LSH
 from .probsparse import ProbSparse
+from .routing import Routing, update_centroids
 from .topk import TopK
 
-__all__ = ["DynamicPattern", "TopK", "ProbSparse", "LSH", "explain", "kept_stats", "KeptStats"]
+__all__ = [
+    "DynamicPattern", "TopK", "ProbSparse", "LSH", "Routing", "update_centroids", "explain", "kept_stats", "KeptStats",
+]

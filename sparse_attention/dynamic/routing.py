@@ -1,0 +1,174 @@
+"""Routing attention (Routing Transformer; Roy et al., 2021, arXiv:2003.05997).
+
+Queries and keys are routed to ``num_clusters`` centroids by k-means; a query attends
+the keys of the clusters it belongs to. Assignment is balanced as in the paper's
+implementation: every centroid takes its ``capacity`` most similar queries and its
+``capacity`` most similar keys (cosine similarity; default capacity ceil(N / K) and
+ceil(S / K)), so a token can belong to several clusters or to none. A query's keys are
+the *union* over its clusters, each pair counted once (the score of a pair shared by c
+clusters is lowered by log c in each, then the clusters are merged through their
+log-sum-exps). A query in no cluster, or whose clusters hold no allowed key, outputs 0.
+
+The functional mechanism takes the centroids (H or 1, K, D); ``update_centroids``
+performs the exponential-moving-average k-means step a module applies during training.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_int
+from .base import DynamicPattern
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=-1)
+
+
+class Routing(DynamicPattern):
+    """k-means routing attention with given centroids; see the module docstring.
+
+    Args:
+        centroids: (K, D) or (H, K, D) cluster centres (per query head, or shared).
+        capacity: tokens per cluster (default ceil(length / K) for queries and keys alike).
+        causal: only keys at or before the query's position.
+    """
+
+    def __init__(self, centroids: torch.Tensor, *, capacity: int | None = None, causal: bool = False):
+        if not isinstance(centroids, torch.Tensor) or centroids.dim() not in (2, 3):
+            raise ValueError("centroids must be a (K, D) or (H, K, D) tensor, got "
+                             f"{getattr(centroids, 'shape', centroids)!r}")
+        if centroids.shape[-2] == 0:
+            raise ValueError("num_clusters must be >= 1, got centroids with 0 rows")
+        self.centroids = centroids.detach()
+        self.capacity = None if capacity is None else check_int("capacity", capacity, minimum=1)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
+
+    def __repr__(self) -> str:
+        return f"Routing(num_clusters={self.num_clusters}, capacity={self.capacity}, causal={self.causal})"
+
+    def with_restriction(self, pattern):
+        raise TypeError("Routing restricted by a static pattern is not supported; use causal=True")
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.shape[-2]
+
+    def _members(self, x: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, H, L, D) -> (B, H, K, w) indices of each cluster's w closest tokens, and (B, H, L, K) membership."""
+        B, _, L, D = x.shape
+        if self.centroids.shape[-1] != D:
+            raise ValueError(f"centroids have dim {self.centroids.shape[-1]} but q/k have head dim {D}")
+        c = self.centroids.to(x.device)
+        c = c.unsqueeze(0) if c.dim() == 2 else c
+        if c.shape[0] not in (1, H):
+            raise ValueError(f"centroids are per head for {c.shape[0]} heads, but q has {H} heads")
+        K = c.shape[1]
+        w = min(L, self.capacity or math.ceil(L / K))
+        with torch.no_grad():
+            sim = torch.matmul(_normalize(x), _normalize(c).to(torch.promote_types(x.dtype, torch.float32))
+                               .transpose(-1, -2).unsqueeze(0))  # (B, H, L, K)
+            idx = sim.topk(w, dim=2).indices.transpose(-1, -2)  # (B, H, K, w)
+            member = torch.zeros(B, H, L, K, dtype=torch.bool, device=x.device)
+            member.scatter_(2, idx.transpose(-1, -2), True)
+        return idx, member
+
+    def _route(self, q, k):
+        H = q.shape[1]
+        kx = k.repeat_interleave(H // k.shape[1], dim=1)
+        qi, qm = self._members(q, H)
+        ki, km = self._members(kx, H)
+        return qi, qm, ki, km, kx
+
+    def _allowed(self, qi, ki, n_q, n_k, key_padding_mask):
+        """(B, H, K, wq, wk) bool for the cluster slots."""
+        m = torch.ones(qi.shape + ki.shape[-1:], dtype=torch.bool, device=qi.device)
+        if self.causal:
+            m = m & (ki.unsqueeze(-2) <= (qi + (n_k - n_q)).unsqueeze(-1))
+        if key_padding_mask is not None:
+            B, H, K, wk = ki.shape
+            pad = key_padding_mask[:, None, None, :].expand(B, H, K, -1).gather(-1, ki)
+            m = m & ~pad.unsqueeze(-2)
+        return m
+
+    def kept(self, q, k, *, key_padding_mask=None, scale=None):
+        B, H, N, _ = q.shape
+        S = k.shape[2]
+        qi, qm, ki, km, _ = self._route(q, k)
+        kept = torch.einsum("bhnc,bhsc->bhns", qm.to(torch.float32), km.to(torch.float32)) > 0
+        static = torch.ones(N, S, dtype=torch.bool, device=q.device)
+        if self.causal:
+            pos = torch.arange(N, device=q.device) + (S - N)
+            static = torch.arange(S, device=q.device).view(1, -1) <= pos.view(-1, 1)
+        kept = kept & static
+        if key_padding_mask is not None:
+            kept = kept & ~key_padding_mask[:, None, None, :]
+        return kept
+
+    def attend(self, q, k, v, *, key_padding_mask, scale, dropout_p):
+        B, H, N, D = q.shape
+        S, Dv = k.shape[2], v.shape[3]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qi, qm, ki, km, kx = self._route(q, k)
+        vx = v.repeat_interleave(H // v.shape[1], dim=1)
+
+        def take(x, idx):  # x (B, H, L, E), idx (B, H, K, w) -> (B, H, K, w, E)
+            flat = idx.flatten(2)
+            return x.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])).view(*idx.shape, x.shape[-1])
+
+        qs, ks, vs = take(q.to(acc), qi), take(kx.to(acc), ki), take(vx.to(acc), ki)
+        s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # (B, H, K, wq, wk)
+        # pairs shared by several clusters: count them once
+        shared = torch.einsum("bhkqc,bhkjc->bhkqj", take(qm.to(acc), qi), take(km.to(acc), ki))
+        s = s - torch.log(shared.clamp(min=1))
+        s = s.masked_fill(~self._allowed(qi, ki, N, S, key_padding_mask), float("-inf"))
+        lse = torch.logsumexp(s, -1)  # (B, H, K, wq)
+        p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        o = torch.matmul(p, vs)  # (B, H, K, wq, Dv)
+        # merge every query's clusters through their log-sum-exps
+        flat = qi.flatten(2)  # (B, H, K*wq)
+        lse_f = lse.flatten(2)
+        with torch.no_grad():
+            top = torch.full((B, H, N), float("-inf"), dtype=acc, device=q.device)
+            top = top.scatter_reduce(2, flat, lse_f, reduce="amax")
+            top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+        e = torch.exp(lse_f - top.gather(2, flat))
+        total = torch.zeros(B, H, N, dtype=acc, device=q.device).scatter_add(2, flat, e)
+        w = e / total.gather(2, flat).clamp_min(torch.finfo(acc).tiny)
+        out = torch.zeros(B, H, N, Dv, dtype=acc, device=q.device)
+        out = out.scatter_add(2, flat.unsqueeze(-1).expand(-1, -1, -1, Dv), (o.flatten(2, 3) * w.unsqueeze(-1)))
+        return out.to(q.dtype)
+
+
+def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float = 0.999) -> torch.Tensor:
+    """One exponential-moving-average k-means step (Routing Transformer, section 4).
+
+    centroids (H or 1, K, D) or (K, D); x (B, H, L, D) tokens (queries and keys). Each
+    centroid moves towards the mean of the unit-normalised tokens nearest to it:
+    c <- decay * c + (1 - decay) * mean; centroids with no token keep their value.
+    Returns the new centroids (same shape); no gradient flows.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+    squeeze = centroids.dim() == 2
+    c = centroids.unsqueeze(0) if squeeze else centroids
+    with torch.no_grad():
+        xn = _normalize(x).to(c.dtype)  # (B, H, L, D)
+        nearest = torch.matmul(xn, _normalize(c).transpose(-1, -2).unsqueeze(0)).argmax(-1)  # (B, H, L)
+        K = c.shape[1]
+        onehot = F.one_hot(nearest, K).to(c.dtype)  # (B, H, L, K)
+        sums = torch.einsum("bhlk,bhld->hkd", onehot, xn)
+        counts = onehot.sum((0, 2)).unsqueeze(-1)  # (H, K, 1)
+        if c.shape[0] == 1 and sums.shape[0] > 1:
+            sums, counts = sums.sum(0, keepdim=True), counts.sum(0, keepdim=True)
+        mean = sums / counts.clamp_min(1)
+        new = torch.where(counts > 0, decay * c + (1 - decay) * mean, c)
+    return new.squeeze(0) if squeeze else new
