@@ -7,7 +7,18 @@ import torch
 from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad
 
 import sparse_attention as sa
-from sparse_attention.dynamic import LSH, ProbSparse, Routing, TopK, explain, kept_stats, update_centroids
+from sparse_attention.dynamic import (
+    LSH,
+    ProbSparse,
+    Routing,
+    TopK,
+    explain,
+    kept_stats,
+    sinkhorn,
+    sinkhorn_attention,
+    sinkhorn_reference,
+    update_centroids,
+)
 
 SHAPES = [  # B, Hq, Hkv, N, S, D
     (2, 4, 2, 37, 53, 8),
@@ -221,6 +232,55 @@ def test_update_centroids_moves_towards_assigned_tokens():
     torch.testing.assert_close(new[0], 0.5 * c[0] + 0.5 * torch.nn.functional.normalize(x[0, 0], dim=-1).mean(0))
     with pytest.raises(ValueError, match="decay"):
         update_centroids(c, x, decay=1.0)
+
+
+# --- Sinkhorn -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize(("N", "block"), [(23, 5), (16, 4), (7, 8)])
+def test_sinkhorn_attention_equals_the_loop_reference(N, block, hard, causal):
+    B, H, D = 2, 2, 4
+    q, k, v = make_qkv(B, H, H, N, N, D, dtype=torch.float64, seed=31)
+    nb = -(-N // block)
+    logits = torch.randn(B, H, nb, nb, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                         requires_grad=True)
+    kpm = padding_mask(B, N)
+    p = sinkhorn(logits, 10, hard=hard, causal=causal)
+    g = torch.randn(B, H, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = sinkhorn_attention(q, k, v, p, block=block, causal=causal, key_padding_mask=kpm)
+    ref = sinkhorn_reference(q, k, v, p, block=block, causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    if not hard:  # gradients reach q, k, v and the sorting scores
+        grads = torch.autograd.grad(out, (q, k, v, logits), g, retain_graph=True, allow_unused=True)
+        ref_grads = torch.autograd.grad(ref, (q, k, v, logits), g, allow_unused=True)
+        for name, a, b in zip(("dq", "dk", "dv", "dlogits"), grads, ref_grads, strict=True):
+            if a is None or b is None:  # one causal block: no sorted block, the scores are unused
+                assert a is None and b is None and causal and N <= block, name
+                continue
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_sinkhorn_is_doubly_stochastic_and_identity_sort_is_block_local():
+    p = sinkhorn(torch.randn(3, 6, 6, dtype=torch.float64), 60)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, 6, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(p.sum(-2), torch.ones(3, 6, dtype=torch.float64), atol=1e-9, rtol=0)
+    q, k, v = make_qkv(1, 2, 2, 23, 23, 4, dtype=torch.float64, seed=32, requires_grad=False)
+    eye = torch.eye(5, dtype=torch.float64).expand(1, 2, 5, 5)
+    expected = sa.reference_attention(q, k, v, sa.BlockLocal(5).mask(23, 23))
+    torch.testing.assert_close(sinkhorn_attention(q, k, v, eye, block=5), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_causal_sinkhorn_ignores_the_future():
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 4, dtype=torch.float64, seed=33, requires_grad=False)
+    p = sinkhorn(torch.randn(1, 2, 5, 5, dtype=torch.float64), 8, causal=True)
+    assert torch.equal(p.triu(), torch.zeros_like(p)), "causal sorting may only bring earlier blocks"
+    base = sinkhorn_attention(q, k, v, p, block=4, causal=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 10:], v2[:, :, 10:] = 7.0, -3.0
+    torch.testing.assert_close(sinkhorn_attention(q, k2, v2, p, block=4, causal=True)[:, :, :10], base[:, :, :10],
+                               atol=0, rtol=0)
 
 
 # --- explain and validation ---------------------------------------------------------------

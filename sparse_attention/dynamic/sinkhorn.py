@@ -1,0 +1,154 @@
+"""Sparse Sinkhorn attention (Tay et al., 2020, arXiv:2002.11296): the functional core.
+
+The sequence is cut into blocks of ``block`` tokens (the last one padded; padded keys
+are never attended). A sorting network (``sa.nn.SinkhornAttention`` owns it) scores
+block pairs; ``sinkhorn`` turns the scores into a doubly-stochastic matrix P (soft
+sorting, differentiable) or, with ``hard=True``, into the one-hot of each row's argmax.
+Keys and values are re-sorted block-wise with the same P (values are sorted values:
+the sinkhorn-transformer 0.11.4 package sorts the *keys* into the values by mistake), and
+each query block attends to the concatenation of its own block and its sorted block (a
+slot of the sorted block is attended when more than half of its mass comes from real,
+non-padded keys):
+
+    out_i = softmax([q_i K_i^T, q_i (sum_j P_ij K_j)^T] * scale) [V_i ; sum_j P_ij V_j]
+
+``causal=True``: inside its own block a query sees keys at or before it, and a query
+block may only receive blocks strictly before it: P is masked to j < i and normalised
+over rows only (column normalisation would let later blocks' scores leak into earlier
+rows); block 0 has no sorted block. With P the identity and causal=False every query
+sees its own block twice with the same values, which leaves the softmax average
+unchanged: block-local attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_int
+
+
+def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.75, hard: bool = False,
+             causal: bool = False) -> torch.Tensor:
+    """(..., nb, nb) scores -> row/column-normalised matrix (log-space Sinkhorn iterations).
+
+    ``hard``: the one-hot of each row's argmax of the normalised matrix (no gradient).
+    ``causal``: entries with j >= i are removed and only rows are normalised (a row-wise
+    softmax; row 0 holds no mass).
+    """
+    n_iters = check_int("n_iters", n_iters, minimum=0)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    nb = logits.shape[-1]
+    log_p = logits / temperature
+    if causal:
+        allowed = torch.ones(nb, nb, dtype=torch.bool, device=logits.device).tril(-1)
+        log_p = log_p.masked_fill(~allowed, float("-inf"))
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True).nan_to_num(neginf=0.0)
+        n_iters = 0
+    for _ in range(n_iters):
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True).nan_to_num(neginf=0.0)
+        log_p = log_p - torch.logsumexp(log_p, -2, keepdim=True).nan_to_num(neginf=0.0)
+    p = torch.exp(log_p)
+    if hard:
+        p = F.one_hot(p.argmax(-1), nb).to(p.dtype) * (p.sum(-1, keepdim=True) > 0)
+    return p
+
+
+def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permutation: torch.Tensor, *,
+                       block: int, causal: bool = False, scale: float | None = None,
+                       key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-local attention plus attention to a re-sorted block.
+
+    Args:
+        q, k, v: (B, H, N, D), (B, H, N, D), (B, H, N, Dv); self-attention (S = N).
+        permutation: (B, H, nb, nb) block-sorting matrix from ``sinkhorn`` (nb = ceil(N / block)).
+        block: tokens per block.
+        key_padding_mask: (B, N) bool, True = padding.
+    Returns:
+        (B, H, N, Dv).
+    """
+    block = check_int("block", block, minimum=1)
+    B, H, N, D = q.shape
+    if k.shape[:3] != (B, H, N) or v.shape[:3] != (B, H, N):
+        raise ValueError(f"sinkhorn attention is self-attention: q, k, v must share (B, H, N), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    nb = math.ceil(N / block)
+    if permutation.shape[-2:] != (nb, nb):
+        raise ValueError(f"permutation must be (B, H, {nb}, {nb}) for N={N}, block={block}, got "
+                         f"{tuple(permutation.shape)}")
+    scale = D**-0.5 if scale is None else scale
+    pad = nb * block - N
+    acc = torch.promote_types(q.dtype, torch.float32)
+    keep = torch.ones(B, N, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask
+    keep = F.pad(keep, (0, pad), value=False).view(B, 1, nb, block)
+
+    def blocks(x):  # (B, H, N, E) -> (B, H, nb, block, E)
+        return F.pad(x.to(acc), (0, 0, 0, pad)).view(B, H, nb, block, x.shape[-1])
+
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    p = permutation.to(acc)
+    k_sorted = torch.einsum("bhij,bhjtd->bhitd", p, kb)  # (B, H, nb, block, D)
+    v_sorted = torch.einsum("bhij,bhjtd->bhitd", p, vb)
+    keep_sorted = torch.einsum("bhij,bjt->bhit", p, keep[:, 0].to(acc)) > 0.5  # sorted slot holds real keys
+    local = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (B, H, nb, block, block)
+    far = torch.matmul(qb, k_sorted.transpose(-1, -2)) * scale
+    local_ok = keep.unsqueeze(-2).expand(B, H, nb, block, block)
+    far_ok = keep_sorted.unsqueeze(-2).expand(B, H, nb, block, block)
+    if causal:
+        tri = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+        local_ok = local_ok & tri
+    # a row of P with no mass (causal block 0) contributes no sorted block
+    far_ok = far_ok & (p.sum(-1) > 0).view(B, H, nb, 1, 1)
+    s = torch.cat([local.masked_fill(~local_ok, float("-inf")), far.masked_fill(~far_ok, float("-inf"))], -1)
+    top = s.amax(-1, keepdim=True)
+    w = torch.exp(s - torch.where(torch.isneginf(top), torch.zeros_like(top), top))
+    w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    out = torch.matmul(w, torch.cat([vb, v_sorted], -2))  # (B, H, nb, block, Dv)
+    return out.reshape(B, H, nb * block, -1)[:, :, :N].to(q.dtype)
+
+
+def sinkhorn_reference(q, k, v, permutation, *, block: int, causal: bool = False, scale=None,
+                       key_padding_mask=None) -> torch.Tensor:
+    """Readable loop over query blocks (for tests): the same definition as ``sinkhorn_attention``."""
+    B, H, N, D = q.shape
+    nb = math.ceil(N / block)
+    scale = D**-0.5 if scale is None else scale
+    keep = torch.ones(B, N, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask
+    out = torch.zeros(B, H, N, v.shape[-1], dtype=torch.float64)
+    q, k, v, p = q.double(), k.double(), v.double(), permutation.double()
+    for b in range(B):
+        for h in range(H):
+            for i in range(nb):
+                rows = range(i * block, min(N, (i + 1) * block))
+                own = list(range(i * block, min(N, (i + 1) * block)))
+                # the sorted block: slot t mixes position j*block + t of every block j with weight P[i, j]
+                ks = torch.zeros(block, D, dtype=torch.float64)
+                vs = torch.zeros(block, v.shape[-1], dtype=torch.float64)
+                real = torch.zeros(block, dtype=torch.float64)
+                for j in range(nb):
+                    for t in range(block):
+                        pos = j * block + t
+                        if pos < N:
+                            ks[t] += p[b, h, i, j] * k[b, h, pos]
+                            vs[t] += p[b, h, i, j] * v[b, h, pos]
+                            real[t] += p[b, h, i, j] * keep[b, pos]
+                has_far = bool(p[b, h, i].sum() > 0)
+                for r in rows:
+                    scores, values = [], []
+                    for c in own:
+                        if keep[b, c] and (not causal or c <= r):
+                            scores.append(q[b, h, r] @ k[b, h, c] * scale)
+                            values.append(v[b, h, c])
+                    for t in range(block):
+                        if has_far and real[t] > 0.5:
+                            scores.append(q[b, h, r] @ ks[t] * scale)
+                            values.append(vs[t])
+                    if scores:
+                        w = torch.softmax(torch.stack(scores), 0)
+                        out[b, h, r] = (w.unsqueeze(-1) * torch.stack(values)).sum(0)
+    return out
