@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from . import approx, registry
+from . import approx, nn, registry
 from .approx import linear_attention
 from .cost import PatternStats, pattern_stats
 from .functional import attention
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention", "reference_attention", "mechanisms", "registry", "pattern_stats", "PatternStats",
-    "linear_attention", "approx",
+    "linear_attention", "approx", "nn",
     "Pattern", "BlockLayout", "Union", "Intersection", "PerHead",
     "Full", "Causal", "SlidingWindow", "Strided", "BlockLocal", "Global", "RandomBlocks",
     "Longformer", "BigBird",

@@ -1,0 +1,30 @@
+"""Modules that own the parameters of the approximate mechanisms and call the functional core.
+
+Each takes head-split tensors, q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), like
+``sparse_attention.attention``; the q/k/v/output projections belong to the surrounding layer.
+``key_padding_mask`` is (B, S) bool with True = padding (torch.nn.MultiheadAttention's polarity).
+
+The layers people plug in (issue 5) take (B, L, E) sequences and own their projections:
+``MultiheadAttention`` (drop-in for torch's, any mechanism), ``TransformerEncoderLayer`` /
+``TransformerDecoderLayer``, ``KVCache`` (incremental decoding), ``AttentionPooling`` and
+``WindowAttention2d`` (Swin); see each class.
+"""
+
+from __future__ import annotations
+
+from .cache import KVCache
+from .compressed import CompressedAttention
+from .linformer import LinformerAttention
+from .multihead import MultiheadAttention
+from .nystrom import NystromAttention
+from .performer import PerformerAttention
+from .pooling import AttentionPooling
+from .synthesizer import SynthesizerAttention
+from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
+from .window2d import WindowAttention2d
+
+__all__ = [
+    "PerformerAttention", "LinformerAttention", "CompressedAttention", "NystromAttention", "SynthesizerAttention",
+    "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "KVCache", "AttentionPooling",
+    "WindowAttention2d",
+]

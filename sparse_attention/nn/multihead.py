@@ -1,0 +1,345 @@
+"""``MultiheadAttention``: a drop-in for ``torch.nn.MultiheadAttention`` that runs any mechanism.
+
+Same parameters (``in_proj_weight``/``in_proj_bias``, or ``q/k/v_proj_weight`` when
+kdim/vdim differ from embed_dim, ``out_proj``), same forward signature and return value,
+so a torch state_dict loads unchanged and, with full attention, gives the same outputs.
+What differs is *which* pairs are attended (``attention=``: "full", a registry name or a
+:class:`~sparse_attention.Pattern`) and how: without attention weights the call goes to
+:func:`sparse_attention.attention` (block-sparse engine, memory O(N · keys per query)).
+
+Mask polarities (they differ, as in torch; pinned by tests):
+
+* ``key_padding_mask`` (B, S): bool **True = ignore this key** (padding), or float added
+  to the scores.
+* ``attn_mask`` (N, S) or (B·H, N, S): bool **True = not allowed**, or float added to the
+  scores (dtype of the query).
+* ``Pattern.allowed`` / ``mask()``: True = may attend (the SDPA convention).
+
+Differences from torch, on purpose:
+
+* A query with no allowed key gets output 0 and weights 0 (torch gives NaN).
+* ``is_causal=True`` applies causal attention even without ``attn_mask`` (torch requires
+  the mask as a hint); when N != S the causal mask is bottom-right aligned (query i at key
+  position i + S - N), like every pattern here.
+* Defaults: ``batch_first=True``; options after ``num_heads`` are keyword-only;
+  ``add_bias_kv``/``add_zero_attn`` are not offered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import registry
+from .._checks import check_dropout, check_int
+from ..functional import attention as sparse_attention
+from ..patterns import Causal, Full, Pattern, SlidingWindow
+from .cache import KVCache
+
+#: largest N·S (per batch element and head) for which a sparse pattern returns dense weights.
+MAX_DENSE_WEIGHTS = 1 << 22
+
+
+def resolve_attention(attention: object, *, name: str = "attention") -> Pattern | torch.nn.Module | None:
+    """"full"/None -> None (full attention); a registry name -> its default pattern; a Pattern or a
+    head-split module (forward(q, k, v, *, key_padding_mask)) -> itself."""
+    if attention is None:
+        return None
+    if isinstance(attention, str):
+        attention = registry.get(attention).make()
+    if isinstance(attention, Full):
+        return None
+    if isinstance(attention, (Pattern, torch.nn.Module)):
+        return attention
+    raise TypeError(f"{name} must be 'full', a mechanism name ({sorted(registry.REGISTRY)}), a Pattern or a "
+                    f"module taking head-split q, k, v; got {type(attention).__name__}")
+
+
+def cache_window(pattern: Pattern | None) -> int | None:
+    """The ring-buffer size a KV cache needs for ``pattern``: W for SlidingWindow(W, causal=True),
+    None (keep everything) for other causal patterns."""
+    if isinstance(pattern, SlidingWindow) and pattern.causal:
+        return pattern.window
+    return None
+
+
+def _is_causal(pattern: object) -> bool:
+    return isinstance(pattern, Causal) or (isinstance(pattern, SlidingWindow) and pattern.causal)
+
+
+def _safe_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim; a row that is all -inf gives 0 (not NaN)."""
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    p = torch.exp(scores - row_max)
+    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def dense_attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                 allowed: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                                 dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention that also returns the weights (the path taken when weights or an
+    arbitrary ``attn_mask`` are asked for).
+
+    Args:
+        q: (B, H, N, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv), H a multiple of Hkv.
+        allowed: bool broadcastable to (B, H, N, S), True = may attend. None = all.
+        bias: float broadcastable to (B, H, N, S), added to the scaled scores.
+        dropout_p: dropout on the weights (applied whenever > 0).
+    Returns:
+        out (B, H, N, Dv) and weights (B, H, N, S), both in q's dtype; empty rows are 0.
+    """
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    G = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(G, dim=1).to(compute)  # (B, H, S, D)
+    v = v.repeat_interleave(G, dim=1).to(compute)
+    scores = torch.matmul(q.to(compute) * (q.shape[-1] ** -0.5), k.transpose(-1, -2))  # (B, H, N, S)
+    if bias is not None:
+        scores = scores + bias.to(compute)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = _safe_softmax(scores)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return torch.matmul(weights, v).to(dtype), weights.to(dtype)
+
+
+class MultiheadAttention(torch.nn.Module):
+    """Multi-head attention with torch.nn.MultiheadAttention's parameters and forward.
+
+    Args:
+        embed_dim: E, the model width (query features and output features).
+        num_heads: H; E must be divisible by H (head dim D = E // H).
+        attention: "full" (default), a registry name (``sa.mechanisms()``, built with its
+            defaults), a :class:`~sparse_attention.Pattern`, or a module taking head-split
+            q (B, H, N, D), k, v (B, Hkv, S, D) and ``key_padding_mask`` (e.g.
+            ``sa.nn.PerformerAttention``; such modules return no weights and take no attn_mask).
+        num_kv_heads: Hkv key/value heads (grouped-query attention); default None = H. With
+            Hkv < H the packed ``in_proj_weight`` is (E + 2·Hkv·D, E), which torch cannot load.
+        dropout: dropout on the attention weights, training mode only. Default 0.
+        bias: biases on the input and output projections. Default True.
+        kdim, vdim: key/value feature sizes; default None = E. When either differs from E
+            the projections are ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``.
+        batch_first: inputs (B, L, E) when True (default), (L, B, E) when False.
+
+    forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False, *, cache=None) -> (output, weights):
+        query (B, N, E), key (B, S, kdim), value (B, S, vdim) (or sequence-first, or unbatched
+        (N, E)); key_padding_mask (B, S) True = ignore; attn_mask (N, S) or (B·H, N, S), bool
+        True = not allowed or float added. Output (B, N, E). Weights: None if not
+        need_weights, else (B, N, S) averaged over heads or (B, H, N, S); for a sparse
+        mechanism only while N·S <= 2**22, else ValueError. ``cache`` (a :class:`KVCache`,
+        see :meth:`new_cache`): key/value are the new tokens only; they are appended to the
+        cache and the queries attend the cache (causal mechanisms only).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, attention: object = "full",
+                 num_kv_heads: int | None = None, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None, batch_first: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = check_int("embed_dim", embed_dim, minimum=1)
+        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
+                             f"num_heads={num_heads}")
+        self.head_dim = embed_dim // num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, minimum=1)
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, "
+                             f"num_kv_heads={self.num_kv_heads}")
+        self.kdim = embed_dim if kdim is None else check_int("kdim", kdim, minimum=1)
+        self.vdim = embed_dim if vdim is None else check_int("vdim", vdim, minimum=1)
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.dropout = check_dropout(dropout)
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
+        self.batch_first = batch_first
+        self.attention = resolve_attention(attention)
+        kv_out = self.num_kv_heads * self.head_dim
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = torch.nn.Parameter(torch.empty(embed_dim + 2 * kv_out, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = torch.nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = torch.nn.Parameter(torch.empty(kv_out, self.kdim, **factory))
+            self.v_proj_weight = torch.nn.Parameter(torch.empty(kv_out, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = torch.nn.Parameter(torch.empty(embed_dim + 2 * kv_out, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch.nn.MultiheadAttention's initialisation
+        if self._qkv_same_embed_dim:
+            torch.nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                torch.nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            torch.nn.init.zeros_(self.in_proj_bias)
+            torch.nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"attention={self.attention if self.attention is not None else 'full'}, "
+                f"dropout={self.dropout}, batch_first={self.batch_first}")
+
+    # --- helpers ----------------------------------------------------------------------------
+    def new_cache(self, *, is_causal: bool = False) -> KVCache:
+        """An empty :class:`KVCache` sized for this layer's mechanism (a ring of W slots for
+        SlidingWindow(W, causal=True)). ``is_causal=True`` allows a non-causal mechanism, made
+        causal per call by ``forward(..., is_causal=True)``."""
+        if _is_causal(self.attention):
+            return KVCache(window=cache_window(self.attention))
+        if is_causal and not isinstance(self.attention, torch.nn.Module):
+            return KVCache()
+        raise ValueError(f"a KV cache needs a causal mechanism (Causal or SlidingWindow(causal=True)), got "
+                         f"{self.attention if self.attention is not None else 'full'}; pass is_causal=True to "
+                         "decode with causal masking")
+
+    def _project(self, query, key, value):
+        E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:E + kv], b[E + kv:])
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            wq, wk, wv = w[:E], w[E:E + kv], w[E + kv:]
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _check_inputs(self, query, key, value):
+        for name, t, feat in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() not in (2, 3):
+                raise ValueError(f"{name} must be (B, L, E) / (L, B, E) or unbatched (L, E), got shape "
+                                 f"{tuple(t.shape)}")
+            if t.shape[-1] != feat:
+                raise ValueError(f"{name} must have {feat} features in its last dim, got shape {tuple(t.shape)}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if not (query.dim() == key.dim() == value.dim()):
+            raise ValueError(f"query, key and value must all be batched or all unbatched, got shapes "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+
+    def _attn_mask(self, attn_mask, B, N, S, dtype, device):
+        """attn_mask -> (allowed bool, bias float), each None or broadcastable to (B, H, N, S)."""
+        if attn_mask is None:
+            return None, None
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != dtype:
+            raise TypeError(f"attn_mask must be bool (True = not allowed) or float of the query dtype {dtype}, "
+                            f"got {attn_mask.dtype}")
+        if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (N, S):
+            m = attn_mask
+        elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (B * self.num_heads, N, S):
+            m = attn_mask.view(B, self.num_heads, N, S)
+        else:
+            raise ValueError(f"attn_mask must have shape (N, S) = {(N, S)} or (B*H, N, S) = "
+                             f"{(B * self.num_heads, N, S)}, got {tuple(attn_mask.shape)}")
+        m = m.to(device)
+        return (~m, None) if m.dtype == torch.bool else (None, m)
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, *, cache: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._check_inputs(query, key, value)
+        batched = query.dim() == 3
+        if not batched:  # (L, E) -> (1, L, E)
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, N = query.shape[:2]
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
+            raise ValueError(f"key and value must share (B, S) with query's B={B}, got key {tuple(key.shape)}, "
+                             f"value {tuple(value.shape)} (batch-first view)")
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self._project(query, key, value)
+        q = q.view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+        k = k.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, -1, Hkv, D).transpose(1, 2)
+
+        kpm_bias = None
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor):
+                raise TypeError(f"key_padding_mask must be a tensor, got {type(key_padding_mask).__name__}")
+            if tuple(key_padding_mask.shape) != (B, k.shape[2]):
+                raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, k.shape[2])}, got "
+                                 f"{tuple(key_padding_mask.shape)}")
+            if key_padding_mask.dtype != torch.bool:
+                if key_padding_mask.dtype != query.dtype:
+                    raise TypeError(f"key_padding_mask must be bool (True = ignore) or float of the query dtype "
+                                    f"{query.dtype}, got {key_padding_mask.dtype}")
+                if cache is not None:
+                    raise TypeError("key_padding_mask must be bool when decoding with a cache")
+                kpm_bias, key_padding_mask = key_padding_mask[:, None, None, :], None
+
+        pattern = self.attention
+        if is_causal and not _is_causal(pattern):
+            if isinstance(pattern, torch.nn.Module):
+                raise ValueError("is_causal=True is not available with a module mechanism; build it causal")
+            pattern = Causal() if pattern is None else pattern & Causal()
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a sparse_attention.nn.KVCache, got {type(cache).__name__}")
+            if not _is_causal(pattern) and not (is_causal and isinstance(pattern, Pattern)):
+                raise ValueError(f"cache needs a causal mechanism or is_causal=True, got "
+                                 f"{pattern if pattern is not None else 'full'}")
+            if cache.window is not None and not (isinstance(pattern, SlidingWindow) and pattern.causal
+                                                 and pattern.window <= cache.window):
+                raise ValueError(f"a cache with window={cache.window} keeps only the last {cache.window} keys, "
+                                 f"but the mechanism is {pattern}; use KVCache() (no window) or new_cache()")
+            k, v, key_padding_mask = cache.update(k, v, key_padding_mask)
+        S = k.shape[2]
+
+        dropout_p = self.dropout if self.training else 0.0
+        allowed, bias = self._attn_mask(attn_mask, B, N, S, query.dtype, query.device)
+        if kpm_bias is not None:
+            bias = kpm_bias if bias is None else bias + kpm_bias
+        weights = None
+        if isinstance(pattern, torch.nn.Module):
+            if need_weights or allowed is not None or bias is not None:
+                raise ValueError(f"{type(pattern).__name__} gives no attention weights and takes no attn_mask or "
+                                 "float key_padding_mask; call with need_weights=False and a bool key_padding_mask")
+            out = pattern(q, k, v, key_padding_mask=key_padding_mask)
+            if dropout_p:
+                out = F.dropout(out, p=dropout_p)  # module mechanisms drop outputs, not weights
+        elif need_weights or allowed is not None or bias is not None:
+            if pattern is not None:
+                if need_weights and N * S > MAX_DENSE_WEIGHTS:
+                    raise ValueError(f"need_weights=True with a sparse mechanism materialises the (N, S) = {(N, S)} "
+                                     f"weights (N*S={N * S} > {MAX_DENSE_WEIGHTS}); call with need_weights=False")
+                pm = pattern.mask(N, S, device=q.device)  # (N, S) or (H, N, S)
+                allowed = pm if allowed is None else allowed & pm
+            if key_padding_mask is not None:
+                keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+                allowed = keep if allowed is None else allowed & keep
+            out, weights = dense_attention_with_weights(q, k, v, allowed=allowed, bias=bias, dropout_p=dropout_p)
+        else:
+            out = sparse_attention(q, k, v, pattern, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+
+        out = self.out_proj(out.transpose(1, 2).reshape(B, N, self.embed_dim))  # (B, N, E)
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        if average_attn_weights:
+            weights = weights.mean(dim=1)  # (B, N, S)
+        return out, (weights if batched else weights.squeeze(0))
