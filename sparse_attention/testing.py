@@ -7,8 +7,8 @@ and ``baseline`` the same computation in the input dtype, an implementation pass
 
 with factor 2 for outputs and 3 for gradients, and ``floor`` about one ulp of the input
 dtype at the data's magnitude (gradients: at least 1e-5, or 3e-5 when a sequence is
-shorter than 64; float32: at least 8 eps * max|golden|, since the float32 baseline is
-almost exact and the ratio alone would be noise). Several baselines may be given; the
+shorter than 64; float32 and float64: at least 8 eps * max|golden|, since their baseline
+is (almost) exact and the ratio alone would be noise). Several baselines may be given; the
 largest error counts (for half precision the suite passes the naive reference and
 PyTorch's fused kernel on the dense problem, see tests/conftest.py).
 """
@@ -65,8 +65,8 @@ def verdict(name: str, impl: torch.Tensor, baselines, golden: torch.Tensor, *, g
     err = float((impl.double() - golden)[finite].abs().max())
     base = max(float((b.double() - golden)[finite].abs().max()) for b in baselines)
     floor = ulp_floor(golden[finite], impl.dtype)
-    if impl.dtype == torch.float32:
-        floor = max(floor, 8 * torch.finfo(torch.float32).eps * float(golden[finite].abs().max()))
+    if impl.dtype in (torch.float32, torch.float64):  # the baseline is (almost) exact: allow a few ulps
+        floor = max(floor, 8 * torch.finfo(impl.dtype).eps * float(golden[finite].abs().max()))
     if grad:
         floor = max(floor, 3e-5 if min_len < 64 else 1e-5)
     return Verdict(name, err, base, floor, factor, nonfinite)

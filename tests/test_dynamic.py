@@ -191,6 +191,22 @@ def test_causal_lsh_never_looks_at_future_keys_and_is_deterministic():
     assert torch.equal(sa.attention(q, k, v2, mech)[:, :, :30], base[:, :, :30])
 
 
+@pytest.mark.parametrize("mech", [LSH(4, exclude_self=True), LSH(4, n_hashes=3, exclude_self=True, causal=True)],
+                         ids=repr)
+def test_lsh_shared_qk_excludes_self_unless_alone(mech):
+    q, _, v = make_qkv(2, 2, 2, 40, 40, 8, dtype=torch.float64, seed=20)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[1, 5:] = True  # most keys padded: some rows are left with themselves only
+    for pad in (None, kpm):
+        kept = _compare_over_kept(mech, q, q, v, pad)
+        diag = kept.diagonal(dim1=-2, dim2=-1)
+        others = (kept & ~torch.eye(40, dtype=torch.bool)).any(-1)
+        assert not bool((diag & others).any()), "self kept although the row has another key"
+        assert bool((diag | others | ~kept.any(-1)).all())
+    with pytest.raises(ValueError, match="exclude_self"):
+        sa.attention(q, q[:, :, :30], v[:, :, :30], mech)
+
+
 # --- Routing ------------------------------------------------------------------------------
 
 

@@ -38,10 +38,12 @@ class LSH(DynamicPattern):
         n_buckets: buckets per round (even; default: about 2 * S / bucket_size, at least 2).
         seed: seed of the random rotations.
         causal: only keys at or before the query's position.
+        exclude_self: Reformer's shared-QK rule (self-attention, N == S): a token does not
+            attend to itself unless it has no other key.
     """
 
     def __init__(self, bucket_size: int = 64, n_hashes: int = 1, *, n_buckets: int | None = None, seed: int = 0,
-                 causal: bool = False):
+                 causal: bool = False, exclude_self: bool = False):
         self.bucket_size = check_int("bucket_size", bucket_size, minimum=1)
         self.n_hashes = check_int("n_hashes", n_hashes, minimum=1)
         if n_buckets is not None:
@@ -53,10 +55,17 @@ class LSH(DynamicPattern):
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         self.causal = causal
+        if not isinstance(exclude_self, bool):
+            raise TypeError(f"exclude_self must be a bool, got {exclude_self!r}")
+        self.exclude_self = exclude_self
 
     def __repr__(self) -> str:
         return (f"LSH(bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, "
-                f"seed={self.seed}, causal={self.causal})")
+                f"seed={self.seed}, causal={self.causal}, exclude_self={self.exclude_self})")
+
+    def _check_self(self, n_q: int, n_k: int) -> None:
+        if self.exclude_self and n_q != n_k:
+            raise ValueError(f"exclude_self needs self-attention (N == S), got N={n_q}, S={n_k}")
 
     def with_restriction(self, pattern):
         raise TypeError("LSH restricted by a static pattern is not supported; use causal=True for causal LSH")
@@ -108,9 +117,14 @@ class LSH(DynamicPattern):
         B, H, N, _ = q.shape
         S = k.shape[2]
         _, _, q_chunk, k_chunk, _, _ = self._chunks(q, k)
+        self._check_self(N, S)
         d = q_chunk.unsqueeze(-1) - k_chunk.unsqueeze(-2)  # (R, B, H, N, S)
-        kept = ((d == 0) | (d == 1)).any(0)
-        return kept & self._static_allowed(N, S, key_padding_mask, q.device)
+        kept = ((d == 0) | (d == 1)).any(0) & self._static_allowed(N, S, key_padding_mask, q.device)
+        if self.exclude_self:  # the diagonal stays only where it is a row's only key
+            eye = torch.eye(N, dtype=torch.bool, device=q.device)
+            others = (kept & ~eye).any(-1, keepdim=True)
+            kept = kept & ~(eye & others)
+        return kept
 
     def _static_allowed(self, n_q, n_k, key_padding_mask, device) -> torch.Tensor:
         m = torch.ones(1, 1, n_q, n_k, dtype=torch.bool, device=device)
@@ -125,6 +139,7 @@ class LSH(DynamicPattern):
     def attend(self, q, k, v, *, key_padding_mask, scale, dropout_p):
         B, Hq, N, D = q.shape
         S, Dv = k.shape[2], v.shape[3]
+        self._check_self(N, S)
         G = Hq // k.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
         q_order, k_order, q_chunk, k_chunk, C, ks = self._chunks(q, k)
@@ -163,6 +178,12 @@ class LSH(DynamicPattern):
         # (the previous-chunk slots of chunk 0 and key slots past S hold kidx -1: never valid)
         # Reformer's duplicate correction: a pair found by c rounds scores log(c) lower in each
         s = s - torch.log(_pair_counts(q_chunk, k_chunk, qq, kq).clamp(min=1).to(s.dtype))
+        if self.exclude_self:  # a query's own key only when no round found it another key
+            is_self = kq == qq
+            other = (valid & ~is_self).any(-1).to(acc).reshape(R, B, Hq, C * bs, 1)
+            has_other = _unsort(other, qo, N)[..., 0].amax(0) > 0  # (B, H, N)
+            slot_has_other = has_other.unsqueeze(0).expand(R, -1, -1, -1).gather(3, qi).view(qq.shape)
+            valid = valid & ~(is_self & slot_has_other)
         s = s.masked_fill(~valid, float("-inf"))
         lse = torch.logsumexp(s, -1)  # (R, B, H, C, bs)
         p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
