@@ -1,0 +1,72 @@
+"""Modules of the content-based mechanisms (Reformer shared-QK LSH, Routing with EMA centroids, Sinkhorn)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_qkv
+
+import sparse_attention as sa
+from sparse_attention.dynamic import LSH, Routing, explain, sinkhorn, sinkhorn_attention
+from sparse_attention.nn.content_based import ReformerAttention, RoutingAttention, SinkhornAttention
+
+
+def test_reformer_attention_is_shared_qk_lsh_on_normalised_keys():
+    qk, _, v = make_qkv(2, 2, 2, 40, 40, 8, seed=40)
+    mod = ReformerAttention(4, n_hashes=2, seed=3)
+    out = mod(qk, v)
+    k = torch.nn.functional.normalize(qk, dim=-1)
+    mech = LSH(4, 2, seed=3, exclude_self=True)
+    torch.testing.assert_close(out, sa.attention(qk, k, v, mech), atol=0, rtol=0)
+    kept = explain(qk, k, mech)
+    torch.testing.assert_close(out, sa.reference_attention(qk, k, v, kept), atol=2e-6, rtol=2e-6)
+    out.sum().backward()
+    assert qk.grad is not None and torch.isfinite(qk.grad).all()
+
+
+def test_routing_attention_updates_centroids_only_in_training():
+    q, k, v = make_qkv(2, 2, 2, 48, 48, 8, seed=41, requires_grad=False)
+    mod = RoutingAttention(4, 8, 2, decay=0.5)
+    before = mod.centroids.clone()
+    mod.eval()
+    out_eval = mod(q, k, v)
+    assert torch.equal(mod.centroids, before), "eval mode must not move the centroids"
+    torch.testing.assert_close(out_eval, sa.attention(q, k, v, Routing(before)), atol=0, rtol=0)
+    mod.train()
+    mod(q, k, v)
+    assert not torch.equal(mod.centroids, before), "training mode moves the centroids"
+    state = mod.state_dict()
+    assert "centroids" in state
+    other = RoutingAttention(4, 8, 2, seed=9)
+    other.load_state_dict(state)
+    other.eval()
+    torch.testing.assert_close(other(q, k, v), mod.eval()(q, k, v), atol=0, rtol=0)
+
+
+def test_sinkhorn_module_soft_in_training_hard_in_eval_and_learns_the_sort():
+    q, k, v = make_qkv(2, 2, 2, 30, 30, 8, seed=42)
+    mod = SinkhornAttention(8, 2, block=5)
+    out = mod(q, k, v)
+    out.square().sum().backward()
+    assert mod.sort_q.grad is not None and mod.sort_q.grad.abs().sum() > 0, "the sorting network gets no gradient"
+    mod.eval()
+    with torch.no_grad():
+        p = sinkhorn(mod.block_scores(k), mod.n_iters, temperature=mod.temperature, hard=True)
+        expected = sinkhorn_attention(q, k, v, p, block=5)
+        torch.testing.assert_close(mod(q, k, v), expected, atol=0, rtol=0)
+    assert bool(((p == 0) | (p == 1)).all()), "eval mode sorts hard"
+
+
+def test_causal_modules_ignore_the_future():
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 8, seed=43, requires_grad=False)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 20:] += 3.0
+    v2[:, :, 20:] -= 2.0
+    sink = SinkhornAttention(8, 2, block=5, causal=True)
+    for mode in (True, False):
+        sink.train(mode)
+        torch.testing.assert_close(sink(q, k2, v2)[:, :, :20], sink(q, k, v)[:, :, :20], atol=0, rtol=0)
+    rout = RoutingAttention(3, 8, 2, causal=True).eval()
+    out = rout(q, k, v)
+    kept = explain(q, k, Routing(rout.centroids, causal=True))
+    assert not bool((kept & ~sa.Causal().mask(40, 40)).any())
+    torch.testing.assert_close(rout(q, k, v2)[:, :, :20], out[:, :, :20], atol=0, rtol=0)
