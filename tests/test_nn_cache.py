@@ -1,0 +1,131 @@
+"""KV-cache decoding: step-by-step (one token or a chunk at a time) equals the full causal pass;
+the sliding-window cache is a ring whose size stops growing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_within_baseline
+
+import sparse_attention as sa
+
+E, H = 16, 4
+T = 23  # generated length, not a multiple of any chunk size below
+
+
+def _decode(m, x, chunk, cache):
+    """Feed x (B, T, E) to m chunk by chunk; returns the outputs and the cache size after each step."""
+    outs, sizes = [], []
+    for s in range(0, x.shape[1], chunk):
+        xc = x[:, s:s + chunk]
+        outs.append(m(xc, xc, xc, need_weights=False, cache=cache)[0])
+        sizes.append(cache.nbytes())
+    return torch.cat(outs, 1), sizes
+
+
+@pytest.mark.parametrize("pattern", [sa.Causal(), sa.SlidingWindow(5, causal=True), sa.SlidingWindow(0, causal=True)],
+                         ids=["causal", "window5", "window0"])
+@pytest.mark.parametrize("chunk", [1, 3, 7, T])
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa2"])
+def test_decoding_equals_full_pass(pattern, chunk, num_kv_heads):
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(E, H, attention=pattern, num_kv_heads=num_kv_heads).eval()
+    x = torch.randn(2, T, E)
+    with torch.no_grad():
+        full = m(x, x, x, need_weights=False)[0]
+        golden = m.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
+        m.float()
+        cache = m.new_cache()
+        steps, sizes = _decode(m, x, chunk, cache)
+    # the full fp32 pass is the baseline: decoding computes the same rows over fewer keys
+    assert_within_baseline("decoded", steps, full, golden)
+    assert cache.seen == T
+    if isinstance(pattern, sa.SlidingWindow):
+        assert cache.window == pattern.window
+        assert len(set(sizes)) == 1, f"ring buffer grew: {sizes}"
+        assert cache.k.shape[2] == pattern.window
+    else:
+        assert cache.k.shape[2] == T
+
+
+def test_ring_buffer_is_constant_over_a_long_generation():
+    m = sa.nn.MultiheadAttention(E, H, attention=sa.SlidingWindow(4, causal=True)).eval()
+    cache = m.new_cache()
+    x = torch.randn(1, 1, E)
+    with torch.no_grad():
+        for _ in range(4):
+            m(x, x, x, need_weights=False, cache=cache)
+        size = cache.nbytes()
+        ptr = cache.k.data_ptr()
+        for _ in range(200):
+            m(x, x, x, need_weights=False, cache=cache)
+    assert cache.nbytes() == size and cache.k.data_ptr() == ptr, "the ring was reallocated"
+    assert len(cache) == 4 and cache.seen == 204
+
+
+def test_decoding_with_padding_and_is_causal():
+    """Full attention made causal per call; padded tokens (True) are never attended, also from the cache."""
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(E, H).eval()
+    x = torch.randn(2, 9, E)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[0, 2] = kpm[1, 5] = True
+    with torch.no_grad():
+        full = m(x, x, x, key_padding_mask=kpm, is_causal=True, need_weights=False)[0]
+        cache = m.new_cache(is_causal=True)
+        outs = [m(x[:, s:s + 2], x[:, s:s + 2], x[:, s:s + 2], key_padding_mask=kpm[:, s:s + 2], is_causal=True,
+                  need_weights=False, cache=cache)[0] for s in range(0, 9, 2)]
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+    assert cache.padding is not None and cache.padding.tolist() == kpm.tolist()
+
+
+def test_ring_buffer_keeps_padding_flags():
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(E, H, attention=sa.SlidingWindow(3, causal=True)).eval()
+    x = torch.randn(1, 10, E)
+    kpm = torch.zeros(1, 10, dtype=torch.bool)
+    kpm[0, 4] = True
+    with torch.no_grad():
+        full = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+        cache = m.new_cache()
+        outs = [m(x[:, s:s + 1], x[:, s:s + 1], x[:, s:s + 1], key_padding_mask=kpm[:, s:s + 1],
+                  need_weights=False, cache=cache)[0] for s in range(10)]
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_layers_decode_with_cache(norm_first):
+    torch.manual_seed(0)
+    enc = sa.nn.TransformerEncoderLayer(E, H, 32, 0.0, batch_first=True, norm_first=norm_first,
+                                        attention=sa.SlidingWindow(3, causal=True)).eval()
+    dec = sa.nn.TransformerDecoderLayer(E, H, 32, 0.0, batch_first=True, norm_first=norm_first,
+                                        attention="causal").eval()
+    x, mem = torch.randn(2, 11, E), torch.randn(2, 5, E)
+    with torch.no_grad():
+        cache = enc.new_cache()
+        steps = torch.cat([enc(x[:, s:s + 4], cache=cache) for s in range(0, 11, 4)], 1)
+        torch.testing.assert_close(steps, enc(x))
+        cache = dec.new_cache()
+        steps = torch.cat([dec(x[:, s:s + 1], mem, cache=cache) for s in range(11)], 1)
+        torch.testing.assert_close(steps, dec(x, mem))
+
+
+def test_cache_refuses_non_causal_and_mismatched_windows():
+    m = sa.nn.MultiheadAttention(E, H, attention=sa.SlidingWindow(3))
+    with pytest.raises(ValueError, match="causal"):
+        m.new_cache()
+    x = torch.randn(1, 2, E)
+    with pytest.raises(ValueError, match="causal"):
+        m(x, x, x, need_weights=False, cache=sa.nn.KVCache())
+    c = sa.nn.MultiheadAttention(E, H, attention=sa.SlidingWindow(6, causal=True))
+    with pytest.raises(ValueError, match="window=3"):
+        c(x, x, x, need_weights=False, cache=sa.nn.KVCache(window=3))
+    with pytest.raises(ValueError, match="window"):
+        sa.nn.KVCache(window=-1)
+    cache = c.new_cache()
+    c(x, x, x, need_weights=False, cache=cache)
+    with pytest.raises(ValueError, match="reset"):
+        y = torch.randn(3, 1, E)
+        c(y, y, y, need_weights=False, cache=cache)
+    cache.reset()
+    assert len(cache) == 0 and cache.nbytes() == 0
