@@ -2,6 +2,7 @@
 
     import sparse_attention as sa
     out = sa.attention(q, k, v, sa.SlidingWindow(256))
+    out = sa.attention(q, k, v, sa.TopK(32) & sa.Causal())
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from . import approx, nn, registry
 from .approx import linear_attention
 from .cost import PatternStats, pattern_stats
+from .dynamic import LSH, DynamicPattern, ProbSparse, Routing, TopK, explain, kept_stats
 from .functional import attention
 from .patterns import (
     BigBird,
@@ -37,4 +39,5 @@ __all__ = [
     "Pattern", "BlockLayout", "Union", "Intersection", "PerHead",
     "Full", "Causal", "SlidingWindow", "Strided", "BlockLocal", "Global", "RandomBlocks",
     "Longformer", "BigBird",
+    "DynamicPattern", "TopK", "ProbSparse", "LSH", "Routing", "explain", "kept_stats",
 ]
