@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
+from .dynamic import DynamicPattern, explain
 from .functional import attention
 
 
@@ -195,7 +196,10 @@ def _bench_one(mech, opts, q, k, v, full, dense: Row, mode, backward, device, re
     row = Row(mech.name, n, mode, "ok")
     try:
         pattern = mech.make(**opts)
-        row.density = pattern.stats(n, n).density
+        if isinstance(pattern, DynamicPattern):  # pairs kept on these very inputs
+            row.density = float(explain(q, k, pattern).float().mean()) if q[0, 0].numel() * n <= 1 << 26 else None
+        else:
+            row.density = pattern.stats(n, n).density
         call = lambda a, b, c: attention(a, b, c, pattern)  # noqa: E731
         samples, peak = measure(_runner(call, q, k, v, backward), device, repeats)
         row.time_ms = statistics.median(samples) * 1e3

@@ -24,6 +24,7 @@ import sys
 import torch
 
 from . import registry
+from .dynamic import DynamicPattern, explain
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
@@ -96,10 +97,17 @@ def _pattern(args, extra: list[str], n_q: int, n_k: int):
     opts = _options(extra, mech)
     try:
         pattern = mech.make(**opts)
-        pattern.check_lengths(n_q, n_k)
+        static = getattr(pattern, "restrict", pattern)
+        if static is not None:
+            static.check_lengths(n_q, n_k)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{mech.name}: {e}") from None
     return pattern
+
+
+def _random_qk(heads: int, n: int, dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, heads, n, dim, generator=g), torch.randn(1, heads, n, dim, generator=g)
 
 
 def _output_path(path: str, suffixes: tuple[str, ...]) -> str:
@@ -148,13 +156,21 @@ def cmd_show(args, extra) -> int:
     n = args.seq_len
     pattern = _pattern(args, extra, n, n)
     path = _output_path(args.output, (".png", ".svg"))
-    mask = pattern.mask(n, n)
+    content = isinstance(pattern, DynamicPattern)
+    if content:  # the pairs kept on a random input
+        q, k = _random_qk(args.heads or 1, n, args.dim, args.seed)
+        mask = explain(q, k, pattern)[0]
+        mask = mask[0] if mask.shape[0] == 1 else mask
+    else:
+        mask = pattern.mask(n, n)
     masks = mask if mask.dim() == 3 else mask.unsqueeze(0)
-    if mask.dim() == 3 and args.heads not in (None, mask.shape[0]):
+    if not content and mask.dim() == 3 and args.heads not in (None, mask.shape[0]):
         raise UsageError(f"{args.mechanism} has {mask.shape[0]} heads, got --heads {args.heads}")
     block = getattr(pattern, "block", None)  # block patterns show their block grid
     density = float(mask.float().mean())
     title = f"{pattern!r} | N=S={n}, density {density:.3f}" + (f", grid: blocks of {block}" if block else "")
+    if content:
+        title += f" | pairs kept on random q, k (seed {args.seed}, D={args.dim})"
     panel_titles = [f"head {h}" for h in range(masks.shape[0])] if masks.shape[0] > 1 else None
     render_masks(masks, path, title=title, panel_titles=panel_titles, block=block)
     print(f"wrote {path} ({masks.shape[0]} panel(s), {n}x{n}, density {density:.4f})")
@@ -164,6 +180,9 @@ def cmd_show(args, extra) -> int:
 def cmd_cost(args, extra) -> int:
     n, s = args.seq_len, args.kv_len or args.seq_len
     pattern = _pattern(args, extra, n, s)
+    if isinstance(pattern, DynamicPattern):
+        raise UsageError(f"{args.mechanism} chooses its pairs from q and k, so its cost depends on the data; "
+                         "measure it with `sparse-attention bench` or inspect the pairs with `show`")
     st = pattern.stats(n, s, num_heads=args.heads, head_dim=args.dim, batch=args.batch, dtype=args.dtype)
     gib = 2**30
     rows = [
@@ -193,19 +212,29 @@ def cmd_check(args, extra) -> int:
               (args.batch, kv_heads, s, args.dim)]
     q64, k64, v64 = (torch.randn(*sh, generator=g, dtype=torch.float64).requires_grad_() for sh in shapes)
     upstream = torch.randn(args.batch, args.heads, n, args.dim, generator=g, dtype=torch.float64)
-    mask = pattern.mask(n, s)
+    if isinstance(pattern, DynamicPattern):
+        def ref(a, b, c, upcast=True):
+            return pattern.reference(a, b, c, upcast=upcast)
+    else:
+        mask = pattern.mask(n, s)
+
+        def ref(a, b, c, upcast=True):
+            return reference_attention(a, b, c, mask, upcast=upcast)
 
     def grads(fn, tensors, gout):
         tensors = [t.detach().clone().requires_grad_() for t in tensors]
         out = fn(*tensors)
         return [out.detach(), *torch.autograd.grad(out, tensors, gout)]
 
-    golden = grads(lambda a, b, c: reference_attention(a, b, c, mask), (q64, k64, v64), upstream)
     low = [t.detach().to(args.dtype) for t in (q64, k64, v64)]
-    baseline = grads(lambda a, b, c: reference_attention(a, b, c, mask, upcast=False), low, upstream.to(args.dtype))
+    # golden: float64 on the inputs as rounded to the dtype (content-based selections must agree)
+    golden = grads(ref, [t.double() for t in low], upstream)
+    baseline = grads(lambda a, b, c: ref(a, b, c, upcast=False), low, upstream.to(args.dtype))
     from .engine import BACKENDS
 
     backends = list(BACKENDS) if args.backend == "all" else [args.backend]
+    if isinstance(pattern, DynamicPattern):
+        backends = ["auto"]  # content-based mechanisms run their own path
     ok = True
     for backend in backends:
         try:
@@ -367,7 +396,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="draw a pattern (PNG or SVG)")
     p.add_argument("mechanism")
     p.add_argument("--seq-len", type=_positive_int, default=64, help="N = S (default 64)")
-    p.add_argument("--heads", type=_positive_int, default=None, help="per-head patterns: expected heads")
+    p.add_argument("--heads", type=_positive_int, default=None,
+                   help="per-head patterns: expected heads; content-based: heads of the random input (default 1)")
+    p.add_argument("--dim", type=_positive_int, default=64, help="content-based: head dim of the random input")
+    p.add_argument("--seed", type=int, default=0, help="content-based: seed of the random input")
     p.add_argument("-o", "--output", required=True, help="FILE.png or FILE.svg")
 
     p = sub.add_parser("cost", help="pairs, FLOPs and memory before running")

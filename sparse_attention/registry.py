@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import dynamic as Dyn
 from . import patterns as P
 
 
@@ -17,7 +18,7 @@ from . import patterns as P
 class Mechanism:
     name: str
     build: Callable[..., P.Pattern]
-    kind: str  # "static" (data-independent pattern)
+    kind: str  # "static" (a Pattern: data-independent) or "content" (a DynamicPattern: chosen from q, k)
     causal: bool  # the default configuration never attends to future keys
     stochastic: bool  # depends on a seed
     defaults: dict = field(default_factory=dict)
@@ -51,14 +52,21 @@ _ENTRIES = (
     Mechanism("bigbird", P.BigBird, "static", False, True,
               {"block": 16, "window_blocks": 3, "global_blocks": 2, "random_blocks": 2, "seed": 0},
               "block window + global blocks + random blocks"),
+    Mechanism("topk", Dyn.TopK, "content", False, False, {"k": 16}, "each query's k highest-scoring keys"),
+    Mechanism("probsparse", Dyn.ProbSparse, "content", False, True, {"factor": 5.0, "seed": 0, "causal": False},
+              "Informer: top-u queries attend, the rest output mean(V)"),
+    Mechanism("lsh", Dyn.LSH, "content", False, True, {"bucket_size": 16, "n_hashes": 1, "seed": 0, "causal": False},
+              "Reformer: angular-LSH buckets, sorted chunks"),
 )
 
 REGISTRY: dict[str, Mechanism] = {m.name: m for m in _ENTRIES}
 
 
-def mechanisms() -> list[Mechanism]:
-    """Every registered mechanism."""
-    return list(REGISTRY.values())
+def mechanisms(kind: str | None = None) -> list[Mechanism]:
+    """Every registered mechanism, or those of one ``kind`` ("static" or "content")."""
+    if kind not in (None, "static", "content"):
+        raise ValueError(f"kind must be None, 'static' or 'content', got {kind!r}")
+    return [m for m in REGISTRY.values() if kind is None or m.kind == kind]
 
 
 def get(name: str) -> Mechanism:

@@ -65,7 +65,7 @@ def test_show_writes_png_and_svg(tmp_path):
 
 
 def _patterns_for_pictures():
-    pats = {m.name: m.make() for m in sa.mechanisms()}
+    pats = {m.name: m.make() for m in sa.mechanisms("static")}
     pats["per_head"] = sa.PerHead([sa.Causal(), sa.SlidingWindow(3), sa.Strided(5)])
     return pats
 
@@ -96,6 +96,30 @@ def test_picture_matches_mask_cell_by_cell(name, pattern, tmp_path, monkeypatch)
         assert bool((is_allowed | is_empty).all()), f"{name} head {h}: cells of neither colour"
         assert torch.equal(is_allowed, masks[h]), (
             f"{name} head {h}: picture differs from mask() at {int((is_allowed != masks[h]).sum())} cells")
+
+
+@pytest.mark.parametrize("name", [m.name for m in sa.mechanisms("content")])
+def test_content_based_picture_shows_the_pairs_kept_on_the_random_input(name, tmp_path):
+    n, path = 48, tmp_path / f"{name}.png"
+    assert cli.main(["show", name, "--seq-len", str(n), "--dim", "16", "--seed", "5", "-o", str(path)]) == 0
+    q, k = cli._random_qk(1, n, 16, 5)
+    kept = sa.explain(q, k, sa.registry.get(name).make())[0, 0]
+    img = torch.from_numpy(mpimg.imread(path)[..., :3].copy())
+    geo = geometry(1, n, n)
+    rows = torch.tensor([geo.center(0, i, 0)[0] for i in range(n)])
+    cols = torch.tensor([geo.center(0, 0, j)[1] for j in range(n)])
+    is_allowed = (img[rows][:, cols] - torch.tensor(ALLOWED_RGB)).abs().amax(-1) < 0.02
+    assert torch.equal(is_allowed, kept)
+
+
+def test_cost_refuses_content_based_mechanisms():
+    r = run_cli("cost", "topk", "--seq-len", "64")
+    assert r.returncode == 2 and "depends on the data" in r.stderr
+
+
+def test_check_content_based_mechanism():
+    r = run_cli("check", "probsparse", "--seq-len", "64", "--factor", "1.0")
+    assert r.returncode == 0 and "backend=auto" in r.stdout and r.stdout.strip().endswith("PASS"), r.stdout
 
 
 def test_cost_prints_pairs_and_memory():

@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-PATTERNS = {m.name: m.make() for m in sa.mechanisms()}
+PATTERNS = {m.name: m.make() for m in sa.mechanisms("static")}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

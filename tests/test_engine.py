@@ -16,7 +16,7 @@ from conftest import check_against_reference, make_qkv, padding_mask
 import sparse_attention as sa
 from sparse_attention.engine import _run_blocksparse
 
-MECHS = {m.name: m for m in sa.mechanisms()}
+MECHS = {m.name: m for m in sa.mechanisms("static")}
 
 
 def _extra_patterns() -> dict[str, sa.Pattern]:

@@ -16,7 +16,7 @@ import sparse_attention as sa
 from sparse_attention.engine import _run_blocksparse
 from sparse_attention.patterns.base import FULL
 
-MECHS = sa.mechanisms()
+MECHS = sa.mechanisms("static")
 
 EXTRA = {
     "window8_or_global0": sa.SlidingWindow(8) | sa.Global([0, 5]),

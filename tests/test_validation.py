@@ -158,7 +158,7 @@ def test_unknown_make_option(m):
         m.make(bogus=1)
 
 
-@pytest.mark.parametrize("m", sa.mechanisms(), ids=lambda m: m.name)
+@pytest.mark.parametrize("m", sa.mechanisms("static"), ids=lambda m: m.name)
 def test_make_accepts_its_defaults_and_overrides(m):
     p = m.make(**m.defaults)
     assert isinstance(p, sa.Pattern)

@@ -31,6 +31,13 @@ class DynamicPattern:
     def with_restriction(self, pattern: Pattern) -> DynamicPattern:
         raise NotImplementedError
 
+    def reference(self, q, k, v, *, key_padding_mask=None, scale=None, upcast: bool = True) -> torch.Tensor:
+        """The readable reference: dense softmax attention over exactly the pairs ``kept`` reports."""
+        from ..reference import reference_attention
+
+        kept = self.kept(q, k, key_padding_mask=key_padding_mask, scale=scale)
+        return reference_attention(q, k, v, kept, scale=scale, upcast=upcast)
+
     def __and__(self, other: object) -> DynamicPattern:
         if not isinstance(other, Pattern):
             return NotImplemented

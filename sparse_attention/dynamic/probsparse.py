@@ -103,6 +103,16 @@ class ProbSparse(DynamicPattern):
         out.scatter_(2, active.unsqueeze(-1).expand(-1, -1, -1, S), rows)
         return out
 
+    def reference(self, q, k, v, *, key_padding_mask=None, scale=None, upcast: bool = True) -> torch.Tensor:
+        """Active rows: dense attention over their kept keys; lazy rows: ``lazy_output``."""
+        from ..reference import reference_attention
+
+        kept = self.kept(q, k, key_padding_mask=key_padding_mask, scale=scale)
+        active = kept.any(-1, keepdim=True)
+        out = reference_attention(q, k, v, kept, scale=scale, upcast=upcast)
+        lazy = self.lazy_output(v, q.shape[2], key_padding_mask, q.shape[1]).to(out.dtype)
+        return torch.where(active, out, lazy)
+
     def lazy_output(self, v: torch.Tensor, n_q: int, key_padding_mask, H: int) -> torch.Tensor:
         """(B, H, N, Dv): the mean (or running mean/sum) of V that lazy queries output."""
         B, Hkv, S, Dv = v.shape
