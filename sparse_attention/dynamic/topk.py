@@ -20,24 +20,28 @@ from .._checks import check_int
 from ..patterns.base import Pattern
 from .base import DynamicPattern, allowed_mask
 
-# Score elements per chunk (B * H * C * S), about 64 MB in float32.
-CHUNK_ELEMENTS = 1 << 24
+# Score elements per chunk (B * H * C * S): 16 MB in float32, small enough for the C
+# allocator to recycle (fresh large buffers are page-faulted in at a few GB/s).
+CHUNK_ELEMENTS = 1 << 22
 
 
 def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, Hq, C, D), k (B, Hkv, S, D) -> float32 (or float64) scores (B, Hq, C, S); head h reads h // G."""
+    """q (B, Hq, C, D), k (B, Hkv, S, D) -> float32 (or float64) scores (B, Hq, C, S); head h reads h // G.
+
+    The G query heads of a group are stacked as rows of one matmul (no broadcast copies).
+    """
     B, Hq, C, D = q.shape
     Hkv = k.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(q.to(acc).view(B, Hkv, Hq // Hkv, C, D), k.to(acc).unsqueeze(2).transpose(-1, -2))
-    return s.view(B, Hq, C, -1) * scale
+    qs = (q.to(acc) * scale).reshape(B, Hkv, (Hq // Hkv) * C, D)  # (B, Hkv, G*C, D)
+    return torch.matmul(qs, k.to(acc).transpose(-1, -2)).view(B, Hq, C, -1)
 
 
 def grouped_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """p (B, Hq, C, S), v (B, Hkv, S, Dv) -> (B, Hq, C, Dv)."""
     B, Hq, C, S = p.shape
     Hkv = v.shape[1]
-    out = torch.matmul(p.view(B, Hkv, Hq // Hkv, C, S), v.to(p.dtype).unsqueeze(2))
+    out = torch.matmul(p.reshape(B, Hkv, (Hq // Hkv) * C, S), v.to(p.dtype))
     return out.view(B, Hq, C, -1)
 
 
