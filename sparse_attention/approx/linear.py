@@ -73,7 +73,7 @@ class EluFeatureMap(FeatureMap):
     name = "elu"
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x) + 1.0
+        return F.elu(x).add_(1.0)  # elu's backward reads its input, so the in-place add is safe
 
 
 class ReluFeatureMap(FeatureMap):
@@ -155,9 +155,12 @@ class FavorPlus(torch.nn.Module, FeatureMap):
         self.draws += 1
         self.projection.copy_(self._draw().to(self.projection.device))
 
-    def _log_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_dim(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"FavorPlus was built for head_dim={self.head_dim}, got inputs with D={x.shape[-1]}")
+
+    def _log_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_dim(x)
         x = x * self.head_dim**-0.25
         w = self.projection.to(dtype=x.dtype, device=x.device)
         return x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)  # (..., L, F)
@@ -178,12 +181,29 @@ class FavorPlus(torch.nn.Module, FeatureMap):
         return (0.5 * (w * w).sum(-1) - 40.0).clamp_min(0.0)  # (F,)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        logf = self._log_features(x) + self._shift(x.dtype, x.device)
-        stab = logf.amax(-1, keepdim=True).detach()  # per query row: cancels in num / den
-        return torch.exp(logf - stab) / math.sqrt(self.features)
+        """exp(w·x' + c_f - max_f(·)): the terms -|x'|²/2 and 1/√F are constant along the row, cancel in
+        the normalised output, and are left out (one matmul and three passes over (…, N, F))."""
+        w = self.projection.to(dtype=x.dtype, device=x.device)
+        self._check_dim(x)
+        logf = x @ (w * self.head_dim**-0.25).T  # (..., N, F)
+        shift = self._shift(x.dtype, x.device)
+        if bool(shift.any()):
+            logf = logf + shift
+        with torch.no_grad():
+            stab = logf.amax(-1, keepdim=True)  # per query row: cancels in num / den
+        return logf.sub_(stab).exp_()  # matmul/add backward do not read their output: in place is safe
 
     def key(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self._log_features(x) - self._shift(x.dtype, x.device)) / math.sqrt(self.features)
+        """exp(w·x' - |x'|²/2 - c_f); 1/√F (the same for every key) cancels and is left out."""
+        w = self.projection.to(dtype=x.dtype, device=x.device)
+        self._check_dim(x)
+        half_sq = (-0.5 / self.head_dim**0.5) * x.pow(2).sum(-1, keepdim=True)  # -|x'|²/2, (..., S, 1)
+        shift = self._shift(x.dtype, x.device)
+        wt = (w * self.head_dim**-0.25).T  # (D, F)
+        logf = (x @ wt).add_(half_sq)  # matmul's backward does not read its output: in place is safe
+        if bool(shift.any()):
+            logf = logf.sub_(shift)
+        return logf.exp_()
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluFeatureMap, "relu": ReluFeatureMap}
@@ -238,52 +258,59 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
     return num / torch.where(den > 0, den, torch.ones((), dtype=den.dtype))
 
 
-_SEGMENT_ROWS = 1024  # rows per segment of the causal loop (cache-sized working set)
+_SEGMENT_ROWS = 16384  # rows per segment of the causal loop (bounds the per-chunk working set)
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """[v, 1] (…, S, Dv + 1): one matmul then yields the numerator and, in the last column, the
+    denominator (φ(K)ᵀ1 = Σ φ(k_j)); fewer passes than a separate row sum, forward and backward."""
+    return F.pad(v, (0, 1), value=1.0)
+
+
+def _split_normalise(res: torch.Tensor, eps: float) -> torch.Tensor:
+    return _normalise(res[..., :-1], res[..., -1:], eps)
 
 
 def _noncausal(fq, fk, v, eps):
     B, Hq, N, Fd = fq.shape
     Hkv, Dv = fk.shape[1], v.shape[-1]
     G = Hq // Hkv
-    kv = fk.transpose(-1, -2) @ v  # (B, Hkv, F, Dv)
-    z = fk.sum(-2).unsqueeze(-1)  # (B, Hkv, F, 1)
+    kvz = fk.transpose(-1, -2) @ _with_ones(v)  # (B, Hkv, F, Dv + 1): [Σ φ(k) vᵀ, Σ φ(k)]
     # query heads kvh*G .. kvh*G+G-1 share kv head kvh: fold them into the row dimension (a view)
     fqg = fq.reshape(B, Hkv, G * N, Fd)
-    out = _normalise(fqg @ kv, fqg @ z, eps)  # (B, Hkv, G*N, Dv)
+    out = _split_normalise(fqg @ kvz, eps)  # (B, Hkv, G*N, Dv)
     return out.reshape(B, Hq, N, Dv)
 
 
 def _causal(fq, fk, v, eps, C, T):
     """Chunked causal form over segments of T rows (a multiple of C), carrying the state between them.
 
-    Inside a segment every chunk is handled at once; the loop over segments keeps the working set
-    (C × C scores and one F × Dv state per chunk of the segment) small and independent of N.
+    Inside a segment every chunk is handled at once (C × C scores and one F × (Dv + 1) state per
+    chunk); the loop over segments bounds that working set independently of N.
     """
     B, H, N, Fd = fq.shape
-    Dv, BH = v.shape[-1], B * H
-    state = fq.new_zeros(BH, 1, Fd, Dv)  # Σ φ(k_j) v_jᵀ over the rows before this segment
-    zsum = fq.new_zeros(BH, 1, Fd)  # Σ φ(k_j)
+    BH = B * H
+    v = _with_ones(v)  # (B, H, N, Dv + 1)
+    Dv1 = v.shape[-1]
+    state = fq.new_zeros(BH, 1, Fd, Dv1)  # [Σ φ(k_j) v_jᵀ, Σ φ(k_j)] over the rows before this segment
     outs = []
-    for s in range(0, N, T):
-        L = min(T, N - s)
+    # split (not slicing in the loop): autograd then joins the segment gradients with one cat, where
+    # slicing would allocate a zero gradient of the full length for every segment
+    for fq_s, fk_s, v_s in zip(fq.split(T, 2), fk.split(T, 2), v.split(T, 2), strict=True):
+        L = fq_s.shape[2]
         nc = -(-L // C)
-        fq_s, fk_s, v_s = (t[:, :, s:s + L] for t in (fq, fk, v))
         if nc * C != L:  # zero features at the padded tail contribute nothing; padded rows are dropped
             fq_s, fk_s, v_s = (F.pad(t, (0, 0, 0, nc * C - L)) for t in (fq_s, fk_s, v_s))
         fq_s = fq_s.reshape(BH * nc, C, Fd)
         fk_s = fk_s.reshape(BH * nc, C, Fd)
-        v_s = v_s.reshape(BH * nc, C, Dv)
-        kv = torch.bmm(fk_s.transpose(1, 2), v_s).view(BH, nc, Fd, Dv)  # per chunk φ(K_c)ᵀ V_c
-        ks = fk_s.sum(1).view(BH, nc, Fd)
+        v_s = v_s.reshape(BH * nc, C, Dv1)
+        kv = torch.bmm(fk_s.transpose(1, 2), v_s).view(BH, nc, Fd, Dv1)  # per chunk φ(K_c)ᵀ [V_c, 1]
         # state each chunk starts from: the carried state plus the chunks before it in this segment
-        st = torch.cat([state, state + kv[:, :-1].cumsum(1)], 1).view(BH * nc, Fd, Dv)
-        zs = torch.cat([zsum, zsum + ks[:, :-1].cumsum(1)], 1).view(BH * nc, Fd, 1)
+        st = torch.cat([state, state + kv[:, :-1].cumsum(1)], 1).view(BH * nc, Fd, Dv1)
         state = state + kv.sum(1, keepdim=True)
-        zsum = zsum + ks.sum(1, keepdim=True)
         scores = torch.tril(torch.bmm(fq_s, fk_s.transpose(1, 2)))  # (BH*nc, C, C), j <= i in the chunk
-        num = torch.baddbmm(torch.bmm(scores, v_s), fq_s, st)  # (BH*nc, C, Dv)
-        den = torch.baddbmm(scores.sum(-1, keepdim=True), fq_s, zs)  # (BH*nc, C, 1)
-        outs.append(_normalise(num, den, eps).view(B, H, nc * C, Dv)[:, :, :L])
+        res = torch.baddbmm(torch.bmm(scores, v_s), fq_s, st)  # (BH*nc, C, Dv + 1)
+        outs.append(_split_normalise(res, eps).view(B, H, nc * C, Dv1 - 1)[:, :, :L])
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
