@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .. import registry
 from .._checks import check_dropout, check_int
+from ..dynamic.base import DynamicPattern
 from ..functional import attention as sparse_attention
 from ..patterns import Causal, Full, Pattern, SlidingWindow
 from .cache import KVCache
@@ -40,19 +41,20 @@ from .cache import KVCache
 MAX_DENSE_WEIGHTS = 1 << 22
 
 
-def resolve_attention(attention: object, *, name: str = "attention") -> Pattern | torch.nn.Module | None:
-    """"full"/None -> None (full attention); a registry name -> its default pattern; a Pattern or a
-    head-split module (forward(q, k, v, *, key_padding_mask)) -> itself."""
+def resolve_attention(attention: object, *, name: str = "attention"
+                      ) -> Pattern | DynamicPattern | torch.nn.Module | None:
+    """"full"/None -> None (full attention); a registry name -> its default configuration; a Pattern,
+    a content-based DynamicPattern or a head-split module (forward(q, k, v, *, key_padding_mask)) -> itself."""
     if attention is None:
         return None
     if isinstance(attention, str):
         attention = registry.get(attention).make()
     if isinstance(attention, Full):
         return None
-    if isinstance(attention, (Pattern, torch.nn.Module)):
+    if isinstance(attention, (Pattern, DynamicPattern, torch.nn.Module)):
         return attention
-    raise TypeError(f"{name} must be 'full', a mechanism name ({sorted(registry.REGISTRY)}), a Pattern or a "
-                    f"module taking head-split q, k, v; got {type(attention).__name__}")
+    raise TypeError(f"{name} must be 'full', a mechanism name ({sorted(registry.REGISTRY)}), a Pattern, a "
+                    f"DynamicPattern or a module taking head-split q, k, v; got {type(attention).__name__}")
 
 
 def cache_window(pattern: Pattern | None) -> int | None:
@@ -112,7 +114,9 @@ class MultiheadAttention(torch.nn.Module):
         embed_dim: E, the model width (query features and output features).
         num_heads: H; E must be divisible by H (head dim D = E // H).
         attention: "full" (default), a registry name (``sa.mechanisms()``, built with its
-            defaults), a :class:`~sparse_attention.Pattern`, or a module taking head-split
+            defaults), a :class:`~sparse_attention.Pattern`, a content-based mechanism
+            (``DynamicPattern``: TopK, ProbSparse, ...; no weights, no attn_mask, no cache),
+            or a module taking head-split
             q (B, H, N, D), k, v (B, Hkv, S, D) and ``key_padding_mask`` (e.g.
             ``sa.nn.PerformerAttention``; such modules return no weights and take no attn_mask).
         num_kv_heads: Hkv key/value heads (grouped-query attention); default None = H. With
@@ -199,7 +203,7 @@ class MultiheadAttention(torch.nn.Module):
         causal per call by ``forward(..., is_causal=True)``."""
         if _is_causal(self.attention):
             return KVCache(window=cache_window(self.attention))
-        if is_causal and not isinstance(self.attention, torch.nn.Module):
+        if is_causal and (self.attention is None or isinstance(self.attention, Pattern)):
             return KVCache()
         raise ValueError(f"a KV cache needs a causal mechanism (Causal or SlidingWindow(causal=True)), got "
                          f"{self.attention if self.attention is not None else 'full'}; pass is_causal=True to "
@@ -293,11 +297,11 @@ class MultiheadAttention(torch.nn.Module):
         if is_causal and not _is_causal(pattern):
             if isinstance(pattern, torch.nn.Module):
                 raise ValueError("is_causal=True is not available with a module mechanism; build it causal")
-            pattern = Causal() if pattern is None else pattern & Causal()
+            pattern = Causal() if pattern is None else pattern & Causal()  # DynamicPattern: restricted
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a sparse_attention.nn.KVCache, got {type(cache).__name__}")
-            if not _is_causal(pattern) and not (is_causal and isinstance(pattern, Pattern)):
+            if isinstance(pattern, DynamicPattern) or not (_is_causal(pattern) or is_causal):
                 raise ValueError(f"cache needs a causal mechanism or is_causal=True, got "
                                  f"{pattern if pattern is not None else 'full'}")
             if cache.window is not None and not (isinstance(pattern, SlidingWindow) and pattern.causal
@@ -312,10 +316,11 @@ class MultiheadAttention(torch.nn.Module):
         if kpm_bias is not None:
             bias = kpm_bias if bias is None else bias + kpm_bias
         weights = None
-        if isinstance(pattern, torch.nn.Module):
+        if isinstance(pattern, (torch.nn.Module, DynamicPattern)):
             if need_weights or allowed is not None or bias is not None:
                 raise ValueError(f"{type(pattern).__name__} gives no attention weights and takes no attn_mask or "
                                  "float key_padding_mask; call with need_weights=False and a bool key_padding_mask")
+        if isinstance(pattern, torch.nn.Module):
             out = pattern(q, k, v, key_padding_mask=key_padding_mask)
             if dropout_p:
                 out = F.dropout(out, p=dropout_p)  # module mechanisms drop outputs, not weights

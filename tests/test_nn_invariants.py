@@ -1,0 +1,178 @@
+"""Invariants every module passes, looping over the registry of mechanisms (issue 5, "Correctness").
+
+For each registered mechanism, ``sa.nn.MultiheadAttention(attention=name)`` (self-attention, no
+weights, so content-based mechanisms take part too): output shapes, batch_first and
+key_padding_mask conventions, causal mechanisms never see the future, eval mode deterministic,
+state_dict round trip, gradients reach every parameter. The other layers pass the same module
+checks. torch.compile is checked on one small case.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import torch
+
+import sparse_attention as sa
+
+E, H, N, B = 16, 4, 37, 2  # N: odd, over two blocks of the registry's default block size 16
+
+MECHANISMS = sa.mechanisms()
+IDS = [m.name for m in MECHANISMS]
+
+# Found by this suite, owned by sparse_attention/dynamic (reported, not changed here): the selection
+# step of these content-based mechanisms reads padded tokens (ProbSparse's query measure samples padded
+# keys and padded queries compete for the top-u; LSH buckets and chunks include padded tokens), so
+# changing padded inputs changes real outputs even though padded keys are never attended.
+_PADDING_LEAKS = {
+    "probsparse": "ProbSparse selection (query measure / top-u) reads padded tokens",
+    "lsh": "LSH buckets and sorted chunks include padded tokens",
+}
+KPM_PARAMS = [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_PADDING_LEAKS[m.name]))
+              if m.name in _PADDING_LEAKS else m for m in MECHANISMS]
+
+
+def _mha(mech, **kwargs):
+    torch.manual_seed(0)
+    return sa.nn.MultiheadAttention(E, H, attention=mech.name, **kwargs)
+
+
+def _call(m, x, **kwargs):
+    return m(x, x, x, need_weights=False, **kwargs)[0]
+
+
+def _x(seed=0, n=N):
+    return torch.randn(B, n, E, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mech", MECHANISMS, ids=IDS)
+def test_shapes_and_batch_first(mech):
+    m = _mha(mech).eval()
+    x = _x()
+    out = _call(m, x)
+    assert out.shape == (B, N, E) and torch.isfinite(out).all()
+    seq = _mha(mech, batch_first=False).eval()
+    seq.load_state_dict(m.state_dict())
+    torch.testing.assert_close(_call(seq, x.transpose(0, 1)).transpose(0, 1), out, rtol=0, atol=0)
+    one = _call(m, x[0])  # unbatched (N, E)
+    assert one.shape == (N, E)
+    torch.testing.assert_close(one, out[0], msg=f"{mech.name}: unbatched != batch element 0")
+
+
+@pytest.mark.parametrize("mech", KPM_PARAMS, ids=IDS)
+def test_key_padding_mask_true_is_ignored(mech):
+    m = _mha(mech).eval()
+    x = _x()
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[0, 30:] = True
+    kpm[1, 5:9] = True
+    out = _call(m, x, key_padding_mask=kpm)
+    y = x.clone()
+    y[kpm] = torch.randn(int(kpm.sum()), E) * 10
+    out_y = _call(m, y, key_padding_mask=kpm)
+    # padded tokens still produce outputs (they are queries too); the real ones must not notice them
+    torch.testing.assert_close(out_y[~kpm], out[~kpm], msg=f"{mech.name}: padded keys changed real outputs")
+
+
+def _assert_no_future(m, name, **kwargs):
+    x = _x()
+    out = _call(m, x, **kwargs)
+    for t in (0, 16, 30):
+        y = x.clone()
+        y[:, t + 1:] = torch.randn_like(y[:, t + 1:]) * 10
+        torch.testing.assert_close(_call(m, y, **kwargs)[:, :t + 1], out[:, :t + 1],
+                                   msg=f"{name}: output at positions <= {t} saw the future")
+
+
+@pytest.mark.parametrize("mech", [m for m in MECHANISMS if m.causal], ids=[m.name for m in MECHANISMS if m.causal])
+def test_causal_mechanisms_never_see_the_future(mech):
+    _assert_no_future(_mha(mech).eval(), mech.name)
+
+
+@pytest.mark.parametrize("mech", [m for m in MECHANISMS if m.kind == "static"],
+                         ids=[m.name for m in MECHANISMS if m.kind == "static"])
+def test_is_causal_makes_any_pattern_causal(mech):
+    _assert_no_future(_mha(mech).eval(), mech.name, is_causal=True)
+
+
+@pytest.mark.parametrize("mech", MECHANISMS, ids=IDS)
+def test_eval_is_deterministic_and_state_dict_round_trips(mech):
+    m = _mha(mech, dropout=0.5).eval()
+    x = _x()
+    out = _call(m, x)
+    torch.testing.assert_close(_call(m, x), out, rtol=0, atol=0, msg=f"{mech.name}: eval not deterministic")
+    torch.manual_seed(123)  # a different initialisation, then the saved weights
+    other = sa.nn.MultiheadAttention(E, H, attention=mech.name, dropout=0.5).eval()
+    other.load_state_dict(m.state_dict())
+    torch.testing.assert_close(_call(other, x), out, rtol=0, atol=0, msg=f"{mech.name}: state_dict round trip")
+
+
+@pytest.mark.parametrize("mech", MECHANISMS, ids=IDS)
+def test_gradients_reach_every_parameter(mech):
+    m = _mha(mech, num_kv_heads=2).train()
+    x = _x().requires_grad_(True)
+    out = _call(m, x)
+    out.backward(torch.randn_like(out))
+    for name, p in [("input", x), *m.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, \
+            f"{mech.name}: no gradient reached {name}"
+
+
+def _zoo():
+    """(name, module, example input builder, call) for the other layers."""
+    yield ("encoder-sliding", lambda: sa.nn.TransformerEncoderLayer(E, H, 32, 0.3, batch_first=True,
+                                                                     attention="sliding_window"),
+           lambda: (_x(),), lambda m, x: m(x))
+    yield ("decoder-causal-cross-window", lambda: sa.nn.TransformerDecoderLayer(
+        E, H, 32, 0.3, batch_first=True, norm_first=True, attention="causal", cross_attention=sa.SlidingWindow(4)),
+        lambda: (_x(), _x(1, 20)), lambda m, x, mem: m(x, mem))
+    yield ("pooling-time", lambda: sa.nn.AttentionPooling(E, 8), lambda: (_x(),), lambda m, x: m(x)[0])
+    yield ("pooling-feature", lambda: sa.nn.AttentionPooling(E, 8, pool="feature"), lambda: (_x(),),
+           lambda m, x: m(x)[0])
+    yield ("window2d-shifted", lambda: sa.nn.WindowAttention2d(E, H, 3, 1, attn_drop=0.3, proj_drop=0.3),
+           lambda: (torch.randn(B, 7, 5, E, generator=torch.Generator().manual_seed(0)),), lambda m, x: m(x))
+
+
+ZOO = list(_zoo())
+
+
+@pytest.mark.parametrize("name, build, inputs, call", ZOO, ids=[z[0] for z in ZOO])
+def test_layers_eval_state_dict_and_gradients(name, build, inputs, call):
+    torch.manual_seed(0)
+    m = build().eval()
+    args = inputs()
+    out = call(m, *args)
+    torch.testing.assert_close(call(m, *args), out, rtol=0, atol=0, msg=f"{name}: eval not deterministic")
+    torch.manual_seed(9)
+    other = build().eval()
+    other.load_state_dict(m.state_dict())
+    torch.testing.assert_close(call(other, *args), out, rtol=0, atol=0, msg=f"{name}: state_dict round trip")
+    m.train()
+    args = [a.clone().requires_grad_(True) for a in args]
+    y = call(m, *args)
+    y.backward(torch.randn_like(y))
+    for pname, p in [*((f"input{i}", a) for i, a in enumerate(args)), *m.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, \
+            f"{name}: no gradient reached {pname}"
+
+
+def test_torch_compile_does_not_change_results():
+    """One small case (causal sliding window, eval). Skips when no C++ compiler is present or
+    compilation fails or takes over 60 s on this machine."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile needs a C++ compiler on CPU")
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(E, H, attention="causal_sliding_window").eval()
+    x = _x(n=24)
+    expected = _call(m, x)
+    start = time.perf_counter()
+    try:
+        compiled = torch.compile(m)
+        got = compiled(x, x, x, need_weights=False)[0]
+    except Exception as e:  # noqa: BLE001 - any compiler failure means "not supported here"
+        pytest.skip(f"torch.compile unavailable: {type(e).__name__}: {str(e)[:200]}")
+    if time.perf_counter() - start > 60:
+        pytest.skip("torch.compile too slow on this machine")
+    torch.testing.assert_close(got, expected)
