@@ -259,3 +259,20 @@ def test_forward_validation():
         m(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="attn_mask"):
         m(x, x, x, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("need_weights", [False, True], ids=["blocksparse", "dense-with-weights"])
+def test_half_precision_within_the_rule(dtype, need_weights):
+    """Output in the input dtype; error vs float64 within 2x the same-dtype reference's error."""
+    torch.manual_seed(2)
+    pattern = sa.SlidingWindow(3)
+    m = sa.nn.MultiheadAttention(E, H, attention=pattern, num_kv_heads=2).eval()
+    q, k, v = (t.to(dtype) for t in _inputs(2, 21, 21))
+    golden = _dense_reference(m, q, k, v, pattern)
+    base = _dense_reference(m, q, k, v, pattern, dtype=dtype)
+    m.to(dtype)
+    with torch.no_grad():
+        out, w = m(q, k, v, need_weights=need_weights)
+    assert out.dtype == dtype and (w is None or w.dtype == dtype)
+    assert_within_baseline("out", out, base, golden)

@@ -18,6 +18,13 @@ Two storage policies:
       ring (W=3, 5 tokens seen):   slot 0 1 2  holds positions 3 4 2
       next chunk (n=2) attends:    positions 2 3 4 | 5 6   (W + n keys, in order)
 
+Usage (one layer; a model keeps one cache per layer)::
+
+    mha = sa.nn.MultiheadAttention(E, H, attention=sa.SlidingWindow(256, causal=True)).eval()
+    cache = mha.new_cache()                    # ring of 256 slots
+    for x_t in chunks:                         # (B, n, E), n = 1 for token-by-token
+        y_t, _ = mha(x_t, x_t, x_t, need_weights=False, cache=cache)
+
 Only the key positions a pattern reads through its *relative* offsets survive this
 trimming, which is why the ring is offered for the sliding window only; any causal
 pattern is exact with ``window=None`` because the untrimmed cache keeps absolute
