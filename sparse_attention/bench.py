@@ -197,7 +197,7 @@ def _bench_one(mech, opts, q, k, v, full, dense: Row, mode, backward, device, re
     try:
         pattern = mech.make(**opts)
         if isinstance(pattern, DynamicPattern):  # pairs kept on these very inputs
-            row.density = float(explain(q, k, pattern).float().mean()) if q[0, 0].numel() * n <= 1 << 26 else None
+            row.density = float(explain(q, k, pattern).float().mean()) if q.shape[0] * q.shape[1] * n * n <= 1 << 27 else None
         else:
             row.density = pattern.stats(n, n).density
         call = lambda a, b, c: attention(a, b, c, pattern)  # noqa: E731

@@ -204,7 +204,9 @@ def _row_chunks(segments, BH: int, QB: int, b: int, G: int, E: int, itemsize: in
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    """Bool mask (True = attend) -> the kernel's additive mask (0 / -inf), in one pass."""
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.full((), float("-inf"), dtype=dtype, device=mask.device))
 
 
 def _merge_rows(ch: _Chunk, out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
