@@ -46,12 +46,28 @@ def _dense_reasons(c: Call) -> list[str]:
     return []
 
 
+# A pattern visiting at least this fraction of all blocks runs no faster block-sparse,
+# so auto takes the dense backend while its mask stays below DENSE_MASK_LIMIT elements.
+DENSE_BLOCK_FRACTION = 0.5
+DENSE_MASK_LIMIT = 1 << 25
+
+
+def _visited_fraction(c: Call) -> float:
+    from .tuning import choose_block
+
+    b = choose_block(c.pattern, c.N, c.S, c.Hq // c.Hkv)
+    layout = c.pattern.layout(c.N, c.S, b, device=c.device)
+    return layout.blocks_kept() / max(layout.num_heads * layout.num_q_blocks * layout.num_kv_blocks, 1)
+
+
 def _dense_auto_reasons(c: Call) -> list[str]:
     if sdpa_native(c.pattern, c.N, c.S, c.padded):
         return []  # SDPA's own fused kernels: no mask is built, O(N) memory
-    if c.B * c.Hq * c.N * c.S > DENSE_AUTO_LIMIT:
-        return [f"B*H*N*S={c.B * c.Hq * c.N * c.S} exceeds {DENSE_AUTO_LIMIT}: a dense mask would dominate"]
-    return []
+    if c.B * c.Hq * c.N * c.S <= DENSE_AUTO_LIMIT:
+        return []
+    if c.N * c.S <= DENSE_MASK_LIMIT and _visited_fraction(c) >= DENSE_BLOCK_FRACTION:
+        return []  # nearly every block is visited: the fused dense kernel with a mask is faster
+    return [f"B*H*N*S={c.B * c.Hq * c.N * c.S} exceeds {DENSE_AUTO_LIMIT}: a dense mask would dominate"]
 
 
 def _blocksparse_reasons(c: Call) -> list[str]:

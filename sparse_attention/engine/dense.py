@@ -39,9 +39,7 @@ def dense_attention(q, k, v, pattern, *, scale, key_padding_mask=None, dropout_p
     is_causal = isinstance(pattern, Causal) and N == S and key_padding_mask is None and scale > 0
     if is_causal or isinstance(pattern, Full):
         pattern = None  # SDPA's is_causal is top-left aligned, which equals ours when N == S
-    mask = dense_mask(pattern, N, S, key_padding_mask, q.device)
-    if mask is not None and pattern is not None:
-        mask = mask.expand(q.shape[0], q.shape[1], N, S)
+    mask = dense_mask(pattern, N, S, key_padding_mask, q.device)  # broadcastable to (B, H, N, S)
     gqa = q.shape[1] != k.shape[1]
 
     def sdpa():
