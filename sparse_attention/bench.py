@@ -197,7 +197,8 @@ def _bench_one(mech, opts, q, k, v, full, dense: Row, mode, backward, device, re
     try:
         pattern = mech.make(**opts)
         if isinstance(pattern, DynamicPattern):  # pairs kept on these very inputs
-            row.density = float(explain(q, k, pattern).float().mean()) if q.shape[0] * q.shape[1] * n * n <= 1 << 27 else None
+            small = q.shape[0] * q.shape[1] * n * n <= 1 << 27
+            row.density = float(explain(q, k, pattern).float().mean()) if small else None
         else:
             row.density = pattern.stats(n, n).density
         call = lambda a, b, c: attention(a, b, c, pattern)  # noqa: E731
