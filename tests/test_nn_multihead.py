@@ -202,6 +202,20 @@ def test_registry_name_and_pattern_are_the_same_layer():
     assert isinstance(a.attention, sa.SlidingWindow) and a.attention.causal
 
 
+def test_per_head_pattern():
+    pattern = sa.PerHead([sa.Causal(), sa.SlidingWindow(1), sa.Full(), sa.Causal()])
+    m = sa.nn.MultiheadAttention(E, H, attention=pattern).eval()
+    q, k, v = _inputs(2, 9, 9)
+    golden = _dense_reference(m, q, k, v, pattern)
+    base = _dense_reference(m, q, k, v, pattern, dtype=torch.float32)
+    with torch.no_grad():
+        out, w = m(q, k, v, average_attn_weights=False)
+        fast, _ = m(q, k, v, need_weights=False)
+    assert_within_baseline("dense-with-weights", out, base, golden)
+    assert_within_baseline("blocksparse", fast, base, golden)
+    assert (w[:, 0].triu(1) == 0).all() and (w[:, 2] > 0).all()
+
+
 def test_gqa_parameter_shapes():
     m = sa.nn.MultiheadAttention(E, H, num_kv_heads=2)
     assert m.in_proj_weight.shape == (E + 2 * 2 * (E // H), E)
@@ -240,6 +254,7 @@ def test_module_mechanism():
     (dict(embed_dim=16, num_heads=4, attention=3), TypeError, "attention must be"),
     (dict(embed_dim=16, num_heads=4, dropout=1.5), ValueError, "dropout"),
     (dict(embed_dim=16, num_heads=4, batch_first=1), TypeError, "batch_first"),
+    (dict(embed_dim=16, num_heads=4, attention=sa.PerHead([sa.Causal(), sa.Full()])), ValueError, "per-head"),
 ])
 def test_constructor_validation(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -39,7 +39,8 @@ def compress(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *
     pad = (Sc - 1) * stride + w - S
     xt = x.reshape(B * H, S, Din).transpose(1, 2)  # (B*H, Din, S)
     y = F.conv1d(F.pad(xt, (0, pad)), weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride=stride)
-    return y.transpose(1, 2).reshape(B, H, Sc, -1)  # (B, H, S', Dout)
+    # contiguous: SDPA's fused CPU kernel needs a unit last-dim stride, else it falls back to the math path
+    return y.transpose(1, 2).contiguous().view(B, H, Sc, -1)  # (B, H, S', Dout)
 
 
 def _kept(key_padding_mask: torch.Tensor | None, B: int, S: int, w: int, stride: int) -> torch.Tensor | None:

@@ -12,12 +12,15 @@ Papers:
   * The chunked causal form (quadratic inside a chunk, a running KᵀV state between chunks) follows
     Hua et al., "Transformer Quality in Linear Time", arXiv:2202.10447, and flash-linear-attention.
 
-Causal mode, memory and gradients. The sequence is cut into chunks of ``chunk_size`` (C) keys. All
-chunks are processed at once: each chunk's φ(K_c)ᵀV_c (F × Dv), an exclusive prefix sum of those over
-chunks (the state every chunk starts from), and the masked C × C block of φ(Q_c)φ(K_c)ᵀ. Nothing of
-size N × N is ever built. Per head, forward memory is O(N·(F + Dv) + N·C + N·F·Dv/C), which is O(N·D)
-for C ≥ F; autograd saves the same tensors, so gradients cost the same order (no custom backward).
-Time is O(N·(C·(F + Dv) + F·Dv)).
+Causal mode, memory and gradients. The sequence is cut into chunks of ``chunk_size`` (C) keys, and
+the chunks into segments of up to 16384 rows processed one after another with a carried state. In a
+segment all chunks are handled at once: each chunk's φ(K_c)ᵀ[V_c, 1] (F × (Dv + 1), the last column
+is the denominator's Σφ(k)), an exclusive prefix sum of those over chunks (the state every chunk starts
+from), and the masked C × C block of φ(Q_c)φ(K_c)ᵀ. Nothing of size N × N is ever built. Per head,
+forward memory is O(N·(F + Dv)) for the features plus, per segment, O(T·C + T·F·Dv/C) (T rows):
+without gradients that is bounded independently of N, so O(N·D + chunk²)-like. With gradients
+autograd keeps every segment's tensors, O(N·(F + Dv + C + F·Dv/C)), which is O(N·D) for C ≥ F
+(no custom backward). Time is O(N·(C·(F + Dv) + F·Dv)).
 
 Numerics. Half-precision inputs are computed in float32 and cast back. The normaliser is guarded:
 a row whose denominator is 0 (every key padded, or ReLU features that are all zero) gives output 0
@@ -306,9 +309,10 @@ def _causal(fq, fk, v, eps, C, T):
         v_s = v_s.reshape(BH * nc, C, Dv1)
         kv = torch.bmm(fk_s.transpose(1, 2), v_s).view(BH, nc, Fd, Dv1)  # per chunk φ(K_c)ᵀ [V_c, 1]
         # state each chunk starts from: the carried state plus the chunks before it in this segment
-        st = torch.cat([state, state + kv[:, :-1].cumsum(1)], 1).view(BH * nc, Fd, Dv1)
+        # (cumsum's backward does not read its output, so adding the carried state in place is safe)
+        st = torch.cat([state, kv[:, :-1].cumsum(1).add_(state)], 1).view(BH * nc, Fd, Dv1)
         state = state + kv.sum(1, keepdim=True)
-        scores = torch.tril(torch.bmm(fq_s, fk_s.transpose(1, 2)))  # (BH*nc, C, C), j <= i in the chunk
+        scores = torch.bmm(fq_s, fk_s.transpose(1, 2)).tril_()  # (BH*nc, C, C), j <= i in the chunk
         res = torch.baddbmm(torch.bmm(scores, v_s), fq_s, st)  # (BH*nc, C, Dv + 1)
         outs.append(_split_normalise(res, eps).view(B, H, nc * C, Dv1 - 1)[:, :, :L])
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)

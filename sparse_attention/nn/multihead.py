@@ -162,6 +162,9 @@ class MultiheadAttention(torch.nn.Module):
             raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
         self.batch_first = batch_first
         self.attention = resolve_attention(attention)
+        heads = getattr(self.attention, "num_heads", None) if isinstance(self.attention, Pattern) else None
+        if heads is not None and heads != num_heads:
+            raise ValueError(f"attention is a per-head pattern with {heads} heads, but num_heads={num_heads}")
         kv_out = self.num_kv_heads * self.head_dim
         if self._qkv_same_embed_dim:
             self.in_proj_weight = torch.nn.Parameter(torch.empty(embed_dim + 2 * kv_out, embed_dim, **factory))
