@@ -91,10 +91,18 @@ def test_causal_mechanisms_never_see_the_future(mech):
     _assert_no_future(_mha(mech).eval(), mech.name)
 
 
-@pytest.mark.parametrize("mech", [m for m in MECHANISMS if m.kind == "static"],
-                         ids=[m.name for m in MECHANISMS if m.kind == "static"])
-def test_is_causal_makes_any_pattern_causal(mech):
-    _assert_no_future(_mha(mech).eval(), mech.name, is_causal=True)
+@pytest.mark.parametrize("mech", MECHANISMS, ids=IDS)
+def test_is_causal_makes_any_mechanism_causal_or_is_refused(mech):
+    """is_causal=True restricts the mechanism to Causal(); mechanisms that cannot be restricted
+    (ProbSparse, LSH: they have their own causal=True option) refuse with a TypeError saying so."""
+    m = _mha(mech).eval()
+    x = _x()
+    try:
+        _call(m, x, is_causal=True)
+    except TypeError as e:
+        assert mech.kind == "content" and "causal" in str(e), f"{mech.name}: unexpected refusal {e}"
+        return
+    _assert_no_future(m, mech.name, is_causal=True)
 
 
 @pytest.mark.parametrize("mech", MECHANISMS, ids=IDS)
