@@ -22,16 +22,9 @@ E, H, N, B = 16, 4, 37, 2  # N: odd, over two blocks of the registry's default b
 MECHANISMS = sa.mechanisms()
 IDS = [m.name for m in MECHANISMS]
 
-# Found by this suite, owned by sparse_attention/dynamic (reported, not changed here): the selection
-# step of these content-based mechanisms reads padded tokens (ProbSparse's query measure samples padded
-# keys and padded queries compete for the top-u; LSH buckets and chunks include padded tokens), so
-# changing padded inputs changes real outputs even though padded keys are never attended.
-_PADDING_LEAKS = {
-    "probsparse": "ProbSparse selection (query measure / top-u) reads padded tokens",
-    "lsh": "LSH buckets and sorted chunks include padded tokens",
-}
-KPM_PARAMS = [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_PADDING_LEAKS[m.name]))
-              if m.name in _PADDING_LEAKS else m for m in MECHANISMS]
+# (This suite found that ProbSparse's and LSH's selection steps read padded tokens; they now leave
+# padded keys, and padded queries of self-attention, out of the selection.)
+KPM_PARAMS = MECHANISMS
 
 
 def _mha(mech, **kwargs):

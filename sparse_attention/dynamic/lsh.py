@@ -13,7 +13,9 @@ the number of rounds that found it, and the rounds are merged through their
 log-sum-exp (Reformer's duplicate correction), which is exactly softmax over the union.
 
 ``causal=True`` additionally drops keys after the query's position (bottom-right
-aligned). A causal query never attends a future key, but, as in Reformer, which past
+aligned). With a key padding mask, padded keys (and, for self-attention, padded queries)
+are sorted after every bucket, so their contents never change which real tokens share a
+chunk. A causal query never attends a future key, but, as in Reformer, which past
 keys share its chunk depends on the hashes of all keys (the sort is global), so
 changing a future *key* can change which past keys it sees; future *values* never
 matter. Memory is O(N * bucket_size * n_hashes); nothing of size N x S is built.
@@ -88,7 +90,7 @@ class LSH(DynamicPattern):
         proj = torch.einsum("bhld,rdk->rbhlk", x, rot)
         return torch.cat([proj, -proj], dim=-1).argmax(-1)
 
-    def _chunks(self, q, k):
+    def _chunks(self, q, k, key_padding_mask=None):
         """Per round: sort orders and chunk ids of queries and keys.
 
         Returns q_order (R, B, H, N), k_order (R, B, H, S) (sorted position -> original
@@ -102,6 +104,14 @@ class LSH(DynamicPattern):
             rot = self.rotations(D, S, q.device, acc)
             hq = self.hash(q.to(acc), rot)
             hk = self.hash(k.to(acc), rot).repeat_interleave(G, dim=2)  # keys per query head
+            if key_padding_mask is not None:
+                # padded tokens sort after every bucket, so their values never move a real
+                # token's chunk (for self-attention, N == S, padded queries too)
+                last = rot.shape[-1] * 2
+                pad = key_padding_mask.view(1, B, 1, S)
+                hk = torch.where(pad, torch.full_like(hk, last), hk)
+                if N == S:
+                    hq = torch.where(pad, torch.full_like(hq, last), hq)
             # sort by bucket, then position (stable)
             q_order = torch.sort(hq * N + torch.arange(N, device=q.device), dim=-1).indices
             k_order = torch.sort(hk * S + torch.arange(S, device=q.device), dim=-1).indices
@@ -116,7 +126,7 @@ class LSH(DynamicPattern):
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
         B, H, N, _ = q.shape
         S = k.shape[2]
-        _, _, q_chunk, k_chunk, _, _ = self._chunks(q, k)
+        _, _, q_chunk, k_chunk, _, _ = self._chunks(q, k, key_padding_mask)
         self._check_self(N, S)
         d = q_chunk.unsqueeze(-1) - k_chunk.unsqueeze(-2)  # (R, B, H, N, S)
         kept = ((d == 0) | (d == 1)).any(0) & self._static_allowed(N, S, key_padding_mask, q.device)
@@ -142,7 +152,7 @@ class LSH(DynamicPattern):
         self._check_self(N, S)
         G = Hq // k.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
-        q_order, k_order, q_chunk, k_chunk, C, ks = self._chunks(q, k)
+        q_order, k_order, q_chunk, k_chunk, C, ks = self._chunks(q, k, key_padding_mask)
         R, bs = self.n_hashes, self.bucket_size
         kx = k.repeat_interleave(G, dim=1)  # (B, Hq, S, D)
         vx = v.repeat_interleave(G, dim=1)

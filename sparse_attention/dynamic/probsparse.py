@@ -5,7 +5,8 @@ Only the "active" queries attend; the rest ("lazy") output a cheap summary of V.
 1. Each query i scores a sample of ``ceil(factor * ln S)`` keys drawn uniformly (with
    replacement, one draw per query, shared by batch and heads) from a generator seeded
    with ``seed``; its sparsity measurement is M(q_i) = max_j s_ij - mean_j s_ij over
-   that sample (s = q.k * scale).
+   that sample (s = q.k * scale), padded keys left out. With a key padding mask and
+   N == S (self-attention), padded queries are never active.
 2. The ``u = ceil(factor * ln N)`` queries with the largest M (per batch and head)
    attend to every allowed key (all keys; causal: keys at or before the query's
    position, bottom-right aligned; padded keys never).
@@ -88,7 +89,16 @@ class ProbSparse(DynamicPattern):
             acc = torch.promote_types(q.dtype, torch.float32)
             qs = q.to(acc).view(B, k.shape[1], G, N, 1, D)
             s = torch.matmul(qs, ks.to(acc).unsqueeze(2).transpose(-1, -2)).view(B, H, N, -1) * scale
-            m = s.amax(-1) - s.mean(-1)  # (B, H, N)
+            if key_padding_mask is None:
+                m = s.amax(-1) - s.mean(-1)  # (B, H, N)
+            else:  # sampled padded keys do not count; padded queries (N == S) are never active
+                real = ~key_padding_mask[:, sample].unsqueeze(1)  # (B, 1, N, s)
+                count = real.sum(-1)
+                top = s.masked_fill(~real, float("-inf")).amax(-1)
+                mean = (s * real).sum(-1) / count.clamp_min(1)
+                m = torch.where(count > 0, top - mean, torch.full_like(top, float("-inf")))
+                if N == S:
+                    m = m.masked_fill(key_padding_mask.unsqueeze(1), float("-inf"))
         return m.topk(self.num_active(N), dim=-1).indices.sort(-1).values
 
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
