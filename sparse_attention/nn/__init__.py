@@ -12,8 +12,10 @@ The layers people plug in (issue 5) take (B, L, E) sequences and own their proje
 
 from __future__ import annotations
 
+from .build import build_attention
 from .cache import KVCache
 from .compressed import CompressedAttention
+from .informer import DistillingLayer, InformerEncoder, InformerEncoderLayer
 from .linformer import LinformerAttention
 from .multihead import MultiheadAttention
 from .nystrom import NystromAttention
@@ -26,5 +28,5 @@ from .window2d import WindowAttention2d
 __all__ = [
     "PerformerAttention", "LinformerAttention", "CompressedAttention", "NystromAttention", "SynthesizerAttention",
     "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "KVCache", "AttentionPooling",
-    "WindowAttention2d",
+    "WindowAttention2d", "build_attention", "InformerEncoder", "InformerEncoderLayer", "DistillingLayer",
 ]
