@@ -9,6 +9,19 @@ from __future__ import annotations
 import torch
 
 
+def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax over the last dim restricted to ``keep`` (broadcastable bool, None = all).
+
+    A row with nothing kept gives exactly 0 (not NaN); a NaN score still propagates.
+    """
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True).detach()  # any shift gives the same softmax
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    p = torch.exp(scores - row_max)  # exactly 0 where masked
+    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,11 +64,7 @@ def reference_attention(
         allowed = allowed & mask
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True)
-    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-    p = torch.exp(scores - row_max)  # exactly 0 where masked
-    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    p = masked_softmax(scores, allowed)
     if dropout_mask is not None:
         p = p * dropout_mask / (1.0 - dropout_p) if dropout_p < 1.0 else torch.zeros_like(p)
     return torch.matmul(p, v).to(dtype)

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import masked_softmax
+
+__all__ = ["masked_softmax", "zero_padded", "compute_dtype", "softmax_attention"]
+
 
 def zero_padded(x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     """x (B, H, S, ·) with the rows of padded keys set to 0 by ``where`` (so inf/NaN there never leak)."""
     if key_padding_mask is None:
         return x
     return torch.where(key_padding_mask[:, None, :, None], torch.zeros((), dtype=x.dtype, device=x.device), x)
-
-
-def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """softmax over the last dim restricted to ``keep`` (broadcastable bool); a row with nothing kept is 0."""
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True).detach()
-    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-    p = torch.exp(scores - row_max)  # exactly 0 where masked
-    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

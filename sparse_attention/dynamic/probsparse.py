@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_int
+from ..reference import masked_softmax
 from .base import DynamicPattern
 from .topk import grouped_scores, grouped_values
 
@@ -150,12 +151,7 @@ class ProbSparse(DynamicPattern):
         qa = q.gather(2, active.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, H, u, D)
         s = grouped_scores(qa, k, scale)  # (B, H, u, S)
         allowed = self._allowed(active + (S - N), S, key_padding_mask)
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
-        top = s.amax(-1, keepdim=True)
-        top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-        p = torch.exp(s - top)
-        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+        p = masked_softmax(s, allowed)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
         oa = grouped_values(p, v).to(q.dtype)  # (B, H, u, Dv)

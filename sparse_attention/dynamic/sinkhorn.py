@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_int
+from ..reference import masked_softmax
 
 
 def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.75, hard: bool = False,
@@ -105,9 +106,7 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
     # a row of P with no mass (causal block 0) contributes no sorted block
     far_ok = far_ok & (p.sum(-1) > 0).view(B, H, nb, 1, 1)
     s = torch.cat([local.masked_fill(~local_ok, float("-inf")), far.masked_fill(~far_ok, float("-inf"))], -1)
-    top = s.amax(-1, keepdim=True)
-    w = torch.exp(s - torch.where(torch.isneginf(top), torch.zeros_like(top), top))
-    w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    w = masked_softmax(s)
     out = torch.matmul(w, torch.cat([vb, v_sorted], -2))  # (B, H, nb, block, Dv)
     return out.reshape(B, H, nb * block, -1)[:, :, :N].to(q.dtype)
 

@@ -16,6 +16,7 @@ import torch
 
 from .._checks import check_int
 from ..patterns.base import Pattern
+from ..reference import masked_softmax
 from .base import DynamicPattern, allowed_mask
 
 # Score elements per chunk (B * H * C * S): 16 MB in float32, small enough for the C
@@ -150,10 +151,7 @@ class _TopKFunction(torch.autograd.Function):
         for a, b in mech._chunks(B, H, N, S):
             q_idx = torch.arange(a, b, device=q.device)
             _, values, i_c, _ = mech._select(q[:, :, a:b], k, q_idx, N, key_padding_mask, scale)
-            top = values.amax(-1, keepdim=True)
-            top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-            w_c = torch.exp(values - top)  # 0 where not allowed; NaN propagates
-            w_c = w_c / w_c.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+            w_c = masked_softmax(values)  # 0 where not allowed (-inf); NaN propagates
             idx[:, :, a:b], w[:, :, a:b] = i_c, w_c
             if keep is not None:
                 w_c = w_c * keep[:, :, a:b] / (1 - dropout_p) if dropout_p < 1 else torch.zeros_like(w_c)

@@ -35,6 +35,7 @@ from .._checks import check_dropout, check_int
 from ..dynamic.base import DynamicPattern
 from ..functional import attention as sparse_attention
 from ..patterns import Causal, Full, Pattern, SlidingWindow
+from ..reference import masked_softmax
 from .cache import KVCache
 
 #: largest N·S (per batch element and head) for which a sparse pattern returns dense weights.
@@ -69,14 +70,6 @@ def _is_causal(pattern: object) -> bool:
     return isinstance(pattern, Causal) or (isinstance(pattern, SlidingWindow) and pattern.causal)
 
 
-def _safe_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim; a row that is all -inf gives 0 (not NaN)."""
-    row_max = scores.amax(-1, keepdim=True)
-    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-    p = torch.exp(scores - row_max)
-    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-
-
 def dense_attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                  allowed: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                                  dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +94,7 @@ def dense_attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         scores = scores + bias.to(compute)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = _safe_softmax(scores)
+    weights = masked_softmax(scores)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     return torch.matmul(weights, v).to(dtype), weights.to(dtype)

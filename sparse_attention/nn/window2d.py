@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_dropout, check_int
+from ..reference import masked_softmax
 
 
 def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
@@ -169,11 +170,7 @@ class WindowAttention2d(torch.nn.Module):
         scores = torch.matmul(q * self.scale, k.transpose(-1, -2))  # (B, nW, nh, N, N)
         scores = scores + self.relative_position_bias()[None, None].to(scores.dtype)
         allowed = self.window_mask(H, W, device=x.device)[None, :, None]  # (1, nW, 1, N, N)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        row_max = scores.amax(-1, keepdim=True)
-        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-        p = torch.exp(scores - row_max)
-        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+        p = masked_softmax(scores, allowed)
         if self.training and self.attn_drop:
             p = F.dropout(p, self.attn_drop)
         out = torch.matmul(p, v).transpose(2, 3).reshape(B, nW, N, C)  # (B, nW, N, C)
