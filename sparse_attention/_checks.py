@@ -25,6 +25,13 @@ def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool, else raise TypeError naming ``name`` (0/1 are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_indices(name: str, values: Iterable[object]) -> tuple[int, ...]:
     """A sorted tuple of distinct non-negative ints, from any iterable of ints or a 1-D int tensor."""
     if isinstance(values, torch.Tensor):

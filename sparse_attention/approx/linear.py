@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int, check_key_padding_mask, check_qkv
+from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv
 
 __all__ = [
     "FeatureMap", "EluFeatureMap", "ReluFeatureMap", "FavorPlus", "resolve_feature_map",
@@ -355,8 +355,7 @@ def linear_attention(
     """
     B, Hq, Hkv, N, S, D, Dv = check_qkv(q, k, v)
     fm = resolve_feature_map(feature_map)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    check_bool("causal", causal)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     eps = _check_eps(eps)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_key_padding_mask, check_qkv, check_scale
+from .._checks import check_bool, check_key_padding_mask, check_qkv, check_scale
 from ._common import compute_dtype, masked_softmax, zero_padded
 
 __all__ = ["synthesizer_attention", "tile_factorized", "reference_synthesizer_attention"]
@@ -79,8 +79,7 @@ def synthesizer_attention(
         raise ValueError(f"logits batch must be 1 or B={B}, got logits.shape={tuple(logits.shape)}")
     if Hq % Hkv:
         raise ValueError(f"the number of query heads must be a multiple of the value heads, got Hq={Hq}, Hkv={Hkv}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    check_bool("causal", causal)
     if causal and N != S:
         raise ValueError(f"causal synthesizer attention needs N == S, got N={N}, S={S}")
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, v.device)

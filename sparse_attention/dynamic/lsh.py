@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .base import DynamicPattern
 
 
@@ -54,11 +54,9 @@ class LSH(DynamicPattern):
                 raise ValueError(f"n_buckets must be even (argmax over [xR, -xR]), got {n_buckets}")
         self.n_buckets = n_buckets
         self.seed = check_int("seed", seed)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
+        check_bool("causal", causal)
         self.causal = causal
-        if not isinstance(exclude_self, bool):
-            raise TypeError(f"exclude_self must be a bool, got {exclude_self!r}")
+        check_bool("exclude_self", exclude_self)
         self.exclude_self = exclude_self
 
     def __repr__(self) -> str:

@@ -27,7 +27,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from ..reference import masked_softmax
 from .base import DynamicPattern
 from .topk import grouped_scores, grouped_values
@@ -48,8 +48,7 @@ class ProbSparse(DynamicPattern):
             raise ValueError(f"factor must be a positive number, got {factor!r}")
         self.factor = float(factor)
         self.seed = check_int("seed", seed)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
+        check_bool("causal", causal)
         self.causal = causal
         if causal_lazy not in ("mean", "sum"):
             raise ValueError(f"causal_lazy must be 'mean' or 'sum', got {causal_lazy!r}")

@@ -21,7 +21,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .base import DynamicPattern
 
 
@@ -46,8 +46,7 @@ class Routing(DynamicPattern):
             raise ValueError("num_clusters must be >= 1, got centroids with 0 rows")
         self.centroids = centroids.detach()
         self.capacity = None if capacity is None else check_int("capacity", capacity, minimum=1)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
+        check_bool("causal", causal)
         self.causal = causal
 
     def __repr__(self) -> str:

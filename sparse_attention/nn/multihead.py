@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
-from .._checks import check_dropout, check_int
+from .._checks import check_bool, check_dropout, check_int
 from ..dynamic.base import DynamicPattern
 from ..functional import attention as sparse_attention
 from ..patterns import Causal, Full, Pattern, SlidingWindow
@@ -151,8 +151,7 @@ class MultiheadAttention(torch.nn.Module):
         self.vdim = embed_dim if vdim is None else check_int("vdim", vdim, minimum=1)
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout = check_dropout(dropout)
-        if not isinstance(batch_first, bool):
-            raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
+        check_bool("batch_first", batch_first)
         self.batch_first = batch_first
         self.attention = resolve_attention(attention)
         heads = getattr(self.attention, "num_heads", None) if isinstance(self.attention, Pattern) else None

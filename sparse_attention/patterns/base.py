@@ -35,7 +35,6 @@ from .._checks import check_int
 
 # Block kinds in a layout. The engine runs each kind with its cheapest kernel call.
 EMPTY, FULL, CAUSAL, ANTICAUSAL, MASKED = 0, 1, 2, 3, 4
-KIND_NAMES = {FULL: "full", CAUSAL: "causal", ANTICAUSAL: "anticausal", MASKED: "masked"}
 
 # Elements evaluated at once while classifying candidate blocks (bounds build memory).
 _CLASSIFY_CHUNK = 1 << 24

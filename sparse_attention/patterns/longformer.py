@@ -15,7 +15,7 @@ window=1, dilation=1, G={0}, N=S=5::
 
 from __future__ import annotations
 
-from .._checks import check_indices, check_int
+from .._checks import check_bool, check_indices, check_int
 from .base import Composite, Pattern
 from .global_tokens import Global
 from .sliding_window import SlidingWindow
@@ -29,8 +29,7 @@ class Longformer(Composite):
         self.window = check_int("window", window, minimum=0)
         self.global_indices = check_indices("global_indices", global_indices)
         self.dilation = check_int("dilation", dilation, minimum=1)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
+        check_bool("causal", causal)
         self.causal = causal
         local: Pattern = SlidingWindow(self.window * self.dilation, causal=causal)
         if self.dilation > 1:

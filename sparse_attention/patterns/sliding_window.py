@@ -15,7 +15,7 @@ W=1, N=S=5 (non-causal left, causal right)::
 
 from __future__ import annotations
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .base import Pattern, block_position_range, candidates_from_ranges, query_positions
 
 
@@ -24,8 +24,7 @@ class SlidingWindow(Pattern):
 
     def __init__(self, window: int, causal: bool = False):
         self.window = check_int("window", window, minimum=0)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
+        check_bool("causal", causal)
         self.causal = causal
 
     def allowed(self, q_idx, kv_idx, *, n_q, n_k, head=None):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .base import Pattern, all_candidates, block_position_range, candidates_from_ranges, query_positions
 
 
@@ -25,8 +25,7 @@ class Strided(Pattern):
 
     def __init__(self, stride: int, causal: bool = False):
         self.stride = check_int("stride", stride, minimum=1)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
+        check_bool("causal", causal)
         self.causal = causal
 
     def allowed(self, q_idx, kv_idx, *, n_q, n_k, head=None):
