@@ -18,8 +18,8 @@ from ..patterns.base import FULL, Pattern, classify_candidates
 
 CANDIDATES = (32, 64, 128, 256)
 
-_MASK_COST = 1.08  # an additive mask slows the kernel by ~5-10%
-_CALL_COST_PAIRS = 16384  # ~0.2 ms of fixed work per call, in pairs per head
+_MASK_COST = 1.08  # an additive mask slows the kernel by 0-10% (benchmarks/kernel_probe.py)
+_CALL_COST_PAIRS = 16384  # fixed work per call in pairs per head (an estimate of ~0.2 ms, not measured)
 _SAMPLE_ROWS = 24  # query-block rows classified to estimate a layout's cost
 
 
