@@ -1,10 +1,11 @@
 """Invariants every module passes, looping over the registry of mechanisms (issue 5, "Correctness").
 
 For each registered mechanism, ``sa.nn.MultiheadAttention(attention=name)`` (self-attention, no
-weights, so content-based mechanisms take part too): output shapes, batch_first and
-key_padding_mask conventions, causal mechanisms never see the future, eval mode deterministic,
-state_dict round trip, gradients reach every parameter. The other layers pass the same module
-checks. torch.compile is checked on one small case.
+weights, so content-based mechanisms and head-split modules take part too): output shapes,
+batch_first and key_padding_mask conventions, causal mechanisms never see the future (modules:
+in their causal=True configuration), eval mode deterministic, state_dict round trip, gradients
+reach every parameter. The other layers pass the same module checks. torch.compile is checked on
+one small case per kind of mechanism.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ MECHANISMS = sa.mechanisms()
 IDS = [m.name for m in MECHANISMS]
 
 # (This suite found that ProbSparse's and LSH's selection steps read padded tokens; they now leave
-# padded keys, and padded queries of self-attention, out of the selection.)
+# padded keys, and padded queries of self-attention, out of the selection. It found the same in
+# Nyström's query landmarks and RoutingAttention's routing and k-means step.)
 KPM_PARAMS = MECHANISMS
+STRICT_CAUSAL_MODULES = [m for m in MECHANISMS if m.kind == "module" and m.causal_support == "strict"]
+KEYS_CAUSAL = [m for m in MECHANISMS if m.causal_support == "keys"]
 
 
 def _mha(mech, **kwargs):
@@ -84,16 +88,65 @@ def test_causal_mechanisms_never_see_the_future(mech):
     _assert_no_future(_mha(mech).eval(), mech.name)
 
 
+@pytest.mark.parametrize("mech", STRICT_CAUSAL_MODULES, ids=[m.name for m in STRICT_CAUSAL_MODULES])
+def test_strictly_causal_modules_never_see_the_future(mech):
+    """Module mechanisms with causal_support "strict", built causal=True: in eval and in training
+    mode (Sinkhorn sorts softly there), and with is_causal=True (accepted, changes nothing)."""
+    torch.manual_seed(0)
+    m = sa.nn.build_attention(mech.name, E, H, causal=True).eval()
+    _assert_no_future(m, mech.name)
+    _assert_no_future(m, mech.name, is_causal=True)
+    _assert_no_future(m.train(), f"{mech.name} (train mode)")
+
+
+@pytest.mark.parametrize("mech", KEYS_CAUSAL, ids=[m.name for m in KEYS_CAUSAL])
+def test_key_causal_mechanisms_never_read_future_values_or_attend_future_keys(mech):
+    """causal_support "keys" (LSH, ProbSparse, Routing, Reformer): with causal=True, changing the
+    values after position t changes no output at or before t (no future key is attended), while
+    the keys after t may (the selection is global). Checked on head-split q, k, v."""
+    torch.manual_seed(0)
+    D = E // H
+    mech_obj = mech.make(causal=True, **({"head_dim": D, "num_heads": H} if mech.kind == "module" else {}))
+    if isinstance(mech_obj, torch.nn.Module):
+        mech_obj.eval()
+
+    def run(q, k, v):
+        if getattr(mech_obj, "shared_qk", False):
+            return mech_obj(q, v)
+        return mech_obj(q, k, v) if isinstance(mech_obj, torch.nn.Module) else sa.attention(q, k, v, mech_obj)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    out = run(q, k, v)
+    for t in (0, 16, 30):
+        v2 = v.clone()
+        v2[:, :, t + 1:] = torch.randn_like(v2[:, :, t + 1:]) * 10
+        torch.testing.assert_close(run(q, k, v2)[:, :, :t + 1], out[:, :, :t + 1],
+                                   msg=f"{mech.name}: output at positions <= {t} read a future value")
+
+
+def test_mechanisms_without_causal_support_refuse_it():
+    for mech in MECHANISMS:
+        if mech.causal_support == "none":
+            with pytest.raises(ValueError, match="causal"):
+                sa.nn.build_attention(mech.name, E, H, causal=True)
+
+
 @pytest.mark.parametrize("mech", MECHANISMS, ids=IDS)
 def test_is_causal_makes_any_mechanism_causal_or_is_refused(mech):
     """is_causal=True restricts the mechanism to Causal(); mechanisms that cannot be restricted
-    (ProbSparse, LSH: they have their own causal=True option) refuse with a TypeError saying so."""
+    (ProbSparse, LSH: they have their own causal=True option) refuse with a TypeError saying so;
+    module mechanisms not built causal refuse with a ValueError (they cannot be restricted per call)."""
     m = _mha(mech).eval()
     x = _x()
     try:
         _call(m, x, is_causal=True)
     except TypeError as e:
         assert mech.kind == "content" and "causal" in str(e), f"{mech.name}: unexpected refusal {e}"
+        return
+    except ValueError as e:
+        assert mech.kind == "module" and not mech.causal and "causal=True" in str(e), \
+            f"{mech.name}: unexpected refusal {e}"
         return
     _assert_no_future(m, mech.name, is_causal=True)
 
@@ -159,13 +212,14 @@ def test_layers_eval_state_dict_and_gradients(name, build, inputs, call):
             f"{name}: no gradient reached {pname}"
 
 
-def test_torch_compile_does_not_change_results():
-    """One small case (causal sliding window, eval). Skips when no C++ compiler is present or
-    compilation fails or takes over 60 s on this machine."""
+@pytest.mark.parametrize("name", ["causal_sliding_window", "linformer"])
+def test_torch_compile_does_not_change_results(name):
+    """One small case per kind (a causal sliding window; a module mechanism, Linformer), eval.
+    Skips when no C++ compiler is present or compilation fails or takes over 60 s on this machine."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile needs a C++ compiler on CPU")
     torch.manual_seed(0)
-    m = sa.nn.MultiheadAttention(E, H, attention="causal_sliding_window").eval()
+    m = sa.nn.MultiheadAttention(E, H, attention=name).eval()
     x = _x(n=24)
     expected = _call(m, x)
     start = time.perf_counter()

@@ -74,6 +74,8 @@ def nystrom_attention(
         pinv_iterations: iterations of the pseudo-inverse (default 6, the paper's).
         key_padding_mask: (B, S) bool, True = padding: left out of the key landmarks' means and of
             softmax(Q̃ Kᵀ); a landmark made only of padding is masked. All keys padded -> output 0.
+            With N == S (self-attention) padded tokens are also left out of the query landmarks'
+            means, so that padding never changes the outputs of real tokens.
         scale: default 1/sqrt(D).
 
     Returns:
@@ -91,7 +93,8 @@ def nystrom_attention(
     G = Hq // Hkv
     q, k, v = q.to(dtype), zero_padded(k.to(dtype), key_padding_mask), zero_padded(v.to(dtype), key_padding_mask)
     keep_k = None if key_padding_mask is None else ~key_padding_mask
-    q_l, _ = segment_means(q, m)  # (B, Hq, m, D)
+    # self-attention: a padded token is a padded query too; it must not move the query landmarks
+    q_l, _ = segment_means(q, m, keep_k if N == S else None)  # (B, Hq, m, D)
     k_l, k_l_ok = segment_means(k, m, keep_k)  # (B, Hkv, m, D), (B, 1, m)
     if G > 1:
         k, v, k_l = (t.repeat_interleave(G, dim=1) for t in (k, v, k_l))  # (B, Hq, ·, ·)
@@ -112,7 +115,13 @@ def reference_nystrom_attention(q, k, v, *, num_landmarks, key_padding_mask=None
     S, m = k.shape[2], num_landmarks
     keep = torch.ones(B, S, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask
     scale = D**-0.5 if scale is None else scale
-    q_l = torch.stack([q[:, :, (j * N) // m:((j + 1) * N) // m].mean(2) for j in range(m)], 2)
+    keep_q = keep if N == S else torch.ones(B, N, dtype=torch.bool)  # self-attention: padded queries left out
+    q_l = []
+    for j in range(m):
+        seg = slice((j * N) // m, ((j + 1) * N) // m)
+        w = keep_q[:, seg].to(q.dtype)[:, None, :, None]  # (B, 1, len, 1)
+        q_l.append((q[:, :, seg] * w).sum(2) / w.sum(2).clamp_min(1))
+    q_l = torch.stack(q_l, 2)
     k_l, ok = [], []
     for j in range(m):
         seg = slice((j * S) // m, ((j + 1) * S) // m)

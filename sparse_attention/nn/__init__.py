@@ -7,7 +7,9 @@ Each takes head-split tensors, q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, 
 The layers people plug in (issue 5) take (B, L, E) sequences and own their projections:
 ``MultiheadAttention`` (drop-in for torch's, any mechanism), ``TransformerEncoderLayer`` /
 ``TransformerDecoderLayer``, ``KVCache`` (incremental decoding), ``AttentionPooling`` and
-``WindowAttention2d`` (Swin); see each class.
+``WindowAttention2d`` (Swin); see each class. Every head-split module above is also a
+registry mechanism of kind "module": ``MultiheadAttention(E, H, attention="performer")``,
+``build_attention("linformer", E, H, seq_len=4096, k=256)``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 from .build import build_attention
 from .cache import KVCache
 from .compressed import CompressedAttention
+from .content_based import ReformerAttention, RoutingAttention, SinkhornAttention
 from .informer import DistillingLayer, InformerEncoder, InformerEncoderLayer
+from .linear_attention import LinearAttention
 from .linformer import LinformerAttention
 from .multihead import MultiheadAttention
 from .nystrom import NystromAttention
@@ -26,7 +30,8 @@ from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 from .window2d import WindowAttention2d
 
 __all__ = [
-    "PerformerAttention", "LinformerAttention", "CompressedAttention", "NystromAttention", "SynthesizerAttention",
+    "PerformerAttention", "LinearAttention", "LinformerAttention", "CompressedAttention", "NystromAttention",
+    "SynthesizerAttention", "ReformerAttention", "RoutingAttention", "SinkhornAttention",
     "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "KVCache", "AttentionPooling",
     "WindowAttention2d", "build_attention", "InformerEncoder", "InformerEncoderLayer", "DistillingLayer",
 ]

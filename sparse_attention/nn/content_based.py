@@ -31,19 +31,36 @@ from ..functional import attention
 
 
 class ReformerAttention(torch.nn.Module):
-    """Shared-QK LSH self-attention. forward(qk (B, H, N, D), v (B, H, N, Dv)) -> (B, H, N, Dv)."""
+    """Shared-QK LSH self-attention. forward(qk (B, H, N, D), v (B, H or Hkv, N, Dv)) -> (B, H, N, Dv).
+
+    ``shared_qk = True`` tells :class:`~sparse_attention.nn.MultiheadAttention` to call it with the
+    projected queries and values only (its key projection is then unused). Values with fewer heads
+    (grouped-query attention) are read by query head h from value head h // (H // Hkv).
+    """
+
+    shared_qk = True
 
     def __init__(self, bucket_size: int = 64, n_hashes: int = 1, *, causal: bool = False, seed: int = 0,
                  n_buckets: int | None = None):
         super().__init__()
         self.mechanism = LSH(bucket_size, n_hashes, n_buckets=n_buckets, seed=seed, causal=causal, exclude_self=True)
+        self.causal = bool(causal)
 
     def extra_repr(self) -> str:
         return repr(self.mechanism)
 
     def forward(self, qk: torch.Tensor, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None):
         k = F.normalize(qk, dim=-1)  # Reformer: keys are the normalised shared projection
+        v = _to_query_heads(v, qk.shape[1], "v")  # k has H heads, so v must too
         return attention(qk, k, v, self.mechanism, key_padding_mask=key_padding_mask)
+
+
+def _to_query_heads(x: torch.Tensor, heads: int, name: str) -> torch.Tensor:
+    """(B, Hkv, L, ·) -> (B, H, L, ·), query head h reading head h // (H // Hkv) (grouped-query attention)."""
+    if x.dim() != 4 or heads % x.shape[1]:
+        raise ValueError(f"{name} must be (B, Hkv, L, ·) with {heads} query heads a multiple of Hkv, got "
+                         f"{tuple(x.shape)}")
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 class RoutingAttention(torch.nn.Module):
@@ -70,8 +87,21 @@ class RoutingAttention(torch.nn.Module):
         return f"num_clusters={self.num_clusters}, num_heads={self.num_heads}, causal={self.causal}"
 
     def forward(self, q, k, v, *, key_padding_mask=None):
+        if key_padding_mask is not None:
+            # Padded tokens must not steer the routing: their keys (and, in self-attention, N == S,
+            # their queries) are routed as zero vectors, whatever they hold. They can still fill a
+            # cluster's capacity slots (Routing's top-capacity choice does not take a mask).
+            pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
+            k = torch.where(pad, torch.zeros((), dtype=k.dtype, device=k.device), k)
+            if q.shape[2] == k.shape[2]:
+                q = torch.where(pad, torch.zeros((), dtype=q.dtype, device=q.device), q)
         if self.training:
             tokens = torch.cat([q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)], dim=2).detach()
+            if key_padding_mask is not None:  # the k-means step sees real tokens only
+                real = torch.cat([~key_padding_mask if q.shape[2] == k.shape[2] else
+                                  torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device),
+                                  ~key_padding_mask], dim=1)  # (B, N + S)
+                tokens = tokens.transpose(1, 2)[real].transpose(0, 1).unsqueeze(0)  # (1, H, real tokens, D)
             self.centroids.copy_(update_centroids(self.centroids, tokens, decay=self.decay))
         mech = Routing(self.centroids, capacity=self.capacity, causal=self.causal)
         return attention(q, k, v, mech, key_padding_mask=key_padding_mask)
@@ -82,7 +112,8 @@ class SinkhornAttention(torch.nn.Module):
 
     Args: head_dim (D), num_heads (H), block (tokens per block), n_iters (Sinkhorn
     iterations, default 8), temperature (default 0.75), causal. Soft sorting in training
-    mode, hard (argmax) in eval mode. Self-attention: q, k, v share (B, H, N).
+    mode, hard (argmax) in eval mode. Self-attention: q, k, v share (B, ·, N); k and v may
+    have Hkv < H heads (grouped-query attention: repeated to the query heads).
     forward(q, k, v, *, key_padding_mask=None) -> (B, H, N, Dv).
     """
 
@@ -120,9 +151,8 @@ class SinkhornAttention(torch.nn.Module):
         return torch.matmul(a, b.transpose(-1, -2)) * D**-0.5
 
     def forward(self, q, k, v, *, key_padding_mask=None):
-        if k.shape[1] != q.shape[1]:
-            raise ValueError("SinkhornAttention needs as many key heads as query heads, got "
-                             f"{k.shape[1]} and {q.shape[1]}")
+        # grouped-query attention: each query head sorts and reads its group's key/value head
+        k, v = _to_query_heads(k, q.shape[1], "k"), _to_query_heads(v, q.shape[1], "v")
         p = sinkhorn(self.block_scores(k, key_padding_mask), self.n_iters, temperature=self.temperature,
                      hard=not self.training, causal=self.causal)
         return sinkhorn_attention(q, k, v, p, block=self.block, causal=self.causal, key_padding_mask=key_padding_mask)

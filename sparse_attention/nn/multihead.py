@@ -42,20 +42,39 @@ from .cache import KVCache
 MAX_DENSE_WEIGHTS = 1 << 22
 
 
-def resolve_attention(attention: object, *, name: str = "attention"
+def resolve_attention(attention: object, *, name: str = "attention", head_dim: int | None = None,
+                      num_heads: int | None = None, num_kv_heads: int | None = None
                       ) -> Pattern | DynamicPattern | torch.nn.Module | None:
-    """"full"/None -> None (full attention); a registry name -> its default configuration; a Pattern,
-    a content-based DynamicPattern or a head-split module (forward(q, k, v, *, key_padding_mask)) -> itself."""
+    """"full"/None -> None (full attention); a registry name -> its default configuration (a "module"
+    mechanism is built for ``head_dim``, ``num_heads``, ``num_kv_heads``, which a name of that kind
+    needs); a Pattern, a content-based DynamicPattern or a head-split module
+    (forward(q, k, v, *, key_padding_mask)) -> itself."""
     if attention is None:
         return None
     if isinstance(attention, str):
-        attention = registry.get(attention).make()
+        mech = registry.get(attention)
+        sizes = {"head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
+        attention = mech.make(**{k: v for k, v in sizes.items() if v is not None and mech.kind == "module"})
     if isinstance(attention, Full):
         return None
     if isinstance(attention, (Pattern, DynamicPattern, torch.nn.Module)):
         return attention
     raise TypeError(f"{name} must be 'full', a mechanism name ({sorted(registry.REGISTRY)}), a Pattern, a "
                     f"DynamicPattern or a module taking head-split q, k, v; got {type(attention).__name__}")
+
+
+def check_heads(embed_dim: int, num_heads: int, num_kv_heads: int | None) -> tuple[int, int]:
+    """(head_dim D, Hkv) after checking E % H == 0 and H % Hkv == 0 (num_kv_heads None = H)."""
+    check_int("embed_dim", embed_dim, minimum=1)
+    check_int("num_heads", num_heads, minimum=1)
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
+                         f"num_heads={num_heads}")
+    kv = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, minimum=1)
+    if num_heads % kv:
+        raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, "
+                         f"num_kv_heads={kv}")
+    return embed_dim // num_heads, kv
 
 
 def cache_window(pattern: Pattern | None) -> int | None:
@@ -67,6 +86,10 @@ def cache_window(pattern: Pattern | None) -> int | None:
 
 
 def _is_causal(pattern: object) -> bool:
+    """The mechanism never attends to future keys: Causal, SlidingWindow(causal=True), or a
+    head-split module built with ``causal=True``."""
+    if isinstance(pattern, torch.nn.Module):
+        return getattr(pattern, "causal", False) is True
     return isinstance(pattern, Causal) or (isinstance(pattern, SlidingWindow) and pattern.causal)
 
 
@@ -137,23 +160,19 @@ class MultiheadAttention(torch.nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.embed_dim = check_int("embed_dim", embed_dim, minimum=1)
-        self.num_heads = check_int("num_heads", num_heads, minimum=1)
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
-                             f"num_heads={num_heads}")
-        self.head_dim = embed_dim // num_heads
-        self.num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, minimum=1)
-        if num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, "
-                             f"num_kv_heads={self.num_kv_heads}")
+        self.head_dim, self.num_kv_heads = check_heads(embed_dim, num_heads, num_kv_heads)
+        self.embed_dim, self.num_heads = embed_dim, num_heads
         self.kdim = embed_dim if kdim is None else check_int("kdim", kdim, minimum=1)
         self.vdim = embed_dim if vdim is None else check_int("vdim", vdim, minimum=1)
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout = check_dropout(dropout)
         check_bool("batch_first", batch_first)
         self.batch_first = batch_first
-        self.attention = resolve_attention(attention)
+        self.attention = resolve_attention(attention, head_dim=self.head_dim, num_heads=num_heads,
+                                           num_kv_heads=self.num_kv_heads)
+        if isinstance(attention, str) and isinstance(self.attention, torch.nn.Module) and \
+                (device is not None or dtype is not None):
+            self.attention.to(**factory)  # built here from a name: it follows the layer's device and dtype
         heads = getattr(self.attention, "num_heads", None) if isinstance(self.attention, Pattern) else None
         if heads is not None and heads != num_heads:
             raise ValueError(f"attention is a per-head pattern with {heads} heads, but num_heads={num_heads}")
@@ -196,6 +215,9 @@ class MultiheadAttention(torch.nn.Module):
         """An empty :class:`KVCache` sized for this layer's mechanism (a ring of W slots for
         SlidingWindow(W, causal=True)). ``is_causal=True`` allows a non-causal mechanism, made
         causal per call by ``forward(..., is_causal=True)``."""
+        if isinstance(self.attention, torch.nn.Module):
+            raise ValueError(f"a KV cache needs a causal Pattern; the module mechanism "
+                             f"{type(self.attention).__name__} has no incremental decoding here")
         if _is_causal(self.attention):
             return KVCache(window=cache_window(self.attention))
         if is_causal and (self.attention is None or isinstance(self.attention, Pattern)):
@@ -256,6 +278,10 @@ class MultiheadAttention(torch.nn.Module):
                 is_causal: bool = False, *, cache: KVCache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_inputs(query, key, value)
+        shared_qk = getattr(self.attention, "shared_qk", False) is True
+        if shared_qk and key is not query:
+            raise ValueError(f"{type(self.attention).__name__} shares queries and keys (self-attention only): "
+                             "call with key the same tensor as query")
         batched = query.dim() == 3
         if not batched:  # (L, E) -> (1, L, E)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -289,13 +315,19 @@ class MultiheadAttention(torch.nn.Module):
                 kpm_bias, key_padding_mask = key_padding_mask[:, None, None, :], None
 
         pattern = self.attention
+        module = isinstance(pattern, torch.nn.Module)
         if is_causal and not _is_causal(pattern):
-            if isinstance(pattern, torch.nn.Module):
-                raise ValueError("is_causal=True is not available with a module mechanism; build it causal")
+            if module:
+                raise ValueError(f"is_causal=True: the module mechanism {type(pattern).__name__} was not built "
+                                 "causal and cannot be restricted per call; build it with causal=True where it "
+                                 "has that option (sa.mechanisms() lists causal_support)")
             pattern = Causal() if pattern is None else pattern & Causal()  # DynamicPattern: restricted
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a sparse_attention.nn.KVCache, got {type(cache).__name__}")
+            if module:
+                raise ValueError(f"cache: the module mechanism {type(pattern).__name__} has no incremental "
+                                 "decoding here; use a causal Pattern (Causal, SlidingWindow(causal=True))")
             if isinstance(pattern, DynamicPattern) or not (_is_causal(pattern) or is_causal):
                 raise ValueError(f"cache needs a causal mechanism or is_causal=True, got "
                                  f"{pattern if pattern is not None else 'full'}")
@@ -315,8 +347,9 @@ class MultiheadAttention(torch.nn.Module):
             if need_weights or allowed is not None or bias is not None:
                 raise ValueError(f"{type(pattern).__name__} gives no attention weights and takes no attn_mask or "
                                  "float key_padding_mask; call with need_weights=False and a bool key_padding_mask")
-        if isinstance(pattern, torch.nn.Module):
-            out = pattern(q, k, v, key_padding_mask=key_padding_mask)
+        if module:  # shared_qk (Reformer): the keys are the queries, the key projection is unused
+            out = pattern(q, v, key_padding_mask=key_padding_mask) if shared_qk else \
+                pattern(q, k, v, key_padding_mask=key_padding_mask)
             if dropout_p:
                 out = F.dropout(out, p=dropout_p)  # module mechanisms drop outputs, not weights
         elif need_weights or allowed is not None or bias is not None:
