@@ -5,6 +5,13 @@ mechanism then reports its time (median of repeats after a warm-up call), its pe
 memory above the inputs, its speed relative to dense SDPA, and how far its output is
 from full attention (max and mean relative error). Failures (out of memory, inputs a
 mechanism cannot take) become rows that say so.
+
+Mechanisms of kind "module" (Performer, Linformer, ...) run as their head-split module,
+built for the benchmark's head dim and heads, in eval mode; a fixed-length one is built for
+the length being measured (its ``length_option`` set to N, unless given in ``options``).
+Their density is left empty (they are not sparse), and so is the error of a ``learned``
+one (untrained, its distance from full attention means nothing) and of Reformer's (its keys
+are its queries, so it computes another attention than the reference).
 """
 
 from __future__ import annotations
@@ -195,18 +202,22 @@ def _bench_one(mech, opts, q, k, v, full, dense: Row, mode, backward, device, re
     n = q.shape[2]
     row = Row(mech.name, n, mode, "ok")
     try:
-        pattern = mech.make(**opts)
-        if isinstance(pattern, DynamicPattern):  # pairs kept on these very inputs
-            small = q.shape[0] * q.shape[1] * n * n <= 1 << 27
-            row.density = float(explain(q, k, pattern).float().mean()) if small else None
+        comparable = True
+        if mech.kind == "module":
+            call, comparable = _module_call(mech, opts, q)
         else:
-            row.density = pattern.stats(n, n).density
-        call = lambda a, b, c: attention(a, b, c, pattern)  # noqa: E731
+            pattern = mech.make(**opts)
+            if isinstance(pattern, DynamicPattern):  # pairs kept on these very inputs
+                small = q.shape[0] * q.shape[1] * n * n <= 1 << 27
+                row.density = float(explain(q, k, pattern).float().mean()) if small else None
+            else:
+                row.density = pattern.stats(n, n).density
+            call = lambda a, b, c: attention(a, b, c, pattern)  # noqa: E731
         samples, peak = measure(_runner(call, q, k, v, backward), device, repeats)
         row.time_ms = statistics.median(samples) * 1e3
         row.samples_ms = [s * 1e3 for s in samples]
         row.peak_memory_mb = None if peak is None else peak / 2**20
-        if full is not None:
+        if full is not None and comparable:
             with torch.no_grad():
                 row.max_rel_error, row.mean_rel_error = _rel_errors(call(q, k, v), full)
     except (RuntimeError, MemoryError, ValueError) as e:
@@ -219,6 +230,19 @@ def _bench_one(mech, opts, q, k, v, full, dense: Row, mode, backward, device, re
         row.dense_peak_memory_mb = dense.peak_memory_mb
         row.memory_vs_dense = row.peak_memory_mb / dense.peak_memory_mb
     return row
+
+
+def _module_call(mech, opts: dict, q: torch.Tensor) -> tuple[Callable, bool]:
+    """(q, k, v) -> out through the mechanism's head-split module, built for q's head dim and heads
+    (a fixed-length one for q's length), on q's device and dtype, in eval mode; and whether its
+    output is comparable with full attention on the same q, k, v (see the module docstring)."""
+    B, H, n, D = q.shape
+    if mech.length_option is not None:
+        opts = {mech.length_option: n, **opts}
+    module = mech.make(head_dim=D, num_heads=H, num_kv_heads=H, **opts).to(q.device, q.dtype).eval()
+    if getattr(module, "shared_qk", False):  # Reformer: the queries are the keys
+        return (lambda a, b, c: module(a, c)), False
+    return (lambda a, b, c: module(a, b, c)), not mech.learned
 
 
 def fmt(x: float | None, spec: str = ".1f") -> str:

@@ -10,6 +10,11 @@
 Mechanism options are given as ``--NAME VALUE`` after the mechanism (VALUE is read as a
 Python literal: ``--window 8``, ``--indices "(0, 5)"``, ``--causal True``); unknown
 options are an error listing the valid ones. Errors exit with status 2.
+
+Mechanisms of kind "module" (Performer, Linformer, Routing, ...: head-split modules with
+learned or random state, see ``list``) are listed and benchmarked; ``show``, ``cost`` and
+``check`` work on a pattern of attended pairs, which these do not have, and refuse them
+(status 2) saying so.
 """
 
 from __future__ import annotations
@@ -91,9 +96,21 @@ def _options(extra: list[str], mech: registry.Mechanism) -> dict:
     return opts
 
 
+#: why each pattern command refuses a "module" mechanism
+_NO_PATTERN = {
+    "show": "there is no pattern of attended pairs to draw",
+    "cost": "its cost is not a count of attended pairs",
+    "check": "there is no dense masked reference to check it against",
+}
+
+
 def _pattern(args, extra: list[str], n_q: int, n_k: int):
     """The mechanism named on the command line, built with its options and checked for N, S."""
     mech = _mechanism(args.mechanism)
+    if mech.kind == "module":
+        raise UsageError(f"{mech.name} is a module mechanism ({mech.summary}): {_NO_PATTERN[args.command]}; "
+                         f"`{args.command}` takes static and content-based mechanisms. Measure its time and "
+                         f"error with `sparse-attention bench --mechanisms {mech.name}`")
     opts = _options(extra, mech)
     try:
         pattern = mech.make(**opts)
@@ -132,8 +149,10 @@ def _table(headers: list[str], rows: list[list[str]], title: str | None = None) 
             print("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=False)))
         return
     table = Table(title=title)
-    for h in headers:
-        table.add_column(h)
+    for i, h in enumerate(headers):
+        # the first column (names) is never cut; short cells (yes/no, kinds) keep their width, long ones wrap
+        longest = max((len(str(r[i])) for r in rows), default=0)
+        table.add_column(h, min_width=longest if i == 0 else min(longest, 12), overflow="fold")
     for r in rows:
         table.add_row(*[str(x) for x in r])
     Console(width=max(120, shutil.get_terminal_size((160, 24)).columns)).print(table)
@@ -143,10 +162,19 @@ def _table(headers: list[str], rows: list[list[str]], title: str | None = None) 
 
 
 def cmd_list(args, extra) -> int:
-    rows = [[m.name, m.kind, "yes" if m.causal else "no", "yes" if m.stochastic else "no",
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    rows = [[m.name, m.kind, yes(m.causal), m.causal_support, yes(m.stochastic), yes(m.learned),
+             m.length_option or "-", yes(m.self_only),
              ", ".join(f"{k}={v!r}" for k, v in m.defaults.items()) or "-", m.summary]
             for m in registry.mechanisms()]
-    _table(["mechanism", "kind", "causal", "stochastic", "defaults", "what"], rows, "sparse_attention mechanisms")
+    _table(["mechanism", "kind", "causal", "causal option", "stochastic", "learned", "fixed length", "self only",
+            "defaults", "what"], rows, "sparse_attention mechanisms")
+    print("causal: the defaults are causal. causal option: strict = a causal configuration never lets later "
+          "tokens change earlier outputs; keys = no future key is attended, but the keys chosen depend on all "
+          "tokens; none = no causal configuration. learned: state trained with the model. fixed length: the "
+          "option holding the longest length accepted. module: built inside a layer (sa.nn.build_attention).")
     return 0
 
 

@@ -30,8 +30,8 @@ Capabilities (``sa.mechanisms()``, ``sparse-attention list``):
 * ``stochastic``: depends on a seed.
 * ``learned``: holds state learned in training (trainable parameters, or Routing's centroids,
   moved by a moving average); untrained, it approximates nothing.
-* ``fixed_length``: built for a maximum sequence length (Linformer's ``seq_len``,
-  Synthesizer's ``max_len``); longer inputs raise ValueError.
+* ``fixed_length``: built for a maximum sequence length, the option named by ``length_option``
+  (Linformer's ``seq_len``, Synthesizer's ``max_len``); longer inputs raise ValueError.
 * ``self_only``: self-attention only (N == S; Sinkhorn's block sort, Reformer's shared
   query/key).
 """
@@ -60,9 +60,14 @@ class Mechanism:
     defaults: dict = field(default_factory=dict)
     summary: str = ""
     learned: bool = False  # state learned in training (parameters or EMA centroids)
-    fixed_length: bool = False  # built for a maximum sequence length
+    length_option: str | None = None  # fixed_length mechanisms: the option holding the maximum length
     causal_support: str = "strict"  # one of CAUSAL_SUPPORT, see the module docstring
     self_only: bool = False  # self-attention only (N == S)
+
+    @property
+    def fixed_length(self) -> bool:
+        """Built for a maximum sequence length (the option ``length_option``)."""
+        return self.length_option is not None
 
     def make(self, **options) -> object:
         """The mechanism with ``options`` over its defaults. A "module" mechanism also takes the
@@ -176,7 +181,7 @@ _ENTRIES = (
     Mechanism("linformer", _linformer, "module", False, False,
               {"seq_len": 256, "k": 32, "per_head": False, "share_kv": False},
               "Linformer: K, V projected from seq_len to k positions (learned)",
-              learned=True, fixed_length=True, causal_support="none"),
+              learned=True, length_option="seq_len", causal_support="none"),
     Mechanism("compressed", _compressed, "module", False, False, {"kernel_size": 3, "stride": None, "bias": True},
               "memory-compressed: K, V shortened by a strided convolution (learned)",
               learned=True, causal_support="none"),
@@ -186,7 +191,8 @@ _ENTRIES = (
     Mechanism("synthesizer", _synthesizer, "module", False, False,
               {"max_len": 256, "mode": "dense", "per_head": False, "hidden": None, "rank": 8, "fixed": False,
                "mix": False, "causal": False},
-              "Synthesizer: learned attention logits up to max_len positions", learned=True, fixed_length=True),
+              "Synthesizer: learned attention logits up to max_len positions", learned=True,
+              length_option="max_len"),
     Mechanism("routing", _routing, "module", False, True,
               {"num_clusters": 4, "capacity": None, "decay": 0.999, "causal": False, "seed": 0},
               "Routing Transformer: k-means routing, centroids moved by EMA in training", learned=True,

@@ -112,6 +112,43 @@ def test_content_based_picture_shows_the_pairs_kept_on_the_random_input(name, tm
     assert torch.equal(is_allowed, kept)
 
 
+def test_list_shows_the_capabilities_of_module_mechanisms():
+    r = run_cli("list")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│ ") and "module" in line}
+    for m in sa.mechanisms("module"):
+        assert m.name in rows, f"{m.name} missing from `list`"
+        cells = [c.strip() for c in rows[m.name].split("│")[1:-1]]
+        assert cells[1:8] == ["module", "no", m.causal_support, "yes" if m.stochastic else "no",
+                              "yes" if m.learned else "no", m.length_option or "-",
+                              "yes" if m.self_only else "no"], cells
+
+
+@pytest.mark.parametrize("command", ["show", "cost", "check"])
+def test_pattern_commands_refuse_module_mechanisms(command, tmp_path):
+    args = {"show": ["-o", str(tmp_path / "x.png")], "cost": ["--seq-len", "64"], "check": []}[command]
+    r = run_cli(command, "linformer", *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "linformer is a module mechanism" in r.stderr and "bench --mechanisms linformer" in r.stderr, r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_times_module_mechanisms(tmp_path):
+    """Modules run as head-split modules sized by the bench (a fixed-length one for each N); errors
+    against full attention only where they mean something (not for learned or shared-QK ones)."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--mechanisms", "performer", "linformer", "reformer", "--seq-lens", "48,80",
+                     "--heads", "2", "--dim", "8", "--repeats", "1", "--backward", "--json", str(out)]) == 0
+    rows = {(r["mechanism"], r["seq_len"]): r for r in json.loads(out.read_text())["rows"]}
+    for n in (48, 80):
+        for name in ("performer", "linformer", "reformer"):
+            row = rows[(name, n)]
+            assert row["status"] == "ok" and row["time_ms"] > 0 and row["speedup_vs_dense"] > 0, row
+            assert row["density"] is None, row
+        assert rows[("performer", n)]["max_rel_error"] > 0
+        assert rows[("linformer", n)]["max_rel_error"] is None and rows[("reformer", n)]["max_rel_error"] is None
+
+
 def test_cost_refuses_content_based_mechanisms():
     r = run_cli("cost", "topk", "--seq-len", "64")
     assert r.returncode == 2 and "depends on the data" in r.stderr
