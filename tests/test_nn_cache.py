@@ -129,3 +129,103 @@ def test_cache_refuses_non_causal_and_mismatched_windows():
         c(y, y, y, need_weights=False, cache=cache)
     cache.reset()
     assert len(cache) == 0 and cache.nbytes() == 0
+
+
+# --- cross-attention: the memory's keys and values, projected once ----------------------------
+
+
+def _count_memory_projections(monkeypatch, memory_len):
+    """Counts F.linear calls on a (·, S, ·)-shaped input of the memory's length S (the key/value
+    projections of the cross-attention; the decoder's own inputs here have other lengths)."""
+    import sparse_attention.nn.multihead as mh
+
+    calls = {"n": 0}
+    real = mh.F.linear
+
+    def linear(x, *args, **kwargs):
+        if x.dim() >= 2 and memory_len in x.shape[:-1]:
+            calls["n"] += 1
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(mh.F, "linear", linear)
+    return calls
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa2"])
+def test_decoder_memory_cache_equals_full_pass_and_projects_memory_once(norm_first, batch_first, num_kv_heads,
+                                                                          monkeypatch):
+    torch.manual_seed(0)
+    dec = sa.nn.TransformerDecoderLayer(E, H, 32, 0.0, batch_first=batch_first, norm_first=norm_first,
+                                        attention="causal", num_kv_heads=num_kv_heads).eval()
+    B, S = 2, 7
+    x, mem = torch.randn(B, T, E), torch.randn(B, S, E)
+    mpm = torch.zeros(B, S, dtype=torch.bool)
+    mpm[1, 5:] = True  # padded memory positions
+
+    def seq(t):  # the layer's layout
+        return t if batch_first else t.transpose(0, 1)
+
+    memory = seq(mem)
+    with torch.no_grad():
+        full = seq(dec(seq(x), memory, memory_key_padding_mask=mpm))
+        golden = seq(dec.double()(seq(x).double(), memory.double(), memory_key_padding_mask=mpm))
+        dec.float()
+        cache = dec.new_cache()
+        assert isinstance(cache, sa.nn.DecoderCache) and isinstance(cache.memory, sa.nn.MemoryCache)
+        calls = _count_memory_projections(monkeypatch, S)
+        steps, ptrs = [], set()
+        for s in range(0, T, 3):  # chunks of 3 new tokens, the last one shorter
+            steps.append(seq(dec(seq(x[:, s:s + 3]), memory, memory_key_padding_mask=mpm, cache=cache)))
+            ptrs.add(cache.memory.k.data_ptr())
+    assert_within_baseline("decoded", torch.cat(steps, 1), full, golden)
+    assert calls["n"] == 2, f"memory projected {calls['n']} times (key and value once each expected)"
+    assert cache.memory.fills == 1 and len(ptrs) == 1, "the stored memory keys were recomputed"
+    assert cache.self_attn.seen == T
+    assert tuple(cache.memory.k.shape) == (B, num_kv_heads, S, E // H)
+
+
+def test_memory_cache_call_equals_the_uncached_call():
+    """MultiheadAttention with a MemoryCache returns exactly what the call without it returns."""
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(E, H, kdim=12, vdim=10, num_kv_heads=2).eval()
+    mem_k, mem_v = torch.randn(2, 9, 12), torch.randn(2, 9, 10)
+    cache = sa.nn.MemoryCache()
+    with torch.no_grad():
+        for n in (1, 4, 1):
+            q = torch.randn(2, n, E)
+            expected = m(q, mem_k, mem_v, need_weights=False)[0]
+            torch.testing.assert_close(m(q, mem_k, mem_v, need_weights=False, cache=cache)[0], expected,
+                                       rtol=0, atol=0)
+            out, w = m(q, mem_k, mem_v, cache=cache)  # the weights path reads the cache too
+            torch.testing.assert_close(out, expected)
+            assert w.shape == (2, n, 9)
+    assert cache.fills == 1 and cache.nbytes() == cache.k.numel() * 4 * 2
+
+
+def test_memory_cache_refuses_another_memory_until_reset():
+    torch.manual_seed(0)
+    dec = sa.nn.TransformerDecoderLayer(E, H, 32, 0.0, batch_first=True, attention="causal").eval()
+    x, mem = torch.randn(1, 3, E), torch.randn(1, 5, E)
+    cache = dec.new_cache()
+    with torch.no_grad():
+        dec(x[:, :1], mem, cache=cache)
+        with pytest.raises(ValueError, match="another key/value"):
+            dec(x[:, 1:2], mem.clone(), cache=cache)
+        cache.reset()
+        other = torch.randn(1, 6, E)
+        steps = torch.cat([dec(x[:, s:s + 1], other, cache=cache) for s in range(3)], 1)
+        torch.testing.assert_close(steps, dec(x, other))
+    assert cache.memory.fills == 2 and cache.self_attn.seen == 3
+    no_memory = dec.new_cache(cache_memory=False)
+    assert no_memory.memory is None
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([dec(x[:, s:s + 1], mem, cache=no_memory) for s in range(3)], 1),
+                                   dec(x, mem))
+    with pytest.raises(TypeError, match="DecoderCache"):
+        dec(x, mem, cache=sa.nn.MemoryCache())
+    with pytest.raises(TypeError, match="KVCache or MemoryCache"):
+        dec.self_attn(x, x, x, cache=object())
+    with pytest.raises(TypeError, match="KVCache"):
+        sa.nn.DecoderCache(sa.nn.MemoryCache())

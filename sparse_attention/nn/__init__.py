@@ -6,7 +6,8 @@ Each takes head-split tensors, q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, 
 
 The layers people plug in (issue 5) take (B, L, E) sequences and own their projections:
 ``MultiheadAttention`` (drop-in for torch's, any mechanism), ``TransformerEncoderLayer`` /
-``TransformerDecoderLayer``, ``KVCache`` (incremental decoding), ``AttentionPooling`` and
+``TransformerDecoderLayer``, ``KVCache`` / ``MemoryCache`` / ``DecoderCache`` (incremental
+decoding; the memory's keys and values projected once), ``AttentionPooling`` and
 ``WindowAttention2d`` (Swin); see each class. Every head-split module above is also a
 registry mechanism of kind "module": ``MultiheadAttention(E, H, attention="performer")``,
 ``build_attention("linformer", E, H, seq_len=4096, k=256)``.
@@ -15,7 +16,7 @@ registry mechanism of kind "module": ``MultiheadAttention(E, H, attention="perfo
 from __future__ import annotations
 
 from .build import build_attention
-from .cache import KVCache
+from .cache import DecoderCache, KVCache, MemoryCache
 from .compressed import CompressedAttention
 from .content_based import ReformerAttention, RoutingAttention, SinkhornAttention
 from .informer import DistillingLayer, InformerEncoder, InformerEncoderLayer
@@ -32,6 +33,7 @@ from .window2d import WindowAttention2d
 __all__ = [
     "PerformerAttention", "LinearAttention", "LinformerAttention", "CompressedAttention", "NystromAttention",
     "SynthesizerAttention", "ReformerAttention", "RoutingAttention", "SinkhornAttention",
-    "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "KVCache", "AttentionPooling",
+    "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "KVCache", "MemoryCache",
+    "DecoderCache", "AttentionPooling",
     "WindowAttention2d", "build_attention", "InformerEncoder", "InformerEncoderLayer", "DistillingLayer",
 ]

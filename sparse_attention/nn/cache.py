@@ -1,4 +1,10 @@
-"""Key/value cache for incremental (token-by-token or chunked) causal decoding.
+"""Key/value caches for incremental (token-by-token or chunked) causal decoding.
+
+* :class:`KVCache`: self-attention; each step appends the new tokens' keys and values.
+* :class:`MemoryCache`: cross-attention over a fixed ``memory`` (an encoder's output); its
+  keys and values are projected on the first step and reused by every later one.
+* :class:`DecoderCache`: both, for one :class:`~sparse_attention.nn.TransformerDecoderLayer`
+  (what its ``new_cache()`` returns).
 
 A decoder that generates one token at a time would recompute the keys and values of
 the whole prefix at every step; the cache keeps them. ``sparse_attention.attention``
@@ -29,6 +35,29 @@ Only the key positions a pattern reads through its *relative* offsets survive th
 trimming, which is why the ring is offered for the sliding window only; any causal
 pattern is exact with ``window=None`` because the untrimmed cache keeps absolute
 positions (S = tokens seen).
+
+Cross-attention. The memory does not change while a sequence is generated, so projecting
+it to keys and values at every step repeats the same O(S·E²) work. A :class:`MemoryCache`
+holds them after the first call; later calls project the new queries only. A call with the
+cache returns exactly what the same call without it returns. A decoder layer keeps both
+caches in a :class:`DecoderCache`::
+
+    dec = sa.nn.TransformerDecoderLayer(E, H, batch_first=True, attention="causal").eval()
+    cache = dec.new_cache()                    # DecoderCache: self-attention KVCache + MemoryCache
+    memory = encoder(src)                      # (B, S, E), fixed for the whole generation
+    y = bos                                    # (B, 1, E)
+    for _ in range(steps):
+        h = dec(y, memory, cache=cache)        # memory projected at the first step only
+        y = next_token_embedding(h)            # (B, 1, E)
+    cache.reset()                              # before generating from another memory
+
+The memory cache checks that every call passes the very tensor it was filled from
+(``memory is`` the first step's memory) and raises ValueError otherwise, so a stale cache is
+never read: call :meth:`MemoryCache.reset` (or take a new cache) for a new memory.
+
+Step-by-step decoding equals the full causal pass when the cross-attention treats every query
+alike whatever its position (full attention, the default; Top-k): a cross-attention *pattern*
+aligns query i of N at memory position i + S - N, which depends on how many queries a call has.
 """
 
 from __future__ import annotations
@@ -154,3 +183,69 @@ class KVCache:
         self.v[:, :, slots] = v[:, :, n - keep:]
         if self.padding is not None:
             self.padding[:, slots] = False if pad is None else pad[:, n - keep:]
+
+
+class MemoryCache:
+    """Projected keys and values of a fixed cross-attention memory, computed once.
+
+    Pass it as ``MultiheadAttention.forward(..., cache=)`` with ``key``/``value`` the memory:
+    the first call projects them and stores the result, (B, Hkv, S, D) and (B, Hkv, S, Dv);
+    later calls with the same key and value tensors (``is``, not equal values: ValueError
+    otherwise) skip their projections. Stored detached (decoding is inference): gradients
+    reach the memory projections on the filling call only. ``fills`` counts the projections.
+    """
+
+    def __init__(self) -> None:
+        self.fills = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the memory; the next call projects its key and value again."""
+        self.k: torch.Tensor | None = None  # (B, Hkv, S, D)
+        self.v: torch.Tensor | None = None  # (B, Hkv, S, Dv)
+        self._sources: tuple[torch.Tensor, torch.Tensor] | None = None  # the key and value tensors filled from
+
+    @property
+    def filled(self) -> bool:
+        return self.k is not None
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored keys and values."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
+    def lookup(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored (k, v) if filled from these very ``key`` and ``value`` tensors; None if empty."""
+        if self._sources is None:
+            return None
+        if key is not self._sources[0] or value is not self._sources[1]:
+            raise ValueError("this MemoryCache was filled from another key/value (memory) tensor; call reset() "
+                             "(or take a new cache) before attending a different memory")
+        return self.k, self.v
+
+    def fill(self, key: torch.Tensor, value: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the projections ``k``, ``v`` (B, Hkv, S, ·) of the inputs ``key``, ``value``."""
+        self.k, self.v = k.detach(), v.detach()
+        self._sources = (key, value)
+        self.fills += 1
+
+
+class DecoderCache:
+    """The caches of one decoder layer: ``self_attn`` (a :class:`KVCache`) and ``memory`` (a
+    :class:`MemoryCache`, or None to project the memory at every call)."""
+
+    def __init__(self, self_attn: KVCache, memory: MemoryCache | None = None):
+        if not isinstance(self_attn, KVCache):
+            raise TypeError(f"self_attn must be a KVCache, got {type(self_attn).__name__}")
+        if memory is not None and not isinstance(memory, MemoryCache):
+            raise TypeError(f"memory must be a MemoryCache or None, got {type(memory).__name__}")
+        self.self_attn = self_attn
+        self.memory = memory
+
+    def reset(self) -> None:
+        """Start a new sequence (and forget the memory)."""
+        self.self_attn.reset()
+        if self.memory is not None:
+            self.memory.reset()
+
+    def nbytes(self) -> int:
+        return self.self_attn.nbytes() + (0 if self.memory is None else self.memory.nbytes())

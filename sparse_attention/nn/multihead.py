@@ -36,7 +36,7 @@ from ..dynamic.base import DynamicPattern
 from ..functional import attention as sparse_attention
 from ..patterns import Causal, Full, Pattern, SlidingWindow
 from ..reference import masked_softmax
-from .cache import KVCache
+from .cache import KVCache, MemoryCache
 
 #: largest N·S (per batch element and head) for which a sparse pattern returns dense weights.
 MAX_DENSE_WEIGHTS = 1 << 22
@@ -151,7 +151,9 @@ class MultiheadAttention(torch.nn.Module):
         need_weights, else (B, N, S) averaged over heads or (B, H, N, S); for a sparse
         mechanism only while N·S <= 2**22, else ValueError. ``cache`` (a :class:`KVCache`,
         see :meth:`new_cache`): key/value are the new tokens only; they are appended to the
-        cache and the queries attend the cache (causal mechanisms only).
+        cache and the queries attend the cache (causal mechanisms only). ``cache`` a
+        :class:`MemoryCache` (cross-attention over a fixed memory): the first call projects
+        key/value and stores them, later calls with the same key/value tensors reuse them.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, attention: object = "full",
@@ -227,6 +229,7 @@ class MultiheadAttention(torch.nn.Module):
                          "decode with causal masking")
 
     def _project(self, query, key, value):
+        """The input projections; key and value None -> None (a MemoryCache holds them)."""
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:E + kv], b[E + kv:])
@@ -235,7 +238,8 @@ class MultiheadAttention(torch.nn.Module):
             wq, wk, wv = w[:E], w[E:E + kv], w[E + kv:]
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        return (F.linear(query, wq, bq), None if key is None else F.linear(key, wk, bk),
+                None if value is None else F.linear(value, wv, bv))
 
     def _check_inputs(self, query, key, value):
         for name, t, feat in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
@@ -275,14 +279,19 @@ class MultiheadAttention(torch.nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False, *, cache: KVCache | None = None
+                is_causal: bool = False, *, cache: KVCache | MemoryCache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_inputs(query, key, value)
+        if cache is not None and not isinstance(cache, (KVCache, MemoryCache)):
+            raise TypeError(f"cache must be a sparse_attention.nn.KVCache or MemoryCache, got {type(cache).__name__}")
+        # a filled memory cache holds this very key/value's projections (checked on the caller's tensors)
+        cached_kv = cache.lookup(key, value) if isinstance(cache, MemoryCache) else None
         shared_qk = getattr(self.attention, "shared_qk", False) is True
         if shared_qk and key is not query:
             raise ValueError(f"{type(self.attention).__name__} shares queries and keys (self-attention only): "
                              "call with key the same tensor as query")
         batched = query.dim() == 3
+        key_in, value_in = key, value
         if not batched:  # (L, E) -> (1, L, E)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
@@ -294,10 +303,16 @@ class MultiheadAttention(torch.nn.Module):
             raise ValueError(f"key and value must share (B, S) with query's B={B}, got key {tuple(key.shape)}, "
                              f"value {tuple(value.shape)} (batch-first view)")
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self._project(query, key, value)
+        if cached_kv is None:
+            q, k, v = self._project(query, key, value)
+            k = k.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+            v = v.view(B, -1, Hkv, D).transpose(1, 2)
+            if isinstance(cache, MemoryCache):
+                cache.fill(key_in, value_in, k, v)
+        else:
+            q = self._project(query, None, None)[0]
+            k, v = cached_kv
         q = q.view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-        k = k.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-        v = v.view(B, -1, Hkv, D).transpose(1, 2)
 
         kpm_bias = None
         if key_padding_mask is not None:
@@ -310,7 +325,7 @@ class MultiheadAttention(torch.nn.Module):
                 if key_padding_mask.dtype != query.dtype:
                     raise TypeError(f"key_padding_mask must be bool (True = ignore) or float of the query dtype "
                                     f"{query.dtype}, got {key_padding_mask.dtype}")
-                if cache is not None:
+                if isinstance(cache, KVCache):
                     raise TypeError("key_padding_mask must be bool when decoding with a cache")
                 kpm_bias, key_padding_mask = key_padding_mask[:, None, None, :], None
 
@@ -322,9 +337,7 @@ class MultiheadAttention(torch.nn.Module):
                                  "causal and cannot be restricted per call; build it with causal=True where it "
                                  "has that option (sa.mechanisms() lists causal_support)")
             pattern = Causal() if pattern is None else pattern & Causal()  # DynamicPattern: restricted
-        if cache is not None:
-            if not isinstance(cache, KVCache):
-                raise TypeError(f"cache must be a sparse_attention.nn.KVCache, got {type(cache).__name__}")
+        if isinstance(cache, KVCache):
             if module:
                 raise ValueError(f"cache: the module mechanism {type(pattern).__name__} has no incremental "
                                  "decoding here; use a causal Pattern (Causal, SlidingWindow(causal=True))")

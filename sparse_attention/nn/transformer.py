@@ -10,7 +10,9 @@ full attention the outputs match torch's. Added, keyword-only:
 * ``attention=``: the self-attention mechanism ("full", a registry name or a Pattern),
 * ``cross_attention=`` (decoder): the mechanism of the attention over ``memory``,
 * ``num_kv_heads=``: grouped-query attention,
-* ``forward(..., cache=)``: incremental decoding with a :class:`KVCache` (causal mechanisms).
+* ``forward(..., cache=)``: incremental decoding with a :class:`KVCache` (causal mechanisms);
+  the decoder's ``new_cache()`` gives a :class:`DecoderCache`, which also keeps the projected
+  keys and values of ``memory`` (a :class:`MemoryCache`: computed at the first step only).
 
 Masks follow torch: ``*_key_padding_mask`` (B, S) bool True = ignore; ``*_mask``
 (N, S) bool True = not allowed, or float added to the scores.
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .cache import KVCache
+from .cache import DecoderCache, KVCache, MemoryCache
 from .multihead import MultiheadAttention
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
@@ -106,8 +108,11 @@ class TransformerDecoderLayer(torch.nn.Module):
     forward(tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
     memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False, *, cache=None):
         tgt (B, N, E), memory (B, S, E) (sequence-first if not batch_first) -> tgt's shape.
-        With ``cache``, ``tgt`` holds only the new tokens (self-attention reads the cache;
-        the memory is attended in full each call).
+        With ``cache``, ``tgt`` holds only the new tokens (self-attention reads the cache; the
+        memory is attended in full each call). ``cache`` a :class:`DecoderCache` (from
+        :meth:`new_cache`): its ``memory`` cache projects ``memory`` to keys and values at the
+        first call and reuses them (every call must pass the same memory tensor; see
+        :mod:`sparse_attention.nn.cache`); a plain :class:`KVCache`: self-attention only.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
@@ -134,22 +139,31 @@ class TransformerDecoderLayer(torch.nn.Module):
         self.dropout3 = torch.nn.Dropout(dropout)
         self.activation = _activation(activation)
 
-    def new_cache(self, *, is_causal: bool = False) -> KVCache:
-        """An empty self-attention cache for :meth:`forward`."""
-        return self.self_attn.new_cache(is_causal=is_causal)
+    def new_cache(self, *, is_causal: bool = False, cache_memory: bool = True) -> DecoderCache:
+        """Empty caches for :meth:`forward`: self-attention (see :meth:`MultiheadAttention.new_cache`)
+        and, unless ``cache_memory=False``, the memory's keys and values."""
+        return DecoderCache(self.self_attn.new_cache(is_causal=is_causal), MemoryCache() if cache_memory else None)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
                 memory_key_padding_mask: torch.Tensor | None = None, tgt_is_causal: bool = False,
-                memory_is_causal: bool = False, *, cache: KVCache | None = None) -> torch.Tensor:
+                memory_is_causal: bool = False, *, cache: DecoderCache | KVCache | None = None) -> torch.Tensor:
+        if cache is None or isinstance(cache, KVCache):
+            self_cache, memory_cache = cache, None
+        elif isinstance(cache, DecoderCache):
+            self_cache, memory_cache = cache.self_attn, cache.memory
+        else:
+            raise TypeError(f"cache must be a DecoderCache (new_cache()) or a KVCache, got {type(cache).__name__}")
         x = tgt
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, cache)
-            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, self_cache)
+            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal,
+                                    memory_cache)
             x = x + self._ff_block(self.norm3(x))
         else:
-            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, cache))
-            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, self_cache))
+            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal,
+                                               memory_cache))
             x = self.norm3(x + self._ff_block(x))
         return x
 
@@ -158,9 +172,9 @@ class TransformerDecoderLayer(torch.nn.Module):
                            need_weights=False, cache=cache)[0]
         return self.dropout1(x)
 
-    def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal):
+    def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal, cache=None):
         x = self.multihead_attn(x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                is_causal=is_causal, need_weights=False)[0]
+                                is_causal=is_causal, need_weights=False, cache=cache)[0]
         return self.dropout2(x)
 
     def _ff_block(self, x):
