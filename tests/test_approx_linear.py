@@ -109,6 +109,28 @@ def test_gradcheck(causal, fmap, small_segments):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("fmap", ["elu", "favor+", "callable"])
+@pytest.mark.parametrize("budget", ["head-groups", "row-blocks", "tiny"])
+def test_blocking_does_not_change_results(causal, fmap, budget, monkeypatch):
+    """The cores work block by block (groups of whole heads, or runs of rows of one head); any blocking
+    gives the single-block result and gradients up to rounding."""
+    B, H, N, D = 2, 3, 40, 4
+    q, k, v = make_qkv(B, H, H, N, N, D, dtype=torch.float64)
+    kpm = padding_mask(B, N)
+    fm = {"elu": "elu", "favor+": FavorPlus(D, 8, seed=2), "callable": lambda x: torch.sigmoid(x)}[fmap]
+    fn = lambda a, b, c: sa.linear_attention(a, b, c, feature_map=fm, causal=causal, chunk_size=8,  # noqa: E731
+                                            key_padding_mask=kpm)
+    g = torch.randn(B, H, N, D, dtype=torch.float64)
+    whole = run_and_grad(fn, q, k, v, g)
+    width = 8 if fmap == "favor+" else D  # features per row: blocks hold about _BLOCK_BYTES of them
+    rows = {"head-groups": 2 * N, "row-blocks": 16, "tiny": 1}[budget]  # rows of features per block
+    monkeypatch.setattr(linear, "_BLOCK_BYTES", rows * max(width, 8) * 8)
+    blocked = run_and_grad(fn, q, k, v, g)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), blocked, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_bf16_smoke(causal):
     q, k, v = make_qkv(2, 4, 2, 70, 70, 16, dtype=torch.bfloat16)
     out = sa.linear_attention(q, k, v, causal=causal)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv
 
@@ -234,25 +235,40 @@ def _check_eps(eps: object) -> float:
     return float(eps)
 
 
-def _features(fm: FeatureMap, q, k, v, key_padding_mask):
-    """φ(q), φ(k) in float32 (or float64), with padded keys' features and values set to 0."""
+class _Identity(FeatureMap):
+    """φ(x) = x: the cores' feature map when the features were computed outside (by autograd)."""
+
+    name = "identity"
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+#: feature maps without learnable parameters, acting row by row: computed inside the cores, chunk by
+#: chunk, and recomputed in the backward (any other map runs first, under autograd, see _prepare)
+_FUSED_MAPS = (EluFeatureMap, ReluFeatureMap, FavorPlus)
+
+
+def _prepare(fm: FeatureMap, q, k, v, key_padding_mask):
+    """Compute-dtype q, k, v (float32, or float64) with padded keys and values set to 0, and the map the
+    cores apply: ``fm`` itself when it is a built-in, else the features computed here and the identity."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     if key_padding_mask is not None:
         # where, not multiply: non-finite values at padded keys must not leak (0 * inf = nan), into
-        # the output or into a feature map's stabiliser; their features are zeroed below
+        # the output or into a feature map's stabiliser; the cores also zero their features
         pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
         k = torch.where(pad, torch.zeros((), dtype=k.dtype), k)
         v = torch.where(pad, torch.zeros((), dtype=v.dtype), v)
+    if isinstance(fm, _FUSED_MAPS):
+        return q, k, v, fm
     fq, fk = fm.query(q), fm.key(k)
     if fq.shape[:-1] != q.shape[:-1] or fk.shape[:-1] != k.shape[:-1] or fq.shape[-1] != fk.shape[-1]:
         raise ValueError(
             f"feature map {fm.name!r} must map (..., L, D) to (..., L, F) for q and k alike, got "
             f"φ(q) {tuple(fq.shape)} and φ(k) {tuple(fk.shape)}"
         )
-    if key_padding_mask is not None:
-        fk = torch.where(pad, torch.zeros((), dtype=fk.dtype), fk)
-    return fq, fk, v
+    return fq.to(compute), fk.to(compute), v, _Identity()
 
 
 def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
@@ -261,61 +277,198 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
     return num / torch.where(den > 0, den, torch.ones((), dtype=den.dtype))
 
 
-_SEGMENT_ROWS = 16384  # rows per segment of the causal loop (bounds the per-chunk working set)
+# ----------------------------------------------------------------------------- the cores
+#
+# Two autograd Functions with hand-written backwards, working on (BH, L, ·) tensors block by block:
+# a block is a group of heads × a run of rows whose feature tensor holds about _BLOCK_BYTES. Features
+# are computed per block and recomputed in the backward, so nothing of size N × F is kept or even
+# allocated whole: every temporary is block-sized and recycled by the allocator (fresh tensors of
+# tens of MB are page-faulted in at a few GB/s on CPU, slower than the arithmetic on them). Saved
+# for the backward: q, k, v, the output, its denominators (BH, N, 1), and the small states. Autograd
+# over whole-tensor ops would be correct too, but costs ~30 full passes and N·(F + C) saved floats.
+
+_BLOCK_BYTES = 4 << 20
+_SEGMENT_ROWS = 16384  # most rows per block of the causal loop (its per-chunk states are C × F × Dv)
+
+
+def _blocks(BH: int, L: int, width: int, itemsize: int, unit: int = 1):
+    """(heads, rows) slices covering (BH, L), each head group's rows in order, a block's (heads, rows,
+    width) tensor about _BLOCK_BYTES: whole heads while one head fits (several if they fit), else runs
+    of rows (multiples of ``unit``, at most _SEGMENT_ROWS) of one head. Either way a block of a
+    contiguous (BH, L, ·) tensor is contiguous (no copies)."""
+    fit = _BLOCK_BYTES // (width * itemsize)  # rows of one head in a block
+    if L <= min(fit, _SEGMENT_ROWS):
+        heads, rows = max(1, min(BH, fit // L)), L
+    else:
+        n = -(-L // max(unit, min(fit, _SEGMENT_ROWS)))  # blocks per head; then balance their lengths
+        heads, rows = 1, -(-L // (n * unit)) * unit
+    for h in range(0, BH, heads):
+        for r in range(0, L, rows):
+            yield slice(h, min(h + heads, BH)), slice(r, min(r + rows, L))
+
+
+def _with_grad(fn, x: torch.Tensor):
+    """fn(x) of a block recomputed under autograd, and the map g -> ∂L/∂x given g = ∂L/∂fn(x)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        y = fn(x)
+    return y, lambda g: torch.autograd.grad(y, x, g)[0]
+
+
+def _divide(res: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = num / den from res = [num | Σ] (…, Dv + 1), den = Σ + eps; also returns den (…, 1).
+
+    den <= 0 happens only when every feature product is 0 (then num = 0): it is replaced by 1, so
+    the row's output is 0, never NaN.
+    """
+    den = res[..., -1:] + eps
+    den.masked_fill_(den <= 0, 1.0)
+    return res[..., :-1] / den, den
+
+
+def _grad_res(g: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """∂L/∂[num | Σ] (…, Dv + 1) from g = ∂L/∂out (…, Dv):  [g / den | -Σ_d (g / den)·out].
+
+    Where den was replaced by 1, out = 0, so the second part is 0 as it should be.
+    """
+    gres = g.new_empty(*g.shape[:-1], g.shape[-1] + 1)
+    gnum = torch.div(g, den, out=gres[..., :-1])
+    gres[..., -1] = torch.linalg.vecdot(gnum, out).neg_()
+    return gres
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x (…, S, ·) with padded keys' rows set to 0 (keep (…, S, 1): 1 = real key, 0 = padding)."""
+    return x if keep is None else x * keep
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
     """[v, 1] (…, S, Dv + 1): one matmul then yields the numerator and, in the last column, the
-    denominator (φ(K)ᵀ1 = Σ φ(k_j)); fewer passes than a separate row sum, forward and backward."""
+    denominator (φ(K)ᵀ1 = Σ φ(k_j))."""
     return F.pad(v, (0, 1), value=1.0)
 
 
-def _split_normalise(res: torch.Tensor, eps: float) -> torch.Tensor:
-    return _normalise(res[..., :-1], res[..., -1:], eps)
+class _NonCausal(torch.autograd.Function):
+    """out = φ(Q) [φ(K)ᵀV | φ(K)ᵀ1] normalised.  q (BH, R, D), k (BH, S, D), v (BH, S, Dv), keep
+    (BH, S, 1) or None -> (BH, R, Dv). Two sweeps: over key blocks (the F × (Dv + 1) state kvz), then
+    over query blocks."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, fm, eps):
+        BH, R, _ = q.shape
+        S, Dv = k.shape[1], v.shape[-1]
+        Fd = fm.num_features(q.shape[-1])
+        kvz = q.new_zeros(BH, Fd, Dv + 1)  # [Σ φ(k_j) v_jᵀ | Σ φ(k_j)]
+        for h, r in _blocks(BH, S, Fd, q.element_size()):
+            fk = _masked(fm.key(k[h, r]), None if keep is None else keep[h, r])
+            kvz[h, :, :Dv].baddbmm_(fk.transpose(1, 2), v[h, r])
+            kvz[h, :, Dv] += fk.sum(1)
+        out, den = q.new_empty(BH, R, Dv), q.new_empty(BH, R, 1)
+        for h, r in _blocks(BH, R, Fd, q.element_size()):
+            out[h, r], den[h, r] = _divide(torch.bmm(fm.query(q[h, r]), kvz[h]), eps)
+        ctx.fm, ctx.eps = fm, eps
+        ctx.save_for_backward(q, k, v, keep, kvz, out, den)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        q, k, v, keep, kvz, out, den = ctx.saved_tensors
+        fm, (BH, R, _), (S, Dv) = ctx.fm, q.shape, (k.shape[1], v.shape[-1])
+        Fd = kvz.shape[1]
+        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        gkvz = torch.zeros_like(kvz)  # ∂L/∂[Σ φ(k) vᵀ | Σ φ(k)]
+        for h, r in _blocks(BH, R, Fd, q.element_size()):
+            gres = _grad_res(g[h, r], out[h, r], den[h, r])  # (heads, rows, Dv + 1)
+            fq, fq_vjp = _with_grad(fm.query, q[h, r])
+            gkvz[h].baddbmm_(fq.transpose(1, 2), gres)
+            gq[h, r] = fq_vjp(torch.bmm(gres, kvz[h].transpose(1, 2)))
+        gkv, gz = gkvz[..., :Dv], gkvz[..., Dv:].transpose(1, 2)  # (BH, F, Dv), (BH, 1, F)
+        for h, r in _blocks(BH, S, Fd, q.element_size()):
+            kp = None if keep is None else keep[h, r]
+            fk, fk_vjp = _with_grad(fm.key, k[h, r])
+            gv[h, r] = torch.bmm(_masked(fk, kp), gkv[h])
+            gk[h, r] = fk_vjp(_masked(torch.baddbmm(gz[h], v[h, r], gkv[h].transpose(1, 2)), kp))
+        return gq, gk, gv, None, None, None
 
 
-def _noncausal(fq, fk, v, eps):
-    B, Hq, N, Fd = fq.shape
-    Hkv, Dv = fk.shape[1], v.shape[-1]
-    G = Hq // Hkv
-    kvz = fk.transpose(-1, -2) @ _with_ones(v)  # (B, Hkv, F, Dv + 1): [Σ φ(k) vᵀ, Σ φ(k)]
-    # query heads kvh*G .. kvh*G+G-1 share kv head kvh: fold them into the row dimension (a view)
-    fqg = fq.reshape(B, Hkv, G * N, Fd)
-    out = _split_normalise(fqg @ kvz, eps)  # (B, Hkv, G*N, Dv)
-    return out.reshape(B, Hq, N, Dv)
+class _Causal(torch.autograd.Function):
+    """Chunked causal linear attention.  q, k (BH, L, D), v (BH, L, Dv), keep (BH, L, 1) or None,
+    L a multiple of the chunk size C -> (BH, L, Dv).
 
-
-def _causal(fq, fk, v, eps, C, T):
-    """Chunked causal form over segments of T rows (a multiple of C), carrying the state between them.
-
-    Inside a segment every chunk is handled at once (C × C scores and one F × (Dv + 1) state per
-    chunk); the loop over segments bounds that working set independently of N.
+    Blocks of rows (multiples of C) are visited in order, carrying per head the state
+    [Σ φ(k_j) v_jᵀ | Σ φ(k_j)] (F × (Dv + 1)) of every earlier row. Inside a block, for each chunk c:
+        res_c = tril(φQ_c φK_cᵀ) [V_c, 1] + φQ_c st_c,      st_c = state + Σ_{c' < c} φK_c'ᵀ [V_c', 1]
+    all chunks at once (batched matmuls). The backward visits the blocks in reverse, carrying ∂L/∂state.
     """
-    B, H, N, Fd = fq.shape
-    BH = B * H
-    v = _with_ones(v)  # (B, H, N, Dv + 1)
-    Dv1 = v.shape[-1]
-    state = fq.new_zeros(BH, 1, Fd, Dv1)  # [Σ φ(k_j) v_jᵀ, Σ φ(k_j)] over the rows before this segment
-    outs = []
-    # split (not slicing in the loop): autograd then joins the segment gradients with one cat, where
-    # slicing would allocate a zero gradient of the full length for every segment
-    for fq_s, fk_s, v_s in zip(fq.split(T, 2), fk.split(T, 2), v.split(T, 2), strict=True):
-        L = fq_s.shape[2]
-        nc = -(-L // C)
-        if nc * C != L:  # zero features at the padded tail contribute nothing; padded rows are dropped
-            fq_s, fk_s, v_s = (F.pad(t, (0, 0, 0, nc * C - L)) for t in (fq_s, fk_s, v_s))
-        fq_s = fq_s.reshape(BH * nc, C, Fd)
-        fk_s = fk_s.reshape(BH * nc, C, Fd)
-        v_s = v_s.reshape(BH * nc, C, Dv1)
-        kv = torch.bmm(fk_s.transpose(1, 2), v_s).view(BH, nc, Fd, Dv1)  # per chunk φ(K_c)ᵀ [V_c, 1]
-        # state each chunk starts from: the carried state plus the chunks before it in this segment
-        # (cumsum's backward does not read its output, so adding the carried state in place is safe)
-        st = torch.cat([state, kv[:, :-1].cumsum(1).add_(state)], 1).view(BH * nc, Fd, Dv1)
-        state = state + kv.sum(1, keepdim=True)
-        scores = torch.bmm(fq_s, fk_s.transpose(1, 2)).tril_()  # (BH*nc, C, C), j <= i in the chunk
-        res = torch.baddbmm(torch.bmm(scores, v_s), fq_s, st)  # (BH*nc, C, Dv + 1)
-        outs.append(_split_normalise(res, eps).view(B, H, nc * C, Dv1 - 1)[:, :, :L])
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+    @staticmethod
+    def _block(fq, fk, v, state, C):
+        """A block's per-chunk matrices ((heads·m, C, ·)) of φ(q), φ(k) and [v, 1], the per-chunk start
+        states st (heads·m, F, Dv + 1), the masked scores, and the state after the block.
+        fq, fk (heads, rows, F) with padded keys' rows 0; v (heads, rows, Dv); state (heads, 1, F, Dv + 1)."""
+        hb, Lb, _ = fq.shape
+        fq, fk = fq.reshape(-1, C, fq.shape[-1]), fk.reshape(-1, C, fk.shape[-1])
+        v1 = _with_ones(v).view(-1, C, state.shape[-1])
+        kv = torch.bmm(fk.transpose(1, 2), v1).view(hb, Lb // C, *state.shape[-2:])
+        # the state each chunk starts from (cumsum's result is fresh: adding in place is safe)
+        st = torch.cat([state, kv[:, :-1].cumsum(1).add_(state)], 1).view(-1, *state.shape[-2:])
+        scores = torch.bmm(fq, fk.transpose(1, 2)).tril_()  # (heads·m, C, C), j <= i inside the chunk
+        return fq, fk, v1, st, scores, state + kv.sum(1, keepdim=True)
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, fm, eps, C):
+        BH, L, _ = q.shape
+        Dv = v.shape[-1]
+        Fd = fm.num_features(q.shape[-1])
+        out, den = q.new_empty(BH, L, Dv), q.new_empty(BH, L, 1)
+        starts = []  # the state at the start of each block, for the backward
+        state = None
+        for h, r in _blocks(BH, L, max(Fd, C), q.element_size(), unit=C):
+            if r.start == 0:
+                state = q.new_zeros(h.stop - h.start, 1, Fd, Dv + 1)
+            starts.append(state)
+            fk = _masked(fm.key(k[h, r]), None if keep is None else keep[h, r])
+            fq, _, v1, st, scores, state = _Causal._block(fm.query(q[h, r]), fk, v[h, r], state, C)
+            o, d = _divide(torch.baddbmm(torch.bmm(scores, v1), fq, st), eps)
+            out[h, r], den[h, r] = o.view(-1, r.stop - r.start, Dv), d.view(-1, r.stop - r.start, 1)
+        ctx.fm, ctx.C, ctx.starts = fm, C, starts
+        ctx.save_for_backward(q, k, v, keep, out, den)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        q, k, v, keep, out, den = ctx.saved_tensors
+        fm, C, (BH, L, _), Dv = ctx.fm, ctx.C, q.shape, v.shape[-1]
+        Fd = fm.num_features(q.shape[-1])
+        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        blocks = list(_blocks(BH, L, max(Fd, C), q.element_size(), unit=C))
+        gstate = None  # ∂L/∂(state after the block), from the later blocks of the same heads
+        for (h, r), start in zip(reversed(blocks), reversed(ctx.starts), strict=True):
+            if r.stop == L:
+                gstate = torch.zeros_like(start)
+            hb, Lb = start.shape[0], r.stop - r.start
+            kp = None if keep is None else keep[h, r]
+            fq_raw, fq_vjp = _with_grad(fm.query, q[h, r])
+            fk_raw, fk_vjp = _with_grad(fm.key, k[h, r])
+            fq, fk, v1, st, scores, _ = _Causal._block(fq_raw, _masked(fk_raw, kp), v[h, r], start, C)
+            gres = _grad_res(g[h, r].reshape(-1, C, Dv), out[h, r].reshape(-1, C, Dv),
+                             den[h, r].reshape(-1, C, 1))
+            gst = torch.bmm(fq.transpose(1, 2), gres).view(hb, Lb // C, Fd, Dv + 1)
+            # chunk c's kv reaches every later chunk's st and the carried state: a reverse exclusive
+            # cumsum, summed from the end (total - prefix would cancel catastrophically)
+            suffix = gst.flip(1).cumsum(1).flip(1)  # Σ_{c' >= c} gst_c'
+            gkv = torch.cat([suffix[:, 1:] + gstate, gstate], 1).view(-1, Fd, Dv + 1)
+            gstate = gstate + suffix[:, :1]
+            gscores = torch.bmm(gres, v1.transpose(1, 2)).tril_()
+            gfq = torch.baddbmm(torch.bmm(gscores, fk), gres, st.transpose(1, 2))
+            gfk = torch.baddbmm(torch.bmm(gscores.transpose(1, 2), fq), v1, gkv.transpose(1, 2))
+            gv1 = torch.baddbmm(torch.bmm(scores.transpose(1, 2), gres), fk, gkv)
+            gq[h, r] = fq_vjp(gfq.view(hb, Lb, Fd))
+            gk[h, r] = fk_vjp(_masked(gfk.view(hb, Lb, Fd), kp))
+            gv[h, r] = gv1.view(hb, Lb, Dv + 1)[..., :Dv]
+        return gq, gk, gv, None, None, None, None
 
 
 def linear_attention(
@@ -365,15 +518,29 @@ def linear_attention(
         )
     if N == 0 or S == 0 or Dv == 0:
         return (q.sum() * 0 + k.sum() * 0 + v.sum() * 0).expand(B, Hq, N, Dv).clone()
-    fq, fk, vv = _features(fm, q, k, v, key_padding_mask)
+    q32, k32, v32, fm_core = _prepare(fm, q, k, v, key_padding_mask)
+    keep = None if key_padding_mask is None else (~key_padding_mask)[:, None, :, None].to(q32.dtype)  # (B, 1, S, 1)
     if causal:
         G = Hq // Hkv
         if G > 1:  # the state is per query head in the chunked form; (B, Hq, S, ·)
-            fk, vv = fk.repeat_interleave(G, dim=1), vv.repeat_interleave(G, dim=1)
+            k32, v32 = k32.repeat_interleave(G, dim=1), v32.repeat_interleave(G, dim=1)
         C = min(chunk_size, N)
-        out = _causal(fq, fk, vv, eps, C, C * max(1, _SEGMENT_ROWS // C))
+        L = -(-N // C) * C
+        if L != N:  # rows past the end: causal, so no real query sees their keys; their outputs are dropped
+            q32, k32, v32 = (F.pad(t, (0, 0, 0, L - N)) for t in (q32, k32, v32))
+            keep = None if keep is None else F.pad(keep, (0, 0, 0, L - N))
+        if keep is not None:
+            keep = keep.expand(B, Hq, L, 1).reshape(B * Hq, L, 1)
+        out = _Causal.apply(*(t.reshape(B * Hq, L, t.shape[-1]) for t in (q32, k32, v32)), keep, fm_core, eps, C)
+        out = out.view(B, Hq, L, Dv)[:, :, :N]
     else:
-        out = _noncausal(fq, fk, vv, eps)
+        # query heads kvh*G .. kvh*G+G-1 share kv head kvh: fold them into the row dimension (a view)
+        R = (Hq // Hkv) * N
+        if keep is not None:
+            keep = keep.expand(B, Hkv, S, 1).reshape(B * Hkv, S, 1)
+        out = _NonCausal.apply(q32.reshape(B * Hkv, R, q32.shape[-1]), k32.reshape(B * Hkv, S, k32.shape[-1]),
+                               v32.reshape(B * Hkv, S, Dv), keep, fm_core, eps)
+        out = out.view(B, Hq, N, Dv)
     return out.to(q.dtype)
 
 
