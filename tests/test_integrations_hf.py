@@ -184,9 +184,10 @@ def test_window_covering_the_sequence_equals_full():
             _assert_rule(repr(attention), got[real], hf32[real], hf64[real])
 
 
-@pytest.mark.parametrize("attention", ["full", sa.SlidingWindow(2), sa.BigBird(block=2, window_blocks=3,
-                                                                             global_blocks=2, random_blocks=1)],
-                         ids=["full", "window2", "bigbird-b2"])
+@pytest.mark.parametrize("attention", [
+    "full", sa.PerHead([sa.SlidingWindow(1), sa.SlidingWindow(2), sa.Full()]),
+    sa.BigBird(block=2, window_blocks=3, global_blocks=2, random_blocks=1),
+], ids=["full", "perhead-w1-w2-full", "bigbird-b2"])
 def test_gradients_match_hf_on_every_parameter(attention):
     """Training-mode backward, random upstream gradient; HF gets the pattern as a dense bool mask."""
     ids, mask = tiny_batch()
@@ -194,7 +195,8 @@ def test_gradients_match_hf_on_every_parameter(attention):
     pattern = sa.nn.multihead.resolve_attention(attention)
     allowed = mask.bool()[:, None, None, :]
     if pattern is not None:
-        allowed = allowed & pattern.mask(N, N)[None, None]  # (B, 1, N, N)
+        m = pattern.mask(N, N)  # (N, N), or (H, N, N) per head
+        allowed = allowed & (m[None] if m.dim() == 3 else m[None, None])  # (B, 1 or H, N, N)
     hf = tiny_bert().train()
     ours = sparsify(copy.deepcopy(hf), attention).train()
     g = torch.randn(*ids.shape, SMALL["hidden_size"], generator=torch.Generator().manual_seed(5))
@@ -282,6 +284,10 @@ def test_mechanism_by_name_with_options_and_resparsify():
     assert isinstance(layer.pattern, sa.SlidingWindow) and layer.pattern.window == 3
     sparsify(model, "full")  # converted modules get the new mechanism
     assert layer.pattern is None and model.encoder.layer[1].attention.self is layer
+    with pytest.raises(ValueError, match="per-head pattern has 2 heads"):
+        sparsify(model, sa.PerHead([sa.SlidingWindow(1), sa.SlidingWindow(2)]))
+    three = sa.PerHead([sa.SlidingWindow(1), sa.SlidingWindow(2), sa.Full()])
+    assert sparsify(model, three).encoder.layer[0].attention.self.pattern is three
 
 
 # --- the mask conversion ----------------------------------------------------------------------

@@ -247,6 +247,10 @@ def _check_convertible(name: str, module: torch.nn.Module, pattern: Pattern | Dy
     if not isinstance(H, int) or not isinstance(D, int) or module.query.out_features != H * D:
         raise ValueError(f"{where}: expected num_attention_heads * attention_head_size == query.out_features, got "
                          f"H={H}, D={D}, query.out_features={module.query.out_features}")
+    _check_heads(where, pattern, H)
+
+
+def _check_heads(where: str, pattern: Pattern | DynamicPattern | None, H: int) -> None:
     static = pattern.restrict if isinstance(pattern, DynamicPattern) else pattern
     heads = getattr(static, "num_heads", None)
     if heads is not None and heads != H:
@@ -304,6 +308,7 @@ def sparsify(model: torch.nn.Module, attention: object = "full", **options) -> t
     for name, module in model.named_modules():
         cls = type(module)
         if isinstance(module, SparseSelfAttention):
+            _check_heads(f"{name} (SparseSelfAttention)", pattern, module.num_attention_heads)
             targets.append((name, module))
         elif cls.__name__ in SUPPORTED_CLASSES and cls.__module__.startswith("transformers."):
             _check_convertible(name, module, pattern)
