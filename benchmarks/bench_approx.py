@@ -14,14 +14,16 @@ only in the benchmark venv (see benchmarks/RESULTS.md for the command), never im
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import _fwd, _fwd_bwd, machine, md_table, ms, time_group  # noqa: E402
+from bench_core import _fwd, _fwd_bwd, machine, md_table, ms, peak_fwd_bwd, time_group  # noqa: E402
 
 import sparse_attention as sa  # noqa: E402
 from sparse_attention.approx import FavorPlus  # noqa: E402
@@ -107,6 +109,58 @@ def bench_short(args):
     print(md_table(["N", "pass", "Linformer (SDPA/it)", "Compressed (SDPA/it)", "Nystrom (SDPA/it)", "SDPA"], rows))
 
 
+# ----------------------------------------------------------------------------- d. memory
+
+MEM_CONTENDERS = ("linear", "linear causal", "FAVOR+", "Linformer", "Compressed", "Nystrom")
+
+
+def mem_contender(name, n):
+    return {
+        "linear": lambda: linear(False),
+        "linear causal": lambda: linear(True),
+        "FAVOR+": lambda: linear(False, FavorPlus(D, seed=0)),
+        "Linformer": lambda: module_fn(sa.nn.LinformerAttention(n, 256)),
+        "Compressed": lambda: module_fn(sa.nn.CompressedAttention(3, head_dim=D)),
+        "Nystrom": lambda: module_fn(sa.nn.NystromAttention(64)),
+    }[name]()
+
+
+def mem_child(n, name):
+    """Runs in a fresh subprocess: peak RSS of one fwd+bwd above the inputs (see bench_core.peak_fwd_bwd)."""
+    torch.manual_seed(0)
+    q, k, v = (t.requires_grad_(True) for t in qkv(n))
+    g = torch.randn(B, H, n, D)
+    rec = peak_fwd_bwd(mem_contender(name, n), q, k, v, g)
+    print("MEMJSON " + json.dumps({"N": n, "what": name, **rec}), flush=True)
+
+
+def bench_memory(args):
+    print("\n## d. Forward+backward peak memory above the inputs (fresh process per figure, 2nd call), MiB")
+    peaks = {}
+    for name in MEM_CONTENDERS:
+        for n in args.mem_lengths:
+            cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", str(n), "--_mem-what", name]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("MEMJSON ")]
+            if p.returncode != 0 or not line:
+                print(f"memory child N={n} {name} failed (rc={p.returncode}): {p.stderr[-1500:]}")
+                continue
+            rec = json.loads(line[0][8:])
+            peaks[(name, n)] = rec["warm"]["peak_above_inputs"]  # the 1st call also holds one-time library set-up
+    lo, hi = args.mem_lengths[0], args.mem_lengths[-1]
+    rows = []
+    for name in MEM_CONTENDERS:
+        r = [name] + [f"{peaks[(name, n)] / 2**20:.0f}" if (name, n) in peaks else "-" for n in args.mem_lengths]
+        if (name, lo) in peaks and (name, hi) in peaks:
+            r.append(f"{peaks[(name, hi)] / peaks[(name, lo)]:.1f} (linear: {hi / lo:.0f})")
+        rows.append(r)
+    inputs = [f"{4 * B * H * n * D * 4 / 2**20:.0f}" for n in args.mem_lengths]
+    print(md_table(["mechanism"] + [f"N={n}" for n in args.mem_lengths] + [f"peak({hi}) / peak({lo})"],
+                   [["(q, k, v, grad_out themselves)"] + inputs + ["-"]] + rows))
+    print("\nThe peak includes the output, the q/k/v gradients (3 × the size of q), saved tensors and "
+          "workspace; an O(N) mechanism's ratio is the ratio of the lengths.")
+
+
 # ----------------------------------------------------------------------------- c. peers
 
 
@@ -188,10 +242,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="N = 1024 ... 65536, peers at 4096 and 16384")
     p.add_argument("--peers", action="store_true", help="compare with the peer packages (benchmark venv)")
-    p.add_argument("--only", choices=["linear", "short", "peers"], default=None)
+    p.add_argument("--only", choices=["linear", "short", "memory", "peers"], default=None)
+    p.add_argument("--_mem-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--_mem-what", default="linear", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    if args._mem_child:
+        return mem_child(args._mem_child, args._mem_what)
+    args.mem_lengths = [4096, 16384, 65536] if args.full else [4096, 16384]
     args.lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536] if args.full else [1024, 2048, 4096]
     args.peer_lengths = [4096, 16384] if args.full else [4096]
     args.repeats = args.repeats or (3 if args.full else 5)
@@ -206,6 +265,8 @@ def main():
         bench_linear(args)
     if args.only in (None, "short"):
         bench_short(args)
+    if args.only in (None, "memory"):
+        bench_memory(args)
     if args.peers and args.only in (None, "peers"):
         bench_peers(args)
     print(f"\nload average at end: {os.getloadavg()}")

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attention as sa
+from sparse_attention.bench import _release_free_memory
 
 B, H, D = 1, 8, 64
 HIDDEN = H * D  # 512
@@ -287,15 +288,16 @@ def _read_status(field):
     raise KeyError(field)
 
 
-def mem_child(n, what):
-    """Runs in a fresh subprocess: peak RSS of one fwd+bwd above the RSS after creating inputs."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D).requires_grad_(True) for _ in range(3))
-    g = torch.randn(B, H, n, D)
-    fn = sdpa if what == "dense" else ours(sa.SlidingWindow(256))
-    out_rec = {"N": n, "what": what, "input_bytes": 4 * q.numel() * 4}
+def peak_fwd_bwd(fn, q, k, v, g) -> dict:
+    """Peak RSS of out = fn(q, k, v); out.backward(g), above the RSS before the call, twice (cold, warm).
+
+    Run it in a fresh process: freed heap memory is handed back to the OS (malloc_trim) and the kernel's
+    high-water mark (VmHWM) is reset to the current RSS by writing '5' to /proc/self/clear_refs, so the
+    peak includes the output, gradients, saved tensors and workspace, and nothing from earlier work.
+    """
+    rec = {}
     for call in ("cold", "warm"):
-        gc.collect()
+        _release_free_memory()  # freed heap pages of an earlier call would otherwise hide in the base
         base = _read_status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
             f.write("5")
@@ -305,10 +307,20 @@ def mem_child(n, what):
         out.backward(g)
         dt = time.perf_counter() - t0
         peak = _read_status("VmHWM")
-        out_rec[call] = {"rss_before": base, "hwm_after_reset": hwm0, "peak": peak,
-                         "peak_above_inputs": peak - base, "seconds": dt}
+        rec[call] = {"rss_before": base, "hwm_after_reset": hwm0, "peak": peak,
+                     "peak_above_inputs": peak - base, "seconds": dt}
         del out
         q.grad = k.grad = v.grad = None
+    return rec
+
+
+def mem_child(n, what):
+    """Runs in a fresh subprocess: peak RSS of one fwd+bwd above the RSS after creating inputs."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D).requires_grad_(True) for _ in range(3))
+    g = torch.randn(B, H, n, D)
+    fn = sdpa if what == "dense" else ours(sa.SlidingWindow(256))
+    out_rec = {"N": n, "what": what, "input_bytes": 4 * q.numel() * 4, **peak_fwd_bwd(fn, q, k, v, g)}
     print("MEMJSON " + json.dumps(out_rec), flush=True)
 
 
