@@ -130,7 +130,8 @@ class MultiheadAttention(torch.nn.Module):
         embed_dim: E, the model width (query features and output features).
         num_heads: H; E must be divisible by H (head dim D = E // H).
         attention: "full" (default), a registry name (``sa.mechanisms()``, built with its
-            defaults), a :class:`~sparse_attention.Pattern`, a content-based mechanism
+            defaults; a "module" mechanism such as "performer" or "linformer" is built for this
+            layer's D, H and Hkv, device and dtype), a :class:`~sparse_attention.Pattern`, a content-based mechanism
             (``DynamicPattern``: TopK, ProbSparse, ...; no weights, no attn_mask, no cache),
             or a module taking head-split
             q (B, H, N, D), k, v (B, Hkv, S, D) and ``key_padding_mask`` (e.g.
