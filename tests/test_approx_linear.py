@@ -131,6 +131,22 @@ def test_blocking_does_not_change_results(causal, fmap, budget, monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_favor_closed_form_gradients_with_shift(causal):
+    """At D = 64 some projection rows have |w|²/2 > 40, so FAVOR+ moves a constant c_f from the keys to
+    the queries; the cores' closed-form feature gradients must still equal autograd on the reference."""
+    fm = FavorPlus(64, 100, seed=3)
+    assert bool((fm._shift(torch.float64, torch.device("cpu")) > 0).any())
+    q, k, v = (0.3 * t for t in make_qkv(2, 2, 2, 50, 50, 64, dtype=torch.float64))
+    g = torch.randn(2, 2, 50, 64, dtype=torch.float64)
+    fast = run_and_grad(lambda a, b, c: sa.linear_attention(a, b, c, feature_map=fm, causal=causal, chunk_size=8),
+                        q, k, v, g)
+    golden = run_and_grad(lambda a, b, c: reference_linear_attention(a, b, c, feature_map=fm, causal=causal),
+                          q, k, v, g)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, golden, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_bf16_smoke(causal):
     q, k, v = make_qkv(2, 4, 2, 70, 70, 16, dtype=torch.bfloat16)
     out = sa.linear_attention(q, k, v, causal=causal)

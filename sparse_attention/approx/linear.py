@@ -70,6 +70,23 @@ class FeatureMap:
     def num_features(self, head_dim: int) -> int:
         return head_dim
 
+    # The blocked cores recompute features in the backward and need ∂L/∂x from g = ∂L/∂φ(x). The
+    # defaults run autograd through a recomputation; the built-in maps override them in closed form.
+
+    def query_vjp(self, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """∂L/∂x given y = query(x) and g = ∂L/∂y."""
+        return _autograd_vjp(self.query, x, g)
+
+    def key_vjp(self, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """∂L/∂x given y = key(x) and g = ∂L/∂y."""
+        return _autograd_vjp(self.key, x, g)
+
+
+def _autograd_vjp(fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        return torch.autograd.grad(fn(x), x, g)[0]
+
 
 class EluFeatureMap(FeatureMap):
     """φ(x) = elu(x) + 1 (Katharopoulos et al.), F = D."""
@@ -79,6 +96,11 @@ class EluFeatureMap(FeatureMap):
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return F.elu(x).add_(1.0)  # elu's backward reads its input, so the in-place add is safe
 
+    def query_vjp(self, x, y, g):
+        return y.clamp(max=1.0).mul_(g)  # elu'(x) = 1 for x > 0 (y > 1), e^x = y for x <= 0
+
+    key_vjp = query_vjp
+
 
 class ReluFeatureMap(FeatureMap):
     """φ(x) = relu(x), F = D. A query or key whose features are all 0 gets output 0."""
@@ -87,6 +109,11 @@ class ReluFeatureMap(FeatureMap):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x)
+
+    def query_vjp(self, x, y, g):
+        return torch.where(y > 0, g, torch.zeros((), dtype=g.dtype))
+
+    key_vjp = query_vjp
 
 
 class _CallableFeatureMap(FeatureMap):
@@ -184,30 +211,39 @@ class FavorPlus(torch.nn.Module, FeatureMap):
         w = self.projection.to(dtype=dtype, device=device)
         return (0.5 * (w * w).sum(-1) - 40.0).clamp_min(0.0)  # (F,)
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """W' = W / D^(1/4) (F × D) in x's dtype and device, so that w·x' = W'x."""
+        self._check_dim(x)
+        return self.projection.to(dtype=x.dtype, device=x.device) * self.head_dim**-0.25
+
+    def _logits(self, x: torch.Tensor, w: torch.Tensor, sign: float) -> torch.Tensor:
+        """x W'ᵀ + sign · c (…, L, F), the shift c added by the matmul itself (addmm)."""
+        shift = self._shift(x.dtype, x.device)
+        flat = x.reshape(-1, x.shape[-1])
+        logf = torch.addmm(shift.mul_(sign), flat, w.T) if bool(shift.any()) else flat @ w.T
+        return logf.view(*x.shape[:-1], -1)
+
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """exp(w·x' + c_f - max_f(·)): the terms -|x'|²/2 and 1/√F are constant along the row, cancel in
         the normalised output, and are left out (one matmul and three passes over (…, N, F))."""
-        w = self.projection.to(dtype=x.dtype, device=x.device)
-        self._check_dim(x)
-        logf = x @ (w * self.head_dim**-0.25).T  # (..., N, F)
-        shift = self._shift(x.dtype, x.device)
-        if bool(shift.any()):
-            logf = logf + shift
+        logf = self._logits(x, self._scaled(x), 1.0)
         with torch.no_grad():
             stab = logf.amax(-1, keepdim=True)  # per query row: cancels in num / den
         return logf.sub_(stab).exp_()  # matmul/add backward do not read their output: in place is safe
 
     def key(self, x: torch.Tensor) -> torch.Tensor:
         """exp(w·x' - |x'|²/2 - c_f); 1/√F (the same for every key) cancels and is left out."""
-        w = self.projection.to(dtype=x.dtype, device=x.device)
-        self._check_dim(x)
         half_sq = (-0.5 / self.head_dim**0.5) * x.pow(2).sum(-1, keepdim=True)  # -|x'|²/2, (..., S, 1)
-        shift = self._shift(x.dtype, x.device)
-        wt = (w * self.head_dim**-0.25).T  # (D, F)
-        logf = (x @ wt).add_(half_sq)  # matmul's backward does not read its output: in place is safe
-        if bool(shift.any()):
-            logf = logf.sub_(shift)
-        return logf.exp_()
+        return self._logits(x, self._scaled(x), -1.0).add_(half_sq).exp_()
+
+    def query_vjp(self, x, y, g):
+        """y = exp(W'x + c - stab) with the row stabiliser held constant (it cancels): (g ⊙ y) W'."""
+        return (g * y) @ self._scaled(x)
+
+    def key_vjp(self, x, y, g):
+        """y = exp(W'x - |x|²/(2√D) - c): (g ⊙ y) W' - (Σ_f g ⊙ y) x / √D."""
+        gy = g * y
+        return torch.addcmul(gy @ self._scaled(x), gy.sum(-1, keepdim=True), x, value=-self.head_dim**-0.5)
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluFeatureMap, "relu": ReluFeatureMap}
@@ -242,6 +278,11 @@ class _Identity(FeatureMap):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def query_vjp(self, x, y, g):
+        return g
+
+    key_vjp = query_vjp
 
 
 #: feature maps without learnable parameters, acting row by row: computed inside the cores, chunk by
@@ -305,14 +346,6 @@ def _blocks(BH: int, L: int, width: int, itemsize: int, unit: int = 1):
     for h in range(0, BH, heads):
         for r in range(0, L, rows):
             yield slice(h, min(h + heads, BH)), slice(r, min(r + rows, L))
-
-
-def _with_grad(fn, x: torch.Tensor):
-    """fn(x) of a block recomputed under autograd, and the map g -> ∂L/∂x given g = ∂L/∂fn(x)."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_()
-        y = fn(x)
-    return y, lambda g: torch.autograd.grad(y, x, g)[0]
 
 
 def _divide(res: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,15 +413,15 @@ class _NonCausal(torch.autograd.Function):
         gkvz = torch.zeros_like(kvz)  # ∂L/∂[Σ φ(k) vᵀ | Σ φ(k)]
         for h, r in _blocks(BH, R, Fd, q.element_size()):
             gres = _grad_res(g[h, r], out[h, r], den[h, r])  # (heads, rows, Dv + 1)
-            fq, fq_vjp = _with_grad(fm.query, q[h, r])
+            fq = fm.query(q[h, r])
             gkvz[h].baddbmm_(fq.transpose(1, 2), gres)
-            gq[h, r] = fq_vjp(torch.bmm(gres, kvz[h].transpose(1, 2)))
+            gq[h, r] = fm.query_vjp(q[h, r], fq, torch.bmm(gres, kvz[h].transpose(1, 2)))
         gkv, gz = gkvz[..., :Dv], gkvz[..., Dv:].transpose(1, 2)  # (BH, F, Dv), (BH, 1, F)
         for h, r in _blocks(BH, S, Fd, q.element_size()):
             kp = None if keep is None else keep[h, r]
-            fk, fk_vjp = _with_grad(fm.key, k[h, r])
+            fk = fm.key(k[h, r])
             gv[h, r] = torch.bmm(_masked(fk, kp), gkv[h])
-            gk[h, r] = fk_vjp(_masked(torch.baddbmm(gz[h], v[h, r], gkv[h].transpose(1, 2)), kp))
+            gk[h, r] = fm.key_vjp(k[h, r], fk, _masked(torch.baddbmm(gz[h], v[h, r], gkv[h].transpose(1, 2)), kp))
         return gq, gk, gv, None, None, None
 
 
@@ -450,8 +483,7 @@ class _Causal(torch.autograd.Function):
                 gstate = torch.zeros_like(start)
             hb, Lb = start.shape[0], r.stop - r.start
             kp = None if keep is None else keep[h, r]
-            fq_raw, fq_vjp = _with_grad(fm.query, q[h, r])
-            fk_raw, fk_vjp = _with_grad(fm.key, k[h, r])
+            fq_raw, fk_raw = fm.query(q[h, r]), fm.key(k[h, r])
             fq, fk, v1, st, scores, _ = _Causal._block(fq_raw, _masked(fk_raw, kp), v[h, r], start, C)
             gres = _grad_res(g[h, r].reshape(-1, C, Dv), out[h, r].reshape(-1, C, Dv),
                              den[h, r].reshape(-1, C, 1))
@@ -465,8 +497,8 @@ class _Causal(torch.autograd.Function):
             gfq = torch.baddbmm(torch.bmm(gscores, fk), gres, st.transpose(1, 2))
             gfk = torch.baddbmm(torch.bmm(gscores.transpose(1, 2), fq), v1, gkv.transpose(1, 2))
             gv1 = torch.baddbmm(torch.bmm(scores.transpose(1, 2), gres), fk, gkv)
-            gq[h, r] = fq_vjp(gfq.view(hb, Lb, Fd))
-            gk[h, r] = fk_vjp(_masked(gfk.view(hb, Lb, Fd), kp))
+            gq[h, r] = fm.query_vjp(q[h, r], fq_raw, gfq.view(hb, Lb, Fd))
+            gk[h, r] = fm.key_vjp(k[h, r], fk_raw, _masked(gfk.view(hb, Lb, Fd), kp))
             gv[h, r] = gv1.view(hb, Lb, Dv + 1)[..., :Dv]
         return gq, gk, gv, None, None, None, None
 
