@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import approx, nn, registry
+from . import approx, integrations, nn, registry
 from .approx import linear_attention
 from .cost import PatternStats, pattern_stats
 from .dynamic import LSH, DynamicPattern, ProbSparse, Routing, TopK, explain, kept_stats
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention", "reference_attention", "mechanisms", "registry", "pattern_stats", "PatternStats",
-    "linear_attention", "approx", "nn",
+    "linear_attention", "approx", "nn", "integrations",
     "Pattern", "BlockLayout", "Union", "Intersection", "PerHead",
     "Full", "Causal", "SlidingWindow", "Strided", "BlockLocal", "Global", "RandomBlocks",
     "Longformer", "BigBird",

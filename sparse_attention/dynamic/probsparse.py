@@ -3,10 +3,14 @@
 Only the "active" queries attend; the rest ("lazy") output a cheap summary of V.
 
 1. Each query i scores a sample of ``ceil(factor * ln S)`` keys drawn uniformly (with
-   replacement, one draw per query, shared by batch and heads) from a generator seeded
-   with ``seed``; its sparsity measurement is M(q_i) = max_j s_ij - mean_j s_ij over
-   that sample (s = q.k * scale), padded keys left out. With a key padding mask and
-   N == S (self-attention), padded queries are never active.
+   replacement) from a generator seeded with ``seed``; its sparsity measurement is
+   M(q_i) = max_j s_ij - mean_j s_ij over that sample (s = q.k * scale), padded keys left
+   out. One sample is drawn per block of SAMPLE_BLOCK = 64 consecutive queries, shared by
+   the block, the batch and the heads: each query's sample is still uniform, as the
+   definition asks, and a block's scores are one small matmul instead of a gather of
+   N x sample x D keys (the official code's per-query draw; HF shares one draw among all
+   queries). With a key padding mask and N == S (self-attention), padded queries are
+   never active.
 2. The ``u = ceil(factor * ln N)`` queries with the largest M (per batch and head)
    attend to every allowed key (all keys; causal: keys at or before the query's
    position, bottom-right aligned; padded keys never).
@@ -31,6 +35,8 @@ from .._checks import check_bool, check_int
 from ..reference import masked_softmax
 from .base import DynamicPattern
 from .topk import grouped_scores, grouped_values
+
+SAMPLE_BLOCK = 64  # consecutive queries sharing one key sample
 
 
 class ProbSparse(DynamicPattern):
@@ -81,18 +87,21 @@ class ProbSparse(DynamicPattern):
         B, H, N, D = q.shape
         S = k.shape[2]
         scale = D**-0.5 if scale is None else scale
+        nb = -(-N // SAMPLE_BLOCK)
         g = torch.Generator().manual_seed(self.seed)
-        sample = torch.randint(S, (N, self.num_samples(S)), generator=g).to(q.device)  # (N, s)
+        sample = torch.randint(S, (nb, self.num_samples(S)), generator=g).to(q.device)  # (blocks, s)
         with torch.no_grad():
-            ks = k[:, :, sample]  # (B, Hkv, N, s, D)
-            G = H // k.shape[1]
+            Hkv = k.shape[1]
             acc = torch.promote_types(q.dtype, torch.float32)
-            qs = q.to(acc).view(B, k.shape[1], G, N, 1, D)
-            s = torch.matmul(qs, ks.to(acc).unsqueeze(2).transpose(-1, -2)).view(B, H, N, -1) * scale
+            ks = k[:, :, sample].to(acc)  # (B, Hkv, blocks, s, D)
+            qp = F.pad(q.to(acc), (0, 0, 0, nb * SAMPLE_BLOCK - N))  # whole blocks (B, H, nb·64, D)
+            qs = qp.view(B, Hkv, H // Hkv, nb, SAMPLE_BLOCK, D)
+            s = torch.matmul(qs, ks.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, blocks, 64, s)
+            s = s.view(B, H, nb * SAMPLE_BLOCK, -1)[:, :, :N] * scale  # (B, H, N, s)
             if key_padding_mask is None:
                 m = s.amax(-1) - s.mean(-1)  # (B, H, N)
             else:  # sampled padded keys do not count; padded queries (N == S) are never active
-                real = ~key_padding_mask[:, sample].unsqueeze(1)  # (B, 1, N, s)
+                real = ~key_padding_mask[:, sample].repeat_interleave(SAMPLE_BLOCK, 1)[:, None, :N]  # (B, 1, N, s)
                 count = real.sum(-1)
                 top = s.masked_fill(~real, float("-inf")).amax(-1)
                 mean = (s * real).sum(-1) / count.clamp_min(1)
