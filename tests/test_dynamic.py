@@ -170,6 +170,32 @@ def test_lsh_equals_dense_attention_over_the_union_of_rounds(mech, shape, dtype)
     _compare_over_kept(mech, q, k, v, padding_mask(B, S))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
+@pytest.mark.parametrize("exclude_self", [False, True], ids=["", "shared-qk"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 130, 130, 8, 5), (1, 2, 1, 64, 90, 8, 8), (2, 2, 2, 37, 37, 4, 4)],
+                         ids=lambda s: "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s))
+def test_lsh_fused_kernel_path_equals_the_plain_path(shape, causal, exclude_self, masked):
+    """One round runs on the fused CPU kernel (sorted chunks as items, key windows as strided views); in
+    float64 its output and gradients equal the plain-op path of any number of rounds, restricted to one."""
+    B, Hq, Hkv, N, S, D, Dv = shape
+    if exclude_self and N != S:
+        pytest.skip("shared-QK needs N == S")
+    mech = LSH(16, seed=1, causal=causal, exclude_self=exclude_self)
+    kpm = padding_mask(B, S) if masked else None
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=torch.float64)
+    g = torch.randn(B, Hq, N, Dv, dtype=torch.float64)
+
+    def plain(a, b, c):
+        qo, ko, qc, kc, C, ks = mech._chunks(a, b, kpm)
+        return mech._attend_math(a, b, c, qo, ko, qc, kc, C, ks, kpm, D**-0.5, 0.0)
+
+    fused = run_and_grad(lambda a, b, c: mech.attend(a, b, c, key_padding_mask=kpm, scale=D**-0.5, dropout_p=0.0),
+                         q, k, v, g)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), fused, run_and_grad(plain, q, k, v, g), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_lsh_union_grows_with_rounds_and_one_chunk_is_full_attention():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 8, seed=18, requires_grad=False)
     one, three = explain(q, k, LSH(8, n_hashes=1, seed=4)), explain(q, k, LSH(8, n_hashes=3, seed=4))

@@ -19,6 +19,11 @@ chunk. A causal query never attends a future key, but, as in Reformer, which pas
 keys share its chunk depends on the hashes of all keys (the sort is global), so
 changing a future *key* can change which past keys it sees; future *values* never
 matter. Memory is O(N * bucket_size * n_hashes); nothing of size N x S is built.
+
+Execution: one round on CPU (no dropout, finite inputs) runs on PyTorch's fused flash
+kernel, the sorted query chunks as a batch of items, each against a strided window of the
+sorted keys (previous chunk and its own); several rounds (or dropout, non-finite inputs,
+other devices) use plain differentiable ops. Both give the same pairs and results.
 """
 
 from __future__ import annotations
@@ -26,8 +31,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .._checks import check_bool, check_int
+from ..engine.blocksparse import _bwd as _kernel_bwd
+from ..engine.blocksparse import _fwd as _kernel_fwd
+from ..engine.blocksparse import all_finite
 from .base import DynamicPattern
 
 
@@ -86,7 +96,10 @@ class LSH(DynamicPattern):
     def hash(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         """x (B, H, L, D), rot (R, D, nb/2) -> bucket ids (R, B, H, L)."""
         proj = torch.einsum("bhld,rdk->rbhlk", x, rot)
-        return torch.cat([proj, -proj], dim=-1).argmax(-1)
+        # argmax over [proj, -proj] without building it: the largest |entry|, first index on ties
+        top, arg_top = proj.max(-1)
+        bottom, arg_bottom = proj.min(-1)
+        return torch.where(top >= -bottom, arg_top, arg_bottom + proj.shape[-1])
 
     def _chunks(self, q, k, key_padding_mask=None):
         """Per round: sort orders and chunk ids of queries and keys.
@@ -145,12 +158,44 @@ class LSH(DynamicPattern):
 
     # --- attention ---------------------------------------------------------------------
     def attend(self, q, k, v, *, key_padding_mask, scale, dropout_p):
+        N, S = q.shape[2], k.shape[2]
+        self._check_self(N, S)
+        q_order, k_order, q_chunk, k_chunk, C, ks = self._chunks(q, k, key_padding_mask)
+        if self.n_hashes == 1 and dropout_p == 0 and q.device.type == "cpu" and all_finite(q, k, v):
+            return self._attend_kernel(q, k, v, q_order[0], k_order[0], C, ks, key_padding_mask, scale)
+        return self._attend_math(q, k, v, q_order, k_order, q_chunk, k_chunk, C, ks, key_padding_mask, scale,
+                                 dropout_p)
+
+    def _attend_kernel(self, q, k, v, q_order, k_order, C, ks, key_padding_mask, scale):
+        """One round on PyTorch's fused CPU flash kernel: the sorted queries form C items of bucket_size
+        rows, each against a window of 2·ks sorted keys (the previous chunk and its own), read as a
+        strided view of the sorted keys behind one empty chunk. Same pairs as _attend_math."""
+        B, Hq, N, _ = q.shape
+        S = k.shape[2]
+        bs = self.bucket_size
+        # slot -> original index (-1: no token): queries C·bs slots; keys an empty chunk, then C·ks slots
+        q_idx = F.pad(q_order, (0, C * bs - N), value=-1)  # (B, H, C·bs)
+        k_idx = F.pad(k_order, (ks, C * ks - S), value=-1)  # (B, H, (C + 1)·ks)
+        k_win = _windows(k_idx.unsqueeze(-1), ks).squeeze(-1)  # (B, H, C, 2ks), a view
+        q_slot = q_idx.view(B, Hq, C, bs)
+        valid = (k_win >= 0).unsqueeze(-2)  # (B, H, C, 1, 2ks): key slots holding a token
+        if key_padding_mask is not None:
+            padded = key_padding_mask.view(B, 1, 1, S).expand(B, Hq, C, S)
+            valid = valid & ~padded.gather(-1, k_win.clamp(min=0)).unsqueeze(-2)
+        if self.causal:
+            valid = valid & (k_win.unsqueeze(-2) <= q_slot.unsqueeze(-1) + (S - N))
+        if self.exclude_self:  # a query's own key only when it has no other key
+            is_self = k_win.unsqueeze(-2) == q_slot.unsqueeze(-1)
+            valid = valid & ~(is_self & (valid & ~is_self).any(-1, keepdim=True))
+        return _SortedChunks.apply(q, k, v, q_idx, k_idx, valid, scale, ks)
+
+    def _attend_math(self, q, k, v, q_order, k_order, q_chunk, k_chunk, C, ks, key_padding_mask, scale,
+                     dropout_p):
+        """Every round with plain differentiable ops, merged through the rounds' log-sum-exps."""
         B, Hq, N, D = q.shape
         S, Dv = k.shape[2], v.shape[3]
-        self._check_self(N, S)
         G = Hq // k.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
-        q_order, k_order, q_chunk, k_chunk, C, ks = self._chunks(q, k, key_padding_mask)
         R, bs = self.n_hashes, self.bucket_size
         kx = k.repeat_interleave(G, dim=1)  # (B, Hq, S, D)
         vx = v.repeat_interleave(G, dim=1)
@@ -204,6 +249,90 @@ class LSH(DynamicPattern):
         total = torch.logsumexp(lse, 0)
         w = torch.exp(lse - torch.where(torch.isneginf(total), torch.zeros_like(total), total))
         return (o * w.unsqueeze(-1)).sum(0).to(q.dtype)
+
+
+def _windows(x: torch.Tensor, ks: int) -> torch.Tensor:
+    """x (B, H, (C + 1)·ks, E) -> (B, H, C, 2ks, E): window c is rows c·ks .. (c + 2)·ks (chunk c - 1 of the
+    sorted keys, then chunk c), a strided view."""
+    B, H, L, E = x.shape
+    sb, sh, sl, se = x.stride()
+    return x.as_strided((B, H, L // ks - 1, 2 * ks, E), (sb, sh, ks * sl, sl, se), x.storage_offset())
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, L, E), idx (B, Hq, M) indices into L (>= 0) of query head h's key/value head h // G
+    -> (B, Hq, M, E), by one index_select over the flattened rows."""
+    B, Hkv, L, E = x.shape
+    Hq = idx.shape[1]
+    base = (torch.arange(B, device=idx.device).view(B, 1) * Hkv
+            + torch.arange(Hq, device=idx.device).view(1, Hq) // (Hq // Hkv)) * L
+    flat = (idx + base.unsqueeze(-1)).flatten()
+    return x.reshape(B * Hkv * L, E).index_select(0, flat).view(*idx.shape, E), flat
+
+
+class _SortedChunks(torch.autograd.Function):
+    """LSH attention of one round on the fused kernel; gathers and scatters by index_select / index_add.
+
+    q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); q_idx (B, Hq, C·bs) and k_idx (B, Hq, (C + 1)·ks)
+    the sorted slots' original indices (-1 = empty); valid (B, Hq, C, bs or 1, 2ks) bool, True = attend.
+    Returns (B, Hq, N, Dv). The sorted q, k, v are kept for the backward (O(N·D), no regathering).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_idx, k_idx, valid, scale, ks):
+        B, Hq, N, D = q.shape
+        Dv = v.shape[-1]
+        C = k_idx.shape[-1] // ks - 1
+        E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
+        qs, _ = _rows(q, q_idx.clamp(min=0))
+        kk, kflat = _rows(k, k_idx.clamp(min=0))
+        vv, _ = _rows(v, k_idx.clamp(min=0))
+        if D != Dv:
+            qs, kk, vv = (F.pad(t, (0, E - t.shape[-1])) for t in (qs, kk, vv))
+        qs, kk, vv = qs.view(B * Hq, C, -1, E), kk.view(B * Hq, 1, -1, E), vv.view(B * Hq, 1, -1, E)
+        valid = valid.reshape(B * Hq, C, valid.shape[-2], -1)
+        add = torch.zeros((), dtype=qs.dtype).expand(valid.shape).masked_fill(~valid, float("-inf"))
+        o, lse = _kernel_fwd(qs, _windows(kk, ks).squeeze(1), _windows(vv, ks).squeeze(1), 0.0, False,
+                             attn_mask=add, scale=scale)
+        lse = torch.where(valid.any(-1), lse, torch.full_like(lse, float("-inf")))  # kernel says 0: no key
+        # back to the original order (the first N slots are the sort order, a permutation of 0..N-1)
+        order = q_idx[..., :N]
+        slot = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=q.device).expand_as(order))
+        slot = slot.unsqueeze(-1).expand(B, Hq, N, E)
+        out = o.view(B, Hq, -1, E).gather(2, slot)
+        ctx.save_for_backward(qs, kk, vv, q_idx, slot, add, o, lse, kflat)
+        ctx.scale, ctx.ks, ctx.shapes = scale, ks, (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype)
+        return out[..., :Dv].contiguous() if D != Dv else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        qs, kk, vv, q_idx, slot, add, o, lse, kflat = ctx.saved_tensors
+        (B, Hq, N, D), (_, Hkv, S, _), (*_, Dv), q_dtype, k_dtype, v_dtype = ctx.shapes
+        BH, C, bs, E = o.shape
+        ks = ctx.ks
+        # the output gradient in sorted order; empty query slots get 0
+        gsort = g.to(o.dtype).gather(2, q_idx.clamp(min=0).unsqueeze(-1).expand(B, Hq, q_idx.shape[-1], Dv))
+        gsort = gsort.masked_fill((q_idx < 0).unsqueeze(-1), 0.0)
+        if D != Dv:
+            gsort = F.pad(gsort, (0, E - Dv))
+        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # rows with no key: p = 0
+        gq, gk, gv = _kernel_bwd(gsort.view(BH, C, bs, E), qs, _windows(kk, ks).squeeze(1),
+                                 _windows(vv, ks).squeeze(1), o, lse, 0.0, False, attn_mask=add, scale=ctx.scale)
+        dq = gq.reshape(B, Hq, -1, E).gather(2, slot)  # every query has exactly one slot
+        dk, dv = (_fold_windows(t, ks, kflat, B * Hkv * S).view(B, Hkv, S, E) for t in (gk, gv))
+        return (dq[..., :D].to(q_dtype), dk[..., :D].to(k_dtype), dv[..., :Dv].to(v_dtype),
+                None, None, None, None, None)
+
+
+def _fold_windows(gw: torch.Tensor, ks: int, kflat: torch.Tensor, rows: int) -> torch.Tensor:
+    """Gradients of the key windows (BH, C, 2ks, E) -> per original key row (rows, E). Sorted chunk c sits
+    in window c (second half) and window c + 1 (first half); kflat maps the sorted slots (the empty front
+    chunk first) to rows, where query heads sharing a key/value head add up."""
+    BH, C, _, E = gw.shape
+    own = gw[:, :, ks:].contiguous()  # (BH, C, ks, E): chunk c in its own window (a copy)
+    own[:, :-1] += gw[:, 1:, :ks]  # ... and as the previous chunk of window c + 1
+    return gw.new_zeros(rows, E).index_add_(0, kflat.view(BH, -1)[:, ks:].reshape(-1), own.view(-1, E))
 
 
 def _pair_counts(q_chunk, k_chunk, qq, kq) -> torch.Tensor:
