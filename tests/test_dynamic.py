@@ -196,6 +196,16 @@ def test_lsh_fused_kernel_path_equals_the_plain_path(shape, causal, exclude_self
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_lsh_hashes_in_row_chunks(monkeypatch):
+    """Hashing is chunked over rows (the default bucket count grows with L); any chunking gives the same ids."""
+    from sparse_attention.dynamic import lsh
+
+    x, rot = torch.randn(2, 3, 100, 16), torch.randn(2, 16, 40)
+    whole = LSH.hash(x, rot)
+    monkeypatch.setattr(lsh, "HASH_CHUNK_ELEMENTS", 2 * 2 * 3 * 40 * 7)  # 7 rows per chunk
+    assert torch.equal(LSH.hash(x, rot), whole)
+
+
 def test_lsh_union_grows_with_rounds_and_one_chunk_is_full_attention():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 8, seed=18, requires_grad=False)
     one, three = explain(q, k, LSH(8, n_hashes=1, seed=4)), explain(q, k, LSH(8, n_hashes=3, seed=4))

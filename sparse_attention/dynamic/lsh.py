@@ -41,6 +41,9 @@ from ..engine.blocksparse import all_finite
 from .base import DynamicPattern
 
 
+HASH_CHUNK_ELEMENTS = 1 << 22  # projections computed at once by LSH.hash (16 MB in float32)
+
+
 class LSH(DynamicPattern):
     """Angular-LSH bucketed attention; see the module docstring.
 
@@ -94,12 +97,22 @@ class LSH(DynamicPattern):
 
     @staticmethod
     def hash(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """x (B, H, L, D), rot (R, D, nb/2) -> bucket ids (R, B, H, L)."""
-        proj = torch.einsum("bhld,rdk->rbhlk", x, rot)
-        # argmax over [proj, -proj] without building it: the largest |entry|, first index on ties
-        top, arg_top = proj.max(-1)
-        bottom, arg_bottom = proj.min(-1)
-        return torch.where(top >= -bottom, arg_top, arg_bottom + proj.shape[-1])
+        """x (B, H, L, D), rot (R, D, nb/2) -> bucket ids (R, B, H, L).
+
+        Rows are hashed in chunks of about HASH_CHUNK_ELEMENTS projections: with the default
+        n_buckets ~ 2L / bucket_size the projections alone would be O(L²) memory.
+        """
+        B, H, L, _ = x.shape
+        R, half = rot.shape[0], rot.shape[-1]
+        rows = max(1, HASH_CHUNK_ELEMENTS // (R * B * H * half))
+        out = []
+        for a in range(0, L, rows):
+            proj = torch.einsum("bhld,rdk->rbhlk", x[:, :, a:a + rows], rot)
+            # argmax over [proj, -proj] without building it: the largest |entry|, first index on ties
+            top, arg_top = proj.max(-1)
+            bottom, arg_bottom = proj.min(-1)
+            out.append(torch.where(top >= -bottom, arg_top, arg_bottom + half))
+        return out[0] if len(out) == 1 else torch.cat(out, -1)
 
     def _chunks(self, q, k, key_padding_mask=None):
         """Per round: sort orders and chunk ids of queries and keys.
