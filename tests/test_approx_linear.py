@@ -124,7 +124,8 @@ def test_blocking_does_not_change_results(causal, fmap, budget, monkeypatch):
     whole = run_and_grad(fn, q, k, v, g)
     width = 8 if fmap == "favor+" else D  # features per row: blocks hold about _BLOCK_BYTES of them
     rows = {"head-groups": 2 * N, "row-blocks": 16, "tiny": 1}[budget]  # rows of features per block
-    monkeypatch.setattr(linear, "_BLOCK_BYTES", rows * max(width, 8) * 8)
+    share = linear._CAUSAL_SHARE if causal else 1
+    monkeypatch.setattr(linear, "_BLOCK_BYTES", share * rows * max(width, 8) * 8)
     blocked = run_and_grad(fn, q, k, v, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), blocked, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")

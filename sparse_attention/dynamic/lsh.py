@@ -40,7 +40,6 @@ from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite
 from .base import DynamicPattern
 
-
 HASH_CHUNK_ELEMENTS = 1 << 22  # projections computed at once by LSH.hash (16 MB in float32)
 
 
