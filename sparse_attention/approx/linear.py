@@ -12,15 +12,15 @@ Papers:
   * The chunked causal form (quadratic inside a chunk, a running KᵀV state between chunks) follows
     Hua et al., "Transformer Quality in Linear Time", arXiv:2202.10447, and flash-linear-attention.
 
-Causal mode, memory and gradients. The sequence is cut into chunks of ``chunk_size`` (C) keys, and
-the chunks into segments of up to 16384 rows processed one after another with a carried state. In a
-segment all chunks are handled at once: each chunk's φ(K_c)ᵀ[V_c, 1] (F × (Dv + 1), the last column
-is the denominator's Σφ(k)), an exclusive prefix sum of those over chunks (the state every chunk starts
-from), and the masked C × C block of φ(Q_c)φ(K_c)ᵀ. Nothing of size N × N is ever built. Per head,
-forward memory is O(N·(F + Dv)) for the features plus, per segment, O(T·C + T·F·Dv/C) (T rows):
-without gradients that is bounded independently of N, so O(N·D + chunk²)-like. With gradients
-autograd keeps every segment's tensors, O(N·(F + Dv + C + F·Dv/C)), which is O(N·D) for C ≥ F
-(no custom backward). Time is O(N·(C·(F + Dv) + F·Dv)).
+Execution, memory and gradients. Both modes run in blocks of rows (see "the cores" below): features
+are computed block by block and recomputed in the backward, which is written by hand. Causal mode cuts
+the sequence into chunks of ``chunk_size`` (C) keys; the blocks are visited in order with a carried
+state, and inside a block all chunks are handled at once: each chunk's φ(K_c)ᵀ[V_c, 1] (F × (Dv + 1),
+the last column is the denominator's Σφ(k)), an exclusive prefix sum of those over chunks (the state
+every chunk starts from), and the masked C × C block of φ(Q_c)φ(K_c)ᵀ. Nothing of size N × N is ever
+built. Memory beyond q, k, v and the output: without gradients a block's working set (independent of
+N); with gradients the denominators, and in causal mode each chunk's state and C × C scores,
+O(N·(C + F·Dv/C)) per head, which is O(N·D) for C ~ D. Time is O(N·(C·(F + Dv) + F·Dv)).
 
 Numerics. Half-precision inputs are computed in float32 and cast back. The normaliser is guarded:
 a row whose denominator is 0 (every key padded, or ReLU features that are all zero) gives output 0
@@ -325,7 +325,8 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
 # are computed per block and recomputed in the backward, so nothing of size N × F is kept or even
 # allocated whole: every temporary is block-sized and recycled by the allocator (fresh tensors of
 # tens of MB are page-faulted in at a few GB/s on CPU, slower than the arithmetic on them). Saved
-# for the backward: q, k, v, the output, its denominators (BH, N, 1), and the small states. Autograd
+# for the backward: q, k, v, the output, its denominators (BH, N, 1), the small states, and in causal
+# mode each block's chunk states and masked scores (recomputing them cost ~7% of fwd+bwd). Autograd
 # over whole-tensor ops would be correct too, but costs ~30 full passes and N·(F + C) saved floats.
 
 _BLOCK_BYTES = 4 << 20
@@ -459,6 +460,7 @@ class _Causal(torch.autograd.Function):
         Fd = fm.num_features(q.shape[-1])
         out, den = q.new_empty(BH, L, Dv), q.new_empty(BH, L, 1)
         starts = []  # the state at the start of each block, for the backward
+        kept = [] if any(ctx.needs_input_grad[:3]) else None  # each block's (st, scores), for the backward
         state = None
         for h, r in _blocks(BH, L, max(Fd, C), q.element_size(), unit=C, share=_CAUSAL_SHARE):
             if r.start == 0:
@@ -466,9 +468,11 @@ class _Causal(torch.autograd.Function):
             starts.append(state)
             fk = _masked(fm.key(k[h, r]), None if keep is None else keep[h, r])
             fq, _, v1, st, scores, state = _Causal._block(fm.query(q[h, r]), fk, v[h, r], state, C)
+            if kept is not None:
+                kept.append((st, scores))
             o, d = _divide(torch.baddbmm(torch.bmm(scores, v1), fq, st), eps)
             out[h, r], den[h, r] = o.view(-1, r.stop - r.start, Dv), d.view(-1, r.stop - r.start, 1)
-        ctx.fm, ctx.C, ctx.starts = fm, C, starts
+        ctx.fm, ctx.C, ctx.starts, ctx.kept = fm, C, starts, kept
         ctx.save_for_backward(q, k, v, keep, out, den)
         return out
 
@@ -481,13 +485,15 @@ class _Causal(torch.autograd.Function):
         gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         blocks = list(_blocks(BH, L, max(Fd, C), q.element_size(), unit=C, share=_CAUSAL_SHARE))
         gstate = None  # ∂L/∂(state after the block), from the later blocks of the same heads
-        for (h, r), start in zip(reversed(blocks), reversed(ctx.starts), strict=True):
+        for i, ((h, r), start) in reversed(list(enumerate(zip(blocks, ctx.starts, strict=True)))):
             if r.stop == L:
                 gstate = torch.zeros_like(start)
             hb, Lb = start.shape[0], r.stop - r.start
             kp = None if keep is None else keep[h, r]
             fq_raw, fk_raw = fm.query(q[h, r]), fm.key(k[h, r])
-            fq, fk, v1, st, scores, _ = _Causal._block(fq_raw, _masked(fk_raw, kp), v[h, r], start, C)
+            st, scores = ctx.kept[i]  # (the backward runs only when some input needs a gradient)
+            fq, fk = fq_raw.view(-1, C, Fd), _masked(fk_raw, kp).view(-1, C, Fd)
+            v1 = _with_ones(v[h, r]).view(-1, C, Dv + 1)
             gres = _grad_res(g[h, r].reshape(-1, C, Dv), out[h, r].reshape(-1, C, Dv),
                              den[h, r].reshape(-1, C, 1))
             gst = torch.bmm(fq.transpose(1, 2), gres).view(hb, Lb // C, Fd, Dv + 1)
