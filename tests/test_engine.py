@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import check_against_reference, make_qkv, padding_mask
+from conftest import check_against_reference, make_qkv, padding_mask, run_and_grad
 
 import sparse_attention as sa
 from sparse_attention.engine import _run_blocksparse
@@ -226,3 +226,29 @@ def test_long_sequences_auto_backend(name, NS):
     q, k, v = make_qkv(1, 2, 1, N, S, 16, seed=9)
     kpm = padding_mask(1, S)
     check_against_reference(_call(pattern, "auto", kpm), q, k, v, pattern, key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize(("lead", "Lq", "Lk", "D", "Dv", "row_broadcast"), [
+    ((2, 3), 5, 9, 4, 4, False), ((6,), 7, 7, 4, 3, True), ((2, 2, 3), 4, 10, 8, 8, False)])
+def test_items_attention_matches_masked_softmax(lead, Lq, Lk, D, Dv, row_broadcast):
+    """The fused-kernel batch of independent items (used by Sinkhorn) against plain masked softmax in fp64,
+    output and gradients; rows with no allowed key give 0, a mask may broadcast over rows."""
+    from sparse_attention.engine.blocksparse import items_attention
+    from sparse_attention.reference import masked_softmax
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*lead, L, E, generator=gen, dtype=torch.float64)
+               for L, E in ((Lq, D), (Lk, D), (Lk, Dv)))
+    allowed = torch.rand(*lead, 1 if row_broadcast else Lq, Lk, generator=gen) < 0.6
+    if not row_broadcast:
+        allowed[..., 0, :] = False  # a row with no key
+    g = torch.randn(*lead, Lq, Dv, generator=gen, dtype=torch.float64)
+
+    def plain(a, b, c):
+        return masked_softmax(a @ b.transpose(-1, -2) * 0.3, allowed.expand(*lead, Lq, Lk)) @ c
+
+    fast = run_and_grad(lambda a, b, c: items_attention(a, b, c, allowed, scale=0.3), q, k, v, g)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), fast, run_and_grad(plain, q, k, v, g), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    if not row_broadcast:
+        assert torch.equal(fast[0][..., 0, :], torch.zeros_like(fast[0][..., 0, :]))

@@ -18,6 +18,9 @@ over rows only (column normalisation would let later blocks' scores leak into ea
 rows); block 0 has no sorted block. With P the identity and causal=False every query
 sees its own block twice with the same values, which leaves the softmax average
 unchanged: block-local attention.
+
+The attention itself runs on PyTorch's fused CPU kernel (``engine.blocksparse.items_attention``:
+every query block is an item against its 2·block keys); the sorting is plain differentiable ops.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_int
-from ..reference import masked_softmax
+from ..engine.blocksparse import items_attention
 
 
 def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.75, hard: bool = False,
@@ -96,18 +99,15 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
     k_sorted = torch.einsum("bhij,bhjtd->bhitd", p, kb)  # (B, H, nb, block, D)
     v_sorted = torch.einsum("bhij,bhjtd->bhitd", p, vb)
     keep_sorted = torch.einsum("bhij,bjt->bhit", p, keep[:, 0].to(acc)) > 0.5  # sorted slot holds real keys
-    local = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (B, H, nb, block, block)
-    far = torch.matmul(qb, k_sorted.transpose(-1, -2)) * scale
-    local_ok = keep.unsqueeze(-2).expand(B, H, nb, block, block)
-    far_ok = keep_sorted.unsqueeze(-2).expand(B, H, nb, block, block)
-    if causal:
-        tri = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-        local_ok = local_ok & tri
     # a row of P with no mass (causal block 0) contributes no sorted block
-    far_ok = far_ok & (p.sum(-1) > 0).view(B, H, nb, 1, 1)
-    s = torch.cat([local.masked_fill(~local_ok, float("-inf")), far.masked_fill(~far_ok, float("-inf"))], -1)
-    w = masked_softmax(s)
-    out = torch.matmul(w, torch.cat([vb, v_sorted], -2))  # (B, H, nb, block, Dv)
+    far_ok = keep_sorted & (p.sum(-1) > 0).view(B, H, nb, 1)  # (B, H, nb, block)
+    local_ok = keep.expand(B, H, nb, block)
+    allowed = torch.cat([local_ok, far_ok], -1).unsqueeze(-2)  # (B, H, nb, 1, 2·block): per key slot
+    if causal:  # inside its own block a query sees keys at or before it
+        tri = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+        allowed = torch.cat([allowed[..., :block] & tri, allowed[..., block:].expand(B, H, nb, block, block)], -1)
+    # each query block against [its own block ; its sorted block] (fused kernel on CPU)
+    out = items_attention(qb, torch.cat([kb, k_sorted], -2), torch.cat([vb, v_sorted], -2), allowed, scale=scale)
     return out.reshape(B, H, nb * block, -1)[:, :, :N].to(q.dtype)
 
 

@@ -368,3 +368,53 @@ def blocksparse_attention(q, k, v, plan: Plan, *, scale: float, key_padding_mask
         for h, segs in enumerate(plan.heads)
     ]
     return torch.cat(outs, dim=1)
+
+
+# --- independent items (used by mechanisms that build their own key sets) -----------------
+
+
+class _ItemsFunction(torch.autograd.Function):
+    """The fused kernel on a batch of items, forward and backward. q (B, I, Lq, E), k, v (B, I, Lk, E),
+    add: additive mask broadcastable to (B, I, Lq, Lk) with 0 / -inf, and allowed (its bool form)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, add, has_key, scale):
+        o, lse = _fwd(q, k, v, 0.0, False, attn_mask=add, scale=scale)
+        # a row with no allowed key: the kernel reports lse 0; +inf makes every exp(score - lse) 0 below
+        lse = torch.where(has_key, lse, torch.full_like(lse, float("inf")))
+        ctx.save_for_backward(q, k, v, add, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, add, o, lse = ctx.saved_tensors
+        gq, gk, gv = _bwd(g.contiguous(), q, k, v, o, lse, 0.0, False, attn_mask=add, scale=ctx.scale)
+        return gq, gk, gv, None, None, None
+
+
+def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, *,
+                    scale: float) -> torch.Tensor:
+    """Softmax attention inside each of a batch of independent items, with gradients.
+
+    q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) with the same leading dims; ``allowed`` bool
+    broadcastable to (..., Lq, Lk), True = may attend (None = all). A row with no allowed key gives 0.
+    On CPU with finite inputs this is one call of the fused kernel (no Lq x Lk tensor besides the
+    mask); otherwise plain differentiable ops. Returns (..., Lq, Dv) in q's dtype.
+    """
+    lead, (Lq, D), (Lk, Dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
+    if q.device.type != "cpu" or not all_finite(q, k, v):
+        from ..reference import masked_softmax  # (reference imports nothing from the engine)
+
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        return torch.matmul(masked_softmax(s, allowed), v.to(s.dtype)).to(q.dtype)
+    E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
+    q4, k4, v4 = (F.pad(t, (0, E - t.shape[-1])).reshape(-1, 1, t.shape[-2], E) if t.shape[-1] != E
+                  else t.reshape(-1, 1, t.shape[-2], E) for t in (q, k, v))
+    if allowed is None:
+        allowed = torch.ones((), dtype=torch.bool, device=q.device)
+    allowed = allowed.expand(*lead, allowed.shape[-2], Lk)  # rows may stay broadcast (size 1)
+    allowed = allowed.reshape(-1, 1, *allowed.shape[-2:])
+    add = _additive(allowed, q4.dtype)
+    out = _ItemsFunction.apply(q4, k4, v4, add, allowed.any(-1), scale)
+    return out[..., :Dv].reshape(*lead, Lq, Dv)
