@@ -23,7 +23,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import _fwd, _fwd_bwd, machine, md_table, ms, peak_fwd_bwd, time_group  # noqa: E402
+from bench_core import (  # noqa: E402
+    _fwd,
+    _fwd_bwd,
+    _layer_fwd_bwd,
+    machine,
+    md_table,
+    ms,
+    peak_fwd_bwd,
+    time_group,
+)
 
 import sparse_attention as sa  # noqa: E402
 from sparse_attention.approx import FavorPlus  # noqa: E402
@@ -180,18 +189,6 @@ class _Layer(torch.nn.Module):
         q, k, v = (p(x).view(b, n, H, D).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
         out = self.core(q, k, v)  # (B, H, N, D)
         return self.to_out(out.transpose(1, 2).reshape(b, n, HIDDEN))
-
-
-def _layer_fwd_bwd(module, x):
-    x = x.detach().clone().requires_grad_(True)
-    with torch.no_grad():
-        g = torch.randn_like(module(x))
-
-    def run():
-        module(x).backward(g)
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-    return run
 
 
 def bench_peers(args):

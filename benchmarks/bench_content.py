@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import _fwd, _fwd_bwd, machine, md_table, ms, time_group  # noqa: E402
+from bench_core import _fwd, _fwd_bwd, _layer_fwd_bwd, machine, md_table, ms, time_group  # noqa: E402
 
 import sparse_attention as sa  # noqa: E402
 from sparse_attention.bench import PeakMemory  # noqa: E402
@@ -107,18 +107,6 @@ def _layer_fwd(module, x):
     def run():
         with torch.no_grad():
             module(x)
-    return run
-
-
-def _layer_fwd_bwd(module, x):
-    x = x.detach().clone().requires_grad_(True)
-    with torch.no_grad():
-        g = torch.randn_like(module(x))
-
-    def run():
-        module(x).backward(g)
-        x.grad = None
-        module.zero_grad(set_to_none=True)
     return run
 
 

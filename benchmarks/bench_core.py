@@ -62,6 +62,19 @@ def _fwd_bwd(fn, q, k, v):
     return run
 
 
+def _layer_fwd_bwd(module, x):
+    """A runner of module(x).backward(g) for a (B, N, E) layer (fixed random g), clearing grads."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        g = torch.randn_like(module(x))
+
+    def run():
+        module(x).backward(g)
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+    return run
+
+
 def time_group(contenders: dict, repeats: int, warmup: int = 1, label: str = "", warm=None) -> dict:
     """Alternate contenders inside each repeat; return {name: best seconds} and all samples.
 
