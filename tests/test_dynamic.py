@@ -379,3 +379,19 @@ def test_explicit_backend_is_refused_for_content_based_mechanisms():
     q, k, v = make_qkv(1, 1, 1, 8, 8, 4, requires_grad=False)
     with pytest.raises(ValueError, match="backend='blocksparse'"):
         sa.attention(q, k, v, TopK(2), backend="blocksparse")
+
+
+def test_routing_padding_never_takes_a_real_tokens_slot():
+    """Padded tokens are ranked last in every cluster: with a fixed capacity, the real rows' output does
+    not depend on how many padded tokens follow or what they hold (self-attention, N == S)."""
+    torch.manual_seed(0)
+    B, H, R, D = 1, 2, 20, 8
+    mech = Routing(_centroids((4, D)), capacity=6)
+    real = [torch.randn(B, H, R, D, dtype=torch.float64) for _ in range(3)]
+    outs = []
+    for pad in (3, 9):
+        q, k, v = (torch.cat([t, 50 * torch.randn(B, H, pad, D, dtype=torch.float64)], 2) for t in real)
+        kpm = torch.zeros(B, R + pad, dtype=torch.bool)
+        kpm[:, R:] = True
+        outs.append(sa.attention(q, k, v, mech, key_padding_mask=kpm)[:, :, :R])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)

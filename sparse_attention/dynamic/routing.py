@@ -8,6 +8,8 @@ ceil(S / K)), so a token can belong to several clusters or to none. A query's ke
 the *union* over its clusters, each pair counted once (the score of a pair shared by c
 clusters is lowered by log c in each, then the clusters are merged through their
 log-sum-exps). A query in no cluster, or whose clusters hold no allowed key, outputs 0.
+With a key padding mask, padded keys (and, for self-attention, padded queries) are ranked last
+in every cluster, so padding takes a slot only when too few real tokens are left.
 
 The functional mechanism takes the centroids (H or 1, K, D); ``update_centroids``
 performs the exponential-moving-average k-means step a module applies during training.
@@ -59,8 +61,13 @@ class Routing(DynamicPattern):
     def num_clusters(self) -> int:
         return self.centroids.shape[-2]
 
-    def _members(self, x: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, H, L, D) -> (B, H, K, w) indices of each cluster's w closest tokens, and (B, H, L, K) membership."""
+    def _members(self, x: torch.Tensor, H: int, padding: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, H, L, D) -> (B, H, K, w) indices of each cluster's w closest tokens, and (B, H, L, K) membership.
+
+        ``padding`` (B, L) bool, True = padding: padded tokens come after every real token in each
+        cluster's ranking, so they take a slot only when fewer than w real tokens are left.
+        """
         B, _, L, D = x.shape
         if self.centroids.shape[-1] != D:
             raise ValueError(f"centroids have dim {self.centroids.shape[-1]} but q/k have head dim {D}")
@@ -73,16 +80,20 @@ class Routing(DynamicPattern):
         with torch.no_grad():
             sim = torch.matmul(_normalize(x), _normalize(c).to(torch.promote_types(x.dtype, torch.float32))
                                .transpose(-1, -2).unsqueeze(0))  # (B, H, L, K)
+            if padding is not None:
+                sim = sim.masked_fill(padding[:, None, :, None], float("-inf"))
             idx = sim.topk(w, dim=2).indices.transpose(-1, -2)  # (B, H, K, w)
             member = torch.zeros(B, H, L, K, dtype=torch.bool, device=x.device)
             member.scatter_(2, idx.transpose(-1, -2), True)
         return idx, member
 
-    def _route(self, q, k):
-        H = q.shape[1]
+    def _route(self, q, k, key_padding_mask=None):
+        """Cluster members of queries and keys; padded keys (and, for self-attention, N == S, padded
+        queries) are ranked last, so how much padding a batch holds never takes a real token's slot."""
+        H, N, S = q.shape[1], q.shape[2], k.shape[2]
         kx = k.repeat_interleave(H // k.shape[1], dim=1)
-        qi, qm = self._members(q, H)
-        ki, km = self._members(kx, H)
+        qi, qm = self._members(q, H, key_padding_mask if N == S else None)
+        ki, km = self._members(kx, H, key_padding_mask)
         return qi, qm, ki, km, kx
 
     def _allowed(self, qi, ki, n_q, n_k, key_padding_mask):
@@ -99,7 +110,7 @@ class Routing(DynamicPattern):
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
         B, H, N, _ = q.shape
         S = k.shape[2]
-        qi, qm, ki, km, _ = self._route(q, k)
+        qi, qm, ki, km, _ = self._route(q, k, key_padding_mask)
         kept = torch.einsum("bhnc,bhsc->bhns", qm.to(torch.float32), km.to(torch.float32)) > 0
         static = torch.ones(N, S, dtype=torch.bool, device=q.device)
         if self.causal:
@@ -114,7 +125,7 @@ class Routing(DynamicPattern):
         B, H, N, D = q.shape
         S, Dv = k.shape[2], v.shape[3]
         acc = torch.promote_types(q.dtype, torch.float32)
-        qi, qm, ki, km, kx = self._route(q, k)
+        qi, qm, ki, km, kx = self._route(q, k, key_padding_mask)
         vx = v.repeat_interleave(H // v.shape[1], dim=1)
 
         def take(x, idx):  # x (B, H, L, E), idx (B, H, K, w) -> (B, H, K, w, E)
