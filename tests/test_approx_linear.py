@@ -213,6 +213,10 @@ def test_favor_is_deterministic_and_redraws():
     fresh = FavorPlus(16, 40, seed=3)
     fresh.load_state_dict(a.state_dict())
     assert torch.equal(fresh.projection, a.projection)
+    # the redraw count is saved too: the loaded module's next redraw is the saved one's
+    fresh.redraw()
+    a.redraw()
+    assert fresh.draws == a.draws == 2 and torch.equal(fresh.projection, a.projection)
 
 
 def test_favor_orthogonal_blocks():

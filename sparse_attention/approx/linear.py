@@ -180,6 +180,14 @@ class FavorPlus(torch.nn.Module, FeatureMap):
             w = torch.randn(m, D, generator=gen, dtype=torch.float64)
         return w.to(torch.float32)
 
+    def get_extra_state(self) -> dict:
+        """The redraw count travels with the state_dict, so a loaded module's next redraw is the one the
+        saved module would have drawn (the projection itself is a buffer)."""
+        return {"draws": self.draws}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.draws = int(state["draws"])
+
     @torch.no_grad()
     def redraw(self) -> None:
         """Draw a new projection (deterministic: the k-th redraw of a seed is always the same)."""
