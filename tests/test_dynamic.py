@@ -395,3 +395,28 @@ def test_routing_padding_never_takes_a_real_tokens_slot():
         kpm[:, R:] = True
         outs.append(sa.attention(q, k, v, mech, key_padding_mask=kpm)[:, :, :R])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
+@pytest.mark.parametrize("capacity", [None, 7], ids=["cap-default", "cap7"])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 100, 100, 8, 8), (2, 4, 2, 50, 70, 8, 5)],
+                         ids=lambda s: "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s))
+def test_routing_fused_kernel_path_equals_the_plain_path(shape, causal, masked, capacity, monkeypatch):
+    """Clusters as items on the fused CPU kernel, merged through their log-sum-exps, with the kernel's
+    backward fed each query's merged output and LSE: equal in fp64 (output and gradients) to plain ops."""
+    from sparse_attention.dynamic import routing
+
+    B, Hq, Hkv, N, S, D, Dv = shape
+    mech = Routing(_centroids((4, D)), capacity=capacity, causal=causal)
+    kpm = padding_mask(B, S) if masked else None
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=torch.float64)
+    g = torch.randn(B, Hq, N, Dv, dtype=torch.float64)
+
+    def run(a, b, c):
+        return mech.attend(a, b, c, key_padding_mask=kpm, scale=D**-0.5, dropout_p=0.0)
+
+    fused = run_and_grad(run, q, k, v, g)
+    monkeypatch.setattr(routing, "all_finite", lambda *t: False)  # the plain-op path
+    for name, x, y in zip(("out", "dq", "dk", "dv"), fused, run_and_grad(run, q, k, v, g), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")

@@ -13,6 +13,13 @@ in every cluster, so padding takes a slot only when too few real tokens are left
 
 The functional mechanism takes the centroids (H or 1, K, D); ``update_centroids``
 performs the exponential-moving-average k-means step a module applies during training.
+
+Execution: on CPU (no dropout, finite inputs) the clusters run as a batch of items on
+PyTorch's fused flash kernel and are merged exactly through their log-sum-exps; the
+backward feeds the kernel each query's merged output and log-sum-exp. Otherwise plain
+differentiable ops compute the same thing. Memory: the similarity to the centroids and the
+pair counts are O(N·K) per head, linear in N for a fixed number of clusters (quadratic when
+K grows with N, e.g. K = N / 64).
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .._checks import check_bool, check_int
+from ..engine.blocksparse import _bwd as _kernel_bwd
+from ..engine.blocksparse import _fwd as _kernel_fwd
+from ..engine.blocksparse import all_finite
 from .base import DynamicPattern
 
 
@@ -132,12 +143,17 @@ class Routing(DynamicPattern):
             flat = idx.flatten(2)
             return x.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])).view(*idx.shape, x.shape[-1])
 
+        # pairs shared by several clusters: count them once (each cluster lowers its copy by log(count))
+        with torch.no_grad():
+            shared = torch.einsum("bhkqc,bhkjc->bhkqj", take(qm.to(acc), qi), take(km.to(acc), ki))
+            allowed = self._allowed(qi, ki, N, S, key_padding_mask)
+        if dropout_p == 0 and q.device.type == "cpu" and all_finite(q, k, v):
+            bias = torch.where(allowed, -torch.log(shared.clamp(min=1)), float("-inf"))  # (B, H, K, wq, wk)
+            return _RoutedItems.apply(q.to(acc), kx.to(acc), vx.to(acc), qi, ki, bias, scale).to(q.dtype)
         qs, ks, vs = take(q.to(acc), qi), take(kx.to(acc), ki), take(vx.to(acc), ki)
         s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # (B, H, K, wq, wk)
-        # pairs shared by several clusters: count them once
-        shared = torch.einsum("bhkqc,bhkjc->bhkqj", take(qm.to(acc), qi), take(km.to(acc), ki))
         s = s - torch.log(shared.clamp(min=1))
-        s = s.masked_fill(~self._allowed(qi, ki, N, S, key_padding_mask), float("-inf"))
+        s = s.masked_fill(~allowed, float("-inf"))
         lse = torch.logsumexp(s, -1)  # (B, H, K, wq)
         p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
         if dropout_p > 0:
@@ -156,6 +172,70 @@ class Routing(DynamicPattern):
         out = torch.zeros(B, H, N, Dv, dtype=acc, device=q.device)
         out = out.scatter_add(2, flat.unsqueeze(-1).expand(-1, -1, -1, Dv), (o.flatten(2, 3) * w.unsqueeze(-1)))
         return out.to(q.dtype)
+
+
+def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, L, E), idx (B, H, M) -> (B·H, M, E) rows by one index_select, and the flat row indices."""
+    B, H, L, E = x.shape
+    flat = (idx + (torch.arange(B * H, device=idx.device) * L).view(B, H, 1)).flatten()
+    return x.reshape(B * H * L, E).index_select(0, flat).view(B * H, -1, E), flat
+
+
+class _RoutedItems(torch.autograd.Function):
+    """Routing attention on the fused CPU kernel: every cluster is an item (its wq queries against its wk
+    keys, with the additive ``bias``: -log(pair count), -inf where not allowed); a query's clusters are
+    merged through their log-sum-exps into the softmax over the union of its keys. The backward calls
+    the kernel's backward per item with the *merged* output and log-sum-exp of each query, which gives
+    exactly the union softmax's gradient (p = exp(s - LSE) and D = dO·O are then the global ones).
+
+    q (B, H, N, D), k (B, H, S, D), v (B, H, S, Dv) (keys already per query head), qi (B, H, K, wq),
+    ki (B, H, K, wk), bias (B, H, K, wq, wk) -> (B, H, N, Dv).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, qi, ki, bias, scale):
+        B, H, N, D = q.shape
+        S, Dv = k.shape[2], v.shape[-1]
+        K, wq, wk = qi.shape[2], qi.shape[3], ki.shape[3]
+        E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
+        qs, qflat = _take_rows(F.pad(q, (0, E - D)), qi.flatten(2))
+        ks, kflat = _take_rows(F.pad(k, (0, E - D)), ki.flatten(2))
+        vs, _ = _take_rows(F.pad(v, (0, E - Dv)), ki.flatten(2))
+        items = [t.view(B * H, K, -1, E) for t in (qs, ks, vs)]
+        add = bias.view(B * H, K, wq, wk).to(qs.dtype)
+        o, lse = _kernel_fwd(*items, 0.0, False, attn_mask=add, scale=scale)
+        lse = torch.where(torch.isfinite(add).any(-1), lse, float("-inf")).flatten(1)  # (B·H, K·wq)
+        # merge each query's clusters: LSE = log Σ exp(lse), out = Σ exp(lse - LSE) o
+        row = qi.flatten(2).view(B * H, -1)  # (B·H, K·wq) query index of every slot
+        top = torch.full((B * H, N), float("-inf"), dtype=lse.dtype).scatter_reduce(1, row, lse, reduce="amax")
+        top = torch.where(torch.isneginf(top), 0.0, top)
+        total = torch.zeros_like(top).scatter_add(1, row, torch.exp(lse - top.gather(1, row)))
+        LSE = torch.where(total > 0, top + torch.log(total), float("-inf"))  # (B·H, N)
+        w = torch.exp(lse - torch.where(torch.isneginf(LSE), 0.0, LSE).gather(1, row))  # 0 where lse = -inf
+        out = torch.zeros(B * H * N, E, dtype=o.dtype).index_add_(0, qflat, (o.view(B * H, -1, E) * w.unsqueeze(-1))
+                                                                   .view(-1, E))
+        out = out.view(B, H, N, E)
+        ctx.save_for_backward(*items, add, out, LSE, qflat, kflat, row)
+        ctx.scale, ctx.dims = scale, (D, Dv, S, q.dtype, k.dtype, v.dtype)
+        return out[..., :Dv]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        qs, ks, vs, add, out, LSE, qflat, kflat, row = ctx.saved_tensors
+        D, Dv, S, q_dtype, k_dtype, v_dtype = ctx.dims
+        BH, K, wq, E = qs.shape
+        B, H, N = out.shape[0], out.shape[1], out.shape[2]
+        g = F.pad(g.to(out.dtype), (0, E - Dv)).reshape(B * H * N, E)
+        slot = lambda x: x.index_select(0, qflat).view(BH, K, wq, -1)  # noqa: E731  per-query -> per-slot
+        lse = torch.where(torch.isneginf(LSE), float("inf"), LSE).reshape(-1, 1)  # no key: every p = 0
+        gq, gk, gv = _kernel_bwd(slot(g), qs, ks, vs, slot(out.reshape(-1, E)), slot(lse)[..., 0], 0.0, False,
+                                 attn_mask=add, scale=ctx.scale)
+        dq = torch.zeros(B * H * N, E, dtype=gq.dtype).index_add_(0, qflat, gq.reshape(-1, E))
+        dk = torch.zeros(B * H * S, E, dtype=gk.dtype).index_add_(0, kflat, gk.reshape(-1, E))
+        dv = torch.zeros(B * H * S, E, dtype=gv.dtype).index_add_(0, kflat, gv.reshape(-1, E))
+        return (dq.view(B, H, N, E)[..., :D].to(q_dtype), dk.view(B, H, S, E)[..., :D].to(k_dtype),
+                dv.view(B, H, S, E)[..., :Dv].to(v_dtype), None, None, None, None)
 
 
 def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float = 0.999) -> torch.Tensor:
