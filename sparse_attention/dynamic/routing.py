@@ -145,7 +145,7 @@ class Routing(DynamicPattern):
 
         # pairs shared by several clusters: count them once (each cluster lowers its copy by log(count))
         with torch.no_grad():
-            shared = torch.einsum("bhkqc,bhkjc->bhkqj", take(qm.to(acc), qi), take(km.to(acc), ki))
+            shared = torch.einsum("bhkqc,bhkjc->bhkqj", take(qm, qi).to(acc), take(km, ki).to(acc))
             allowed = self._allowed(qi, ki, N, S, key_padding_mask)
         if dropout_p == 0 and q.device.type == "cpu" and all_finite(q, k, v):
             bias = torch.where(allowed, -torch.log(shared.clamp(min=1)), float("-inf"))  # (B, H, K, wq, wk)
