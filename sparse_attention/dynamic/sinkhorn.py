@@ -29,9 +29,18 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
 from ..engine.blocksparse import items_attention
+
+
+def _normalise_rows_and_columns(log_p: torch.Tensor, n_iters: int) -> torch.Tensor:
+    """``n_iters`` Sinkhorn iterations in log space (rows, then columns; empty rows/columns stay -inf)."""
+    for _ in range(n_iters):
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True).nan_to_num(neginf=0.0)
+        log_p = log_p - torch.logsumexp(log_p, -2, keepdim=True).nan_to_num(neginf=0.0)
+    return log_p
 
 
 def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.75, hard: bool = False,
@@ -52,9 +61,11 @@ def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.7
         log_p = log_p.masked_fill(~allowed, float("-inf"))
         log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True).nan_to_num(neginf=0.0)
         n_iters = 0
-    for _ in range(n_iters):
-        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True).nan_to_num(neginf=0.0)
-        log_p = log_p - torch.logsumexp(log_p, -2, keepdim=True).nan_to_num(neginf=0.0)
+    if n_iters and log_p.requires_grad:
+        # recomputed in the backward: autograd would otherwise keep ~2 nb x nb tensors per iteration
+        log_p = checkpoint(_normalise_rows_and_columns, log_p, n_iters, use_reentrant=False)
+    else:
+        log_p = _normalise_rows_and_columns(log_p, n_iters)
     p = torch.exp(log_p)
     if hard:
         p = F.one_hot(p.argmax(-1), nb).to(p.dtype) * (p.sum(-1, keepdim=True) > 0)
