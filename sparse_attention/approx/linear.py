@@ -334,7 +334,7 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
 # allocated whole: every temporary is block-sized and recycled by the allocator (fresh tensors of
 # tens of MB are page-faulted in at a few GB/s on CPU, slower than the arithmetic on them). Saved
 # for the backward: q, k, v, the output, its denominators (BH, N, 1), the small states, and in causal
-# mode each block's chunk states and masked scores (recomputing them cost ~7% of fwd+bwd). Autograd
+# mode each block's chunk states and masked scores (recomputing them cost 6-12% of fwd+bwd). Autograd
 # over whole-tensor ops would be correct too, but costs ~30 full passes and N·(F + C) saved floats.
 
 _BLOCK_BYTES = 4 << 20

@@ -14,6 +14,22 @@ import torch
 from ..patterns.base import Pattern
 
 
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (B, Hkv, L, E) picked per query head: idx (B, Hq, ...) holds indices into L (>= 0) of query
+    head h's key/value head h // (Hq // Hkv). Returns the rows (B, Hq, ..., E) and their flat indices into
+    x.reshape(B·Hkv·L, E) (for index_add_ in a backward).
+
+    One index_select over the flattened rows: several times faster on CPU than ``gather`` with an
+    expanded index.
+    """
+    B, Hkv, L, E = x.shape
+    Hq = idx.shape[1]
+    base = (torch.arange(B, device=idx.device).view(B, 1) * Hkv
+            + torch.arange(Hq, device=idx.device).view(1, Hq) // (Hq // Hkv)) * L  # each kv head's first row
+    flat = (idx + base.view(B, Hq, *[1] * (idx.dim() - 2))).flatten()
+    return x.reshape(B * Hkv * L, E).index_select(0, flat).view(*idx.shape, E), flat
+
+
 class DynamicPattern:
     """Base class of content-based mechanisms (TopK, ProbSparse, ...)."""
 

@@ -38,7 +38,7 @@ from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite
-from .base import DynamicPattern
+from .base import DynamicPattern, gather_rows
 
 HASH_CHUNK_ELEMENTS = 1 << 22  # projections computed at once by LSH.hash (16 MB in float32)
 
@@ -271,17 +271,6 @@ def _windows(x: torch.Tensor, ks: int) -> torch.Tensor:
     return x.as_strided((B, H, L // ks - 1, 2 * ks, E), (sb, sh, ks * sl, sl, se), x.storage_offset())
 
 
-def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, L, E), idx (B, Hq, M) indices into L (>= 0) of query head h's key/value head h // G
-    -> (B, Hq, M, E), by one index_select over the flattened rows."""
-    B, Hkv, L, E = x.shape
-    Hq = idx.shape[1]
-    base = (torch.arange(B, device=idx.device).view(B, 1) * Hkv
-            + torch.arange(Hq, device=idx.device).view(1, Hq) // (Hq // Hkv)) * L
-    flat = (idx + base.unsqueeze(-1)).flatten()
-    return x.reshape(B * Hkv * L, E).index_select(0, flat).view(*idx.shape, E), flat
-
-
 class _SortedChunks(torch.autograd.Function):
     """LSH attention of one round on the fused kernel; gathers and scatters by index_select / index_add.
 
@@ -296,9 +285,9 @@ class _SortedChunks(torch.autograd.Function):
         Dv = v.shape[-1]
         C = k_idx.shape[-1] // ks - 1
         E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
-        qs, _ = _rows(q, q_idx.clamp(min=0))
-        kk, kflat = _rows(k, k_idx.clamp(min=0))
-        vv, _ = _rows(v, k_idx.clamp(min=0))
+        qs, _ = gather_rows(q, q_idx.clamp(min=0))
+        kk, kflat = gather_rows(k, k_idx.clamp(min=0))
+        vv, _ = gather_rows(v, k_idx.clamp(min=0))
         if D != Dv:
             qs, kk, vv = (F.pad(t, (0, E - t.shape[-1])) for t in (qs, kk, vv))
         qs, kk, vv = qs.view(B * Hq, C, -1, E), kk.view(B * Hq, 1, -1, E), vv.view(B * Hq, 1, -1, E)

@@ -35,7 +35,7 @@ from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite
-from .base import DynamicPattern
+from .base import DynamicPattern, gather_rows
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -174,13 +174,6 @@ class Routing(DynamicPattern):
         return out.to(q.dtype)
 
 
-def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, H, L, E), idx (B, H, M) -> (B·H, M, E) rows by one index_select, and the flat row indices."""
-    B, H, L, E = x.shape
-    flat = (idx + (torch.arange(B * H, device=idx.device) * L).view(B, H, 1)).flatten()
-    return x.reshape(B * H * L, E).index_select(0, flat).view(B * H, -1, E), flat
-
-
 class _RoutedItems(torch.autograd.Function):
     """Routing attention on the fused CPU kernel: every cluster is an item (its wq queries against its wk
     keys, with the additive ``bias``: -log(pair count), -inf where not allowed); a query's clusters are
@@ -198,9 +191,9 @@ class _RoutedItems(torch.autograd.Function):
         S, Dv = k.shape[2], v.shape[-1]
         K, wq, wk = qi.shape[2], qi.shape[3], ki.shape[3]
         E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
-        qs, qflat = _take_rows(F.pad(q, (0, E - D)), qi.flatten(2))
-        ks, kflat = _take_rows(F.pad(k, (0, E - D)), ki.flatten(2))
-        vs, _ = _take_rows(F.pad(v, (0, E - Dv)), ki.flatten(2))
+        qs, qflat = gather_rows(F.pad(q, (0, E - D)), qi.flatten(2))
+        ks, kflat = gather_rows(F.pad(k, (0, E - D)), ki.flatten(2))
+        vs, _ = gather_rows(F.pad(v, (0, E - Dv)), ki.flatten(2))
         items = [t.view(B * H, K, -1, E) for t in (qs, ks, vs)]
         add = bias.view(B * H, K, wq, wk).to(qs.dtype)
         o, lse = _kernel_fwd(*items, 0.0, False, attn_mask=add, scale=scale)
@@ -227,7 +220,10 @@ class _RoutedItems(torch.autograd.Function):
         BH, K, wq, E = qs.shape
         B, H, N = out.shape[0], out.shape[1], out.shape[2]
         g = F.pad(g.to(out.dtype), (0, E - Dv)).reshape(B * H * N, E)
-        slot = lambda x: x.index_select(0, qflat).view(BH, K, wq, -1)  # noqa: E731  per-query -> per-slot
+
+        def slot(x):  # per-query rows -> per-slot items (BH, K, wq, ·)
+            return x.index_select(0, qflat).view(BH, K, wq, -1)
+
         lse = torch.where(torch.isneginf(LSE), float("inf"), LSE).reshape(-1, 1)  # no key: every p = 0
         gq, gk, gv = _kernel_bwd(slot(g), qs, ks, vs, slot(out.reshape(-1, E)), slot(lse)[..., 0], 0.0, False,
                                  attn_mask=add, scale=ctx.scale)

@@ -17,7 +17,7 @@ import torch
 from .._checks import check_int
 from ..patterns.base import Pattern
 from ..reference import masked_softmax
-from .base import DynamicPattern, allowed_mask
+from .base import DynamicPattern, allowed_mask, gather_rows
 
 # Score elements per chunk (B * H * C * S): 16 MB in float32, small enough for the C
 # allocator to recycle (fresh large buffers are page-faulted in at a few GB/s).
@@ -96,26 +96,6 @@ class TopK(DynamicPattern):
         return _TopKFunction.apply(q, k, v, self, key_padding_mask, scale, dropout_p)
 
 
-def _row_index(idx: torch.Tensor, Hkv: int, S: int) -> torch.Tensor:
-    """idx (B, Hq, C, K) key indices -> flat row indices into x.reshape(B * Hkv * S, E)."""
-    B, Hq = idx.shape[:2]
-    G = Hq // Hkv
-    base = (torch.arange(B, device=idx.device).view(B, 1) * Hkv
-            + torch.arange(Hq, device=idx.device).view(1, Hq) // G) * S  # (B, Hq): the kv head's first row
-    return (idx + base.view(B, Hq, 1, 1)).flatten()
-
-
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, S, E), idx (B, Hq, C, K) key indices of query heads -> (B, Hq, C, K, E).
-
-    A row gather (index_select on the flattened rows), several times faster on CPU than
-    ``gather`` with an expanded index.
-    """
-    B, Hkv, S, E = x.shape
-    rows = x.reshape(B * Hkv * S, E).index_select(0, _row_index(idx, Hkv, S))
-    return rows.view(*idx.shape, E)
-
-
 def _scatter_rows(acc: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> None:
     """acc (B, Hkv, S, E) += val (B, Hq, C, K, E) at rows idx (B, Hq, C, K).
 
@@ -155,7 +135,7 @@ class _TopKFunction(torch.autograd.Function):
             idx[:, :, a:b], w[:, :, a:b] = i_c, w_c
             if keep is not None:
                 w_c = w_c * keep[:, :, a:b] / (1 - dropout_p) if dropout_p < 1 else torch.zeros_like(w_c)
-            vs = _gather_rows(v.to(acc), i_c)  # (B, H, C, kk, Dv)
+            vs = gather_rows(v.to(acc), i_c)[0]  # (B, H, C, kk, Dv)
             out[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", w_c, vs).to(q.dtype)
         ctx.save_for_backward(q, k, v, idx, w, keep)
         ctx.scale, ctx.dropout_p, ctx.chunks = scale, dropout_p, mech._chunks(B, H, N, S)
@@ -176,10 +156,10 @@ class _TopKFunction(torch.autograd.Function):
                 drop = keep[:, :, a:b] / (1 - p_drop) if p_drop < 1 else torch.zeros_like(w_c)
             w_used = w_c * drop
             _scatter_rows(dv, i_c, w_used.unsqueeze(-1) * g.unsqueeze(-2))
-            vs = _gather_rows(v.to(acc), i_c)
+            vs = gather_rows(v.to(acc), i_c)[0]
             dw = torch.einsum("bhcd,bhckd->bhck", g, vs) * drop
             ds = w_c * (dw - (w_c * dw).sum(-1, keepdim=True))  # softmax backward; 0 where w is 0
-            ks = _gather_rows(k.to(acc), i_c)
+            ks = gather_rows(k.to(acc), i_c)[0]
             dq[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", ds, ks) * scale
             _scatter_rows(dk, i_c, (ds * scale).unsqueeze(-1) * q[:, :, a:b].to(acc).unsqueeze(-2))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

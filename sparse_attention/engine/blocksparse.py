@@ -30,6 +30,7 @@ import bisect
 import torch
 import torch.nn.functional as F
 
+from ..reference import masked_softmax
 from .plan import Plan, Segment
 
 # Working set of one chunk of query blocks (see the module docstring).
@@ -404,8 +405,6 @@ def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
     """
     lead, (Lq, D), (Lk, Dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
     if q.device.type != "cpu" or not all_finite(q, k, v):
-        from ..reference import masked_softmax  # (reference imports nothing from the engine)
-
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         return torch.matmul(masked_softmax(s, allowed), v.to(s.dtype)).to(q.dtype)
     E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
