@@ -202,8 +202,11 @@ def test_lsh_hashes_in_row_chunks(monkeypatch):
 
     x, rot = torch.randn(2, 3, 100, 16), torch.randn(2, 16, 40)
     whole = LSH.hash(x, rot)
-    monkeypatch.setattr(lsh, "HASH_CHUNK_ELEMENTS", 2 * 2 * 3 * 40 * 7)  # 7 rows per chunk
+    proj = torch.einsum("bhld,rdk->rbhlk", x, rot)
+    assert torch.equal(whole, torch.cat([proj, -proj], -1).argmax(-1)), "the definition: argmax over [xR, -xR]"
+    monkeypatch.setattr(lsh, "HASH_CHUNK_ELEMENTS", 40 * 7)  # 7 rows per chunk
     assert torch.equal(LSH.hash(x, rot), whole)
+    assert torch.equal(LSH.hash(x.transpose(1, 2).contiguous().transpose(1, 2), rot), whole), "strided input"
 
 
 def test_lsh_union_grows_with_rounds_and_one_chunk_is_full_attention():
@@ -241,6 +244,21 @@ def test_lsh_shared_qk_excludes_self_unless_alone(mech):
         assert bool((diag | others | ~kept.any(-1)).all())
     with pytest.raises(ValueError, match="exclude_self"):
         sa.attention(q, q[:, :, :30], v[:, :, :30], mech)
+    with pytest.raises(ValueError, match="shared_qk"):
+        sa.attention(q, q[:, :, :30], v[:, :, :30], LSH(4, shared_qk=True))
+
+
+def test_lsh_shared_qk_buckets_queries_by_their_keys():
+    """shared_qk hashes the keys only; the queries take the buckets of the keys at their positions."""
+    q, k, v = make_qkv(2, 4, 2, 40, 40, 8, dtype=torch.float64, seed=21)
+    kpm = padding_mask(2, 40)
+    for pad in (None, kpm):
+        shared = LSH(4, n_hashes=2, seed=5, shared_qk=True)
+        kept = _compare_over_kept(shared, q, k, v, pad)
+        # the same as hashing the queries when they are the keys (repeated to the query heads)
+        kx = k.repeat_interleave(2, dim=1)
+        assert torch.equal(kept, explain(kx, k, LSH(4, n_hashes=2, seed=5), key_padding_mask=pad))
+        assert not torch.equal(kept, explain(q, k, LSH(4, n_hashes=2, seed=5), key_padding_mask=pad))
 
 
 # --- Routing ------------------------------------------------------------------------------

@@ -15,12 +15,14 @@ def test_reformer_attention_is_shared_qk_lsh_on_normalised_keys():
     mod = ReformerAttention(4, n_hashes=2, seed=3)
     out = mod(qk, v)
     k = torch.nn.functional.normalize(qk, dim=-1)
-    mech = LSH(4, 2, seed=3, exclude_self=True)
+    mech = LSH(4, 2, seed=3, exclude_self=True, shared_qk=True)
     torch.testing.assert_close(out, sa.attention(qk, k, v, mech), atol=0, rtol=0)
     kept = explain(qk, k, mech)
     torch.testing.assert_close(out, sa.reference_attention(qk, k, v, kept), atol=2e-6, rtol=2e-6)
     out.sum().backward()
     assert qk.grad is not None and torch.isfinite(qk.grad).all()
+    # the keys are the normalised queries, so hashing them once buckets the queries the same way
+    assert torch.equal(kept, explain(qk, k, LSH(4, 2, seed=3, exclude_self=True)))
 
 
 def test_routing_attention_updates_centroids_only_in_training():
@@ -70,3 +72,20 @@ def test_causal_modules_ignore_the_future():
     kept = explain(q, k, Routing(rout.centroids, causal=True))
     assert not bool((kept & ~sa.Causal().mask(40, 40)).any())
     torch.testing.assert_close(rout(q, k, v2)[:, :, :20], out[:, :, :20], atol=0, rtol=0)
+
+
+def test_reformer_key_normalisation_matches_f_normalize_with_its_gradient():
+    """ReformerAttention normalises the keys with a closed-form backward; it equals F.normalize, zero rows too."""
+    from sparse_attention.nn.content_based import _UnitRows
+
+    x = torch.randn(2, 3, 9, 5, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        x[0, 0, 0] = 0.0  # divided by eps, not by its norm
+        x[1, 2, 3] = 1e-14
+    g = torch.randn(2, 3, 9, 5, dtype=torch.float64)
+    ours = _UnitRows.apply(x)
+    (d_ours,) = torch.autograd.grad(ours, x, g)
+    ref = torch.nn.functional.normalize(x, dim=-1)
+    (d_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(ours, ref, rtol=1e-15, atol=0)
+    torch.testing.assert_close(d_ours, d_ref, rtol=1e-12, atol=0)

@@ -40,7 +40,7 @@ from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite
 from .base import DynamicPattern, gather_rows
 
-HASH_CHUNK_ELEMENTS = 1 << 22  # projections computed at once by LSH.hash (16 MB in float32)
+HASH_CHUNK_ELEMENTS = 1 << 20  # projections computed at once by LSH.hash (4 MB in float32)
 
 
 class LSH(DynamicPattern):
@@ -54,10 +54,14 @@ class LSH(DynamicPattern):
         causal: only keys at or before the query's position.
         exclude_self: Reformer's shared-QK rule (self-attention, N == S): a token does not
             attend to itself unless it has no other key.
+        shared_qk: queries take the buckets of the keys at the same positions instead of being
+            hashed themselves (self-attention, N == S). For Reformer, whose keys are the normalised
+            queries, this is the same bucketing (the angular hash ignores a row's length) for half
+            the hashing.
     """
 
     def __init__(self, bucket_size: int = 64, n_hashes: int = 1, *, n_buckets: int | None = None, seed: int = 0,
-                 causal: bool = False, exclude_self: bool = False):
+                 causal: bool = False, exclude_self: bool = False, shared_qk: bool = False):
         self.bucket_size = check_int("bucket_size", bucket_size, minimum=1)
         self.n_hashes = check_int("n_hashes", n_hashes, minimum=1)
         if n_buckets is not None:
@@ -70,14 +74,18 @@ class LSH(DynamicPattern):
         self.causal = causal
         check_bool("exclude_self", exclude_self)
         self.exclude_self = exclude_self
+        check_bool("shared_qk", shared_qk)
+        self.shared_qk = shared_qk
 
     def __repr__(self) -> str:
         return (f"LSH(bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, "
-                f"seed={self.seed}, causal={self.causal}, exclude_self={self.exclude_self})")
+                f"seed={self.seed}, causal={self.causal}, exclude_self={self.exclude_self}, "
+                f"shared_qk={self.shared_qk})")
 
     def _check_self(self, n_q: int, n_k: int) -> None:
-        if self.exclude_self and n_q != n_k:
-            raise ValueError(f"exclude_self needs self-attention (N == S), got N={n_q}, S={n_k}")
+        for name in ("exclude_self", "shared_qk"):
+            if getattr(self, name) and n_q != n_k:
+                raise ValueError(f"{name} needs self-attention (N == S), got N={n_q}, S={n_k}")
 
     def with_restriction(self, pattern):
         raise TypeError("LSH restricted by a static pattern is not supported; use causal=True for causal LSH")
@@ -98,20 +106,25 @@ class LSH(DynamicPattern):
     def hash(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         """x (B, H, L, D), rot (R, D, nb/2) -> bucket ids (R, B, H, L).
 
-        Rows are hashed in chunks of about HASH_CHUNK_ELEMENTS projections: with the default
-        n_buckets ~ 2L / bucket_size the projections alone would be O(L²) memory.
+        The bucket is argmax over [xR, -xR], computed without building it: the column of the largest
+        |xR| (the first on ties), plus nb/2 when that projection is negative. Rows are projected in
+        blocks of about HASH_CHUNK_ELEMENTS into one reused buffer: with the default n_buckets ~
+        2L / bucket_size all projections at once would be O(L²) memory, and a small block stays in
+        cache between the product and the two reductions.
         """
-        B, H, L, _ = x.shape
+        B, H, L, D = x.shape
         R, half = rot.shape[0], rot.shape[-1]
-        rows = max(1, HASH_CHUNK_ELEMENTS // (R * B * H * half))
-        out = []
-        for a in range(0, L, rows):
-            proj = torch.einsum("bhld,rdk->rbhlk", x[:, :, a:a + rows], rot)
-            # argmax over [proj, -proj] without building it: the largest |entry|, first index on ties
-            top, arg_top = proj.max(-1)
-            bottom, arg_bottom = proj.min(-1)
-            out.append(torch.where(top >= -bottom, arg_top, arg_bottom + half))
-        return out[0] if len(out) == 1 else torch.cat(out, -1)
+        flat = x.reshape(B * H * L, D)
+        n = flat.shape[0]
+        rows = max(1, min(n, HASH_CHUNK_ELEMENTS // half))
+        buf = torch.empty(rows, half, dtype=flat.dtype, device=x.device)
+        out = torch.empty(R, n, dtype=torch.long, device=x.device)
+        for r in range(R):
+            for a in range(0, n, rows):
+                p = torch.mm(flat[a:a + rows], rot[r], out=buf[:min(rows, n - a)])
+                col = p.abs().argmax(-1, keepdim=True)
+                out[r, a:a + rows] = (col + half * (p.gather(1, col) < 0)).squeeze(1)
+        return out.view(R, B, H, L)
 
     def _chunks(self, q, k, key_padding_mask=None):
         """Per round: sort orders and chunk ids of queries and keys.
@@ -125,19 +138,19 @@ class LSH(DynamicPattern):
         acc = torch.promote_types(q.dtype, torch.float32)
         with torch.no_grad():
             rot = self.rotations(D, S, q.device, acc)
-            hq = self.hash(q.to(acc), rot)
             hk = self.hash(k.to(acc), rot).repeat_interleave(G, dim=2)  # keys per query head
+            hq = None if self.shared_qk else self.hash(q.to(acc), rot)
             if key_padding_mask is not None:
                 # padded tokens sort after every bucket, so their values never move a real
                 # token's chunk (for self-attention, N == S, padded queries too)
                 last = rot.shape[-1] * 2
                 pad = key_padding_mask.view(1, B, 1, S)
                 hk = torch.where(pad, torch.full_like(hk, last), hk)
-                if N == S:
+                if hq is not None and N == S:
                     hq = torch.where(pad, torch.full_like(hq, last), hq)
-            # sort by bucket, then position (stable)
-            q_order = torch.sort(hq * N + torch.arange(N, device=q.device), dim=-1).indices
+            # sort by bucket, then position (stable); shared_qk: the queries' order is the keys'
             k_order = torch.sort(hk * S + torch.arange(S, device=q.device), dim=-1).indices
+            q_order = k_order if hq is None else torch.sort(hq * N + torch.arange(N, device=q.device), dim=-1).indices
             C = math.ceil(N / self.bucket_size)
             ks = math.ceil(S / C)
             q_chunk = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(N, device=q.device).expand_as(
@@ -149,8 +162,8 @@ class LSH(DynamicPattern):
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
         B, H, N, _ = q.shape
         S = k.shape[2]
-        _, _, q_chunk, k_chunk, _, _ = self._chunks(q, k, key_padding_mask)
         self._check_self(N, S)
+        _, _, q_chunk, k_chunk, _, _ = self._chunks(q, k, key_padding_mask)
         d = q_chunk.unsqueeze(-1) - k_chunk.unsqueeze(-2)  # (R, B, H, N, S)
         kept = ((d == 0) | (d == 1)).any(0) & self._static_allowed(N, S, key_padding_mask, q.device)
         if self.exclude_self:  # the diagonal stays only where it is a row's only key
@@ -196,10 +209,11 @@ class LSH(DynamicPattern):
             valid = valid & ~padded.gather(-1, k_win.clamp(min=0)).unsqueeze(-2)
         if self.causal:
             valid = valid & (k_win.unsqueeze(-2) <= q_slot.unsqueeze(-1) + (S - N))
+        n_keys = valid.sum(-1)  # (B, H, C, 1 or bs)
+        add = torch.zeros((), dtype=q.dtype).masked_fill(~valid, float("-inf"))  # the kernel's additive mask
         if self.exclude_self:  # a query's own key only when it has no other key
-            is_self = k_win.unsqueeze(-2) == q_slot.unsqueeze(-1)
-            valid = valid & ~(is_self & (valid & ~is_self).any(-1, keepdim=True))
-        return _SortedChunks.apply(q, k, v, q_idx, k_idx, valid, scale, ks)
+            add, n_keys = _drop_self(add, valid, n_keys, q_slot, k_order, ks)
+        return _SortedChunks.apply(q, k, v, q_idx, k_idx, add, n_keys > 0, scale, ks)
 
     def _attend_math(self, q, k, v, q_order, k_order, q_chunk, k_chunk, C, ks, key_padding_mask, scale,
                      dropout_p):
@@ -271,16 +285,39 @@ def _windows(x: torch.Tensor, ks: int) -> torch.Tensor:
     return x.as_strided((B, H, L // ks - 1, 2 * ks, E), (sb, sh, ks * sl, sl, se), x.storage_offset())
 
 
+def _drop_self(add, valid, n_keys, q_slot, k_order, ks):
+    """Reformer's exclude-self rule on the kernel's mask: -inf at each query's own key where the query has
+    another key. add, valid (B, H, C, 1 or bs, 2ks); n_keys (B, H, C, 1 or bs) keys per query; q_slot
+    (B, H, C, bs) original query index per slot (-1 = none); k_order (B, H, S) the keys' sort order.
+    Returns the full (B, H, C, bs, 2ks) mask and the keys left per query. O(N) work besides the mask
+    itself: a query's own key is found by its sorted position, not by comparing every pair."""
+    B, H, C, bs = q_slot.shape
+    S = k_order.shape[-1]
+    k_pos = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(S, device=k_order.device).expand_as(k_order))
+    # window c holds sorted keys (c - 1)·ks .. (c + 1)·ks - 1
+    col = k_pos.gather(-1, q_slot.clamp(min=0).flatten(2)).view_as(q_slot) \
+        - (torch.arange(C, device=q_slot.device).view(C, 1) - 1) * ks
+    inside = (q_slot >= 0) & (col >= 0) & (col < 2 * ks)
+    col = col.clamp(0, 2 * ks - 1).unsqueeze(-1)
+    full = (B, H, C, bs, 2 * ks)
+    own = valid.expand(full).gather(-1, col).squeeze(-1) & inside  # the query's own key is a valid key
+    drop = own & (n_keys > 1)
+    add = add.expand(full).contiguous()
+    add.scatter_(-1, col, add.gather(-1, col).masked_fill(drop.unsqueeze(-1), float("-inf")))
+    return add, n_keys - drop.to(n_keys.dtype)
+
+
 class _SortedChunks(torch.autograd.Function):
     """LSH attention of one round on the fused kernel; gathers and scatters by index_select / index_add.
 
     q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); q_idx (B, Hq, C·bs) and k_idx (B, Hq, (C + 1)·ks)
-    the sorted slots' original indices (-1 = empty); valid (B, Hq, C, bs or 1, 2ks) bool, True = attend.
+    the sorted slots' original indices (-1 = empty); add (B, Hq, C, bs or 1, 2ks) the additive mask (0 or
+    -inf); has_key (B, Hq, C, bs or 1) bool, False where a query has no key (its output is 0, its LSE -inf).
     Returns (B, Hq, N, Dv). The sorted q, k, v are kept for the backward (O(N·D), no regathering).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, q_idx, k_idx, valid, scale, ks):
+    def forward(ctx, q, k, v, q_idx, k_idx, add, has_key, scale, ks):
         B, Hq, N, D = q.shape
         Dv = v.shape[-1]
         C = k_idx.shape[-1] // ks - 1
@@ -291,16 +328,14 @@ class _SortedChunks(torch.autograd.Function):
         if D != Dv:
             qs, kk, vv = (F.pad(t, (0, E - t.shape[-1])) for t in (qs, kk, vv))
         qs, kk, vv = qs.view(B * Hq, C, -1, E), kk.view(B * Hq, 1, -1, E), vv.view(B * Hq, 1, -1, E)
-        valid = valid.reshape(B * Hq, C, valid.shape[-2], -1)
-        add = torch.zeros((), dtype=qs.dtype).expand(valid.shape).masked_fill(~valid, float("-inf"))
+        add = add.to(qs.dtype).reshape(B * Hq, C, add.shape[-2], -1)
         o, lse = _kernel_fwd(qs, _windows(kk, ks).squeeze(1), _windows(vv, ks).squeeze(1), 0.0, False,
                              attn_mask=add, scale=scale)
-        lse = torch.where(valid.any(-1), lse, torch.full_like(lse, float("-inf")))  # kernel says 0: no key
+        lse = torch.where(has_key.reshape(B * Hq, C, -1), lse, float("-inf"))  # the kernel says 0: no key
         # back to the original order (the first N slots are the sort order, a permutation of 0..N-1)
         order = q_idx[..., :N]
         slot = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=q.device).expand_as(order))
-        slot = slot.unsqueeze(-1).expand(B, Hq, N, E)
-        out = o.view(B, Hq, -1, E).gather(2, slot)
+        out, slot = gather_rows(o.view(B, Hq, -1, E), slot)  # slot: now flat rows of o
         ctx.save_for_backward(qs, kk, vv, q_idx, slot, add, o, lse, kflat)
         ctx.scale, ctx.ks, ctx.shapes = scale, ks, (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype)
         return out[..., :Dv].contiguous() if D != Dv else out
@@ -313,17 +348,17 @@ class _SortedChunks(torch.autograd.Function):
         BH, C, bs, E = o.shape
         ks = ctx.ks
         # the output gradient in sorted order; empty query slots get 0
-        gsort = g.to(o.dtype).gather(2, q_idx.clamp(min=0).unsqueeze(-1).expand(B, Hq, q_idx.shape[-1], Dv))
-        gsort = gsort.masked_fill((q_idx < 0).unsqueeze(-1), 0.0)
+        gsort, _ = gather_rows(g.to(o.dtype), q_idx.clamp(min=0))
+        gsort = gsort.masked_fill_((q_idx < 0).unsqueeze(-1), 0.0)
         if D != Dv:
             gsort = F.pad(gsort, (0, E - Dv))
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # rows with no key: p = 0
         gq, gk, gv = _kernel_bwd(gsort.view(BH, C, bs, E), qs, _windows(kk, ks).squeeze(1),
                                  _windows(vv, ks).squeeze(1), o, lse, 0.0, False, attn_mask=add, scale=ctx.scale)
-        dq = gq.reshape(B, Hq, -1, E).gather(2, slot)  # every query has exactly one slot
+        dq = gq.reshape(-1, E).index_select(0, slot).view(B, Hq, N, E)  # every query has exactly one slot
         dk, dv = (_fold_windows(t, ks, kflat, B * Hkv * S).view(B, Hkv, S, E) for t in (gk, gv))
         return (dq[..., :D].to(q_dtype), dk[..., :D].to(k_dtype), dv[..., :Dv].to(v_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _fold_windows(gw: torch.Tensor, ks: int, kflat: torch.Tensor, rows: int) -> torch.Tensor:
