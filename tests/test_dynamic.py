@@ -288,10 +288,35 @@ def test_routing_single_cluster_is_full_attention_and_pairs_follow_clusters():
                                atol=2e-6, rtol=2e-6)
     mech = Routing(_centroids((4, 8), seed=2))
     kept = explain(q, k, mech)
-    _, qm, _, km, _ = mech._route(q, k)
-    expected = (qm.float() @ km.float().transpose(-1, -2)) > 0  # share a cluster
-    assert torch.equal(kept, expected)
-    assert int(qm.sum(2).max()) == 10, "each centroid takes capacity = ceil(40 / 4) queries"
+    qi, ki, _ = mech._route(q, k)
+    assert qi.shape == (1, 2, 4, 10), "each centroid takes capacity = ceil(40 / 4) queries"
+    # each centroid's members are its 10 most cosine-similar tokens
+    c = torch.nn.functional.normalize(mech.centroids, dim=-1)
+    for x, idx in ((q, qi), (k, ki)):
+        sim = torch.nn.functional.normalize(x, dim=-1) @ c.T  # (1, 2, 40, 4)
+        assert torch.equal(idx.sort(-1).values, sim.topk(10, dim=2).indices.transpose(-1, -2).sort(-1).values)
+    qm = torch.zeros(1, 2, 40, 4).scatter_(2, qi.transpose(-1, -2), 1.0)
+    km = torch.zeros(1, 2, 40, 4).scatter_(2, ki.transpose(-1, -2), 1.0)
+    assert torch.equal(kept, (qm @ km.transpose(-1, -2)) > 0), "kept: the pairs sharing a cluster"
+
+
+def test_routing_pair_counts_in_blocks_of_clusters(monkeypatch):
+    """A pair's count is the number of clusters holding both tokens, whatever the block of clusters."""
+    from sparse_attention.dynamic import routing
+
+    mech = Routing(_centroids((6, 8), seed=3), capacity=12)  # 72 slots for 30 tokens: many shared pairs
+    q, k, _ = make_qkv(2, 2, 2, 30, 30, 8, seed=25, requires_grad=False)
+    qi, ki, _ = mech._route(q, k)
+    qm = torch.zeros(2, 2, 30, 6).scatter_(2, qi.transpose(-1, -2), 1.0)
+    km = torch.zeros(2, 2, 30, 6).scatter_(2, ki.transpose(-1, -2), 1.0)
+    both = qm @ km.transpose(-1, -2)  # (2, 2, 30, 30) clusters shared by each pair
+    expected = torch.stack([both[b, h][qi[b, h, c]][:, ki[b, h, c]] for b in range(2) for h in range(2)
+                            for c in range(6)]).view(2, 2, 6, 12, 12)
+    assert int(expected.max()) > 1, "the case must have pairs in several clusters"
+    for elements in (routing.SIM_CHUNK_ELEMENTS, 1):  # all clusters at once, then one at a time
+        monkeypatch.setattr(routing, "SIM_CHUNK_ELEMENTS", elements)
+        assert torch.equal(routing._pair_counts(qi, ki, 30, 30, torch.float32), expected)
+        assert torch.equal(mech._route(q, k)[0], qi)
 
 
 def test_update_centroids_moves_towards_assigned_tokens():

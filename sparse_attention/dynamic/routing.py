@@ -17,9 +17,10 @@ performs the exponential-moving-average k-means step a module applies during tra
 Execution: on CPU (no dropout, finite inputs) the clusters run as a batch of items on
 PyTorch's fused flash kernel and are merged exactly through their log-sum-exps; the
 backward feeds the kernel each query's merged output and log-sum-exp. Otherwise plain
-differentiable ops compute the same thing. Memory: the similarity to the centroids and the
-pair counts are O(N·K) per head, linear in N for a fixed number of clusters (quadratic when
-K grows with N, e.g. K = N / 64).
+differentiable ops compute the same thing. Memory: O(N·(w + m)) per head (w tokens per cluster,
+m the most clusters a token is in): the similarities to the centroids are scored for a block of
+clusters at a time, and the pair counts come from each token's list of clusters, so nothing of
+size N x K exists even when K grows with N (e.g. K = N / 64).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite
 from .base import DynamicPattern, gather_rows
+
+SIM_CHUNK_ELEMENTS = 1 << 22  # token-to-centroid similarities (and one-hot rows) built at once (16 MB in float32)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +75,13 @@ class Routing(DynamicPattern):
     def num_clusters(self) -> int:
         return self.centroids.shape[-2]
 
-    def _members(self, x: torch.Tensor, H: int, padding: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, H, L, D) -> (B, H, K, w) indices of each cluster's w closest tokens, and (B, H, L, K) membership.
+    def _members(self, x: torch.Tensor, H: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, H, L, D) -> (B, H, K, w) indices of each cluster's w most similar tokens (cosine).
 
         ``padding`` (B, L) bool, True = padding: padded tokens come after every real token in each
-        cluster's ranking, so they take a slot only when fewer than w real tokens are left.
+        cluster's ranking, so they take a slot only when fewer than w real tokens are left. The
+        similarities are scored for a block of clusters at a time (about SIM_CHUNK_ELEMENTS), so no
+        L x K tensor exists: with K growing with L it would be O(L²).
         """
         B, _, L, D = x.shape
         if self.centroids.shape[-1] != D:
@@ -89,23 +93,26 @@ class Routing(DynamicPattern):
         K = c.shape[1]
         w = min(L, self.capacity or math.ceil(L / K))
         with torch.no_grad():
-            sim = torch.matmul(_normalize(x), _normalize(c).to(torch.promote_types(x.dtype, torch.float32))
-                               .transpose(-1, -2).unsqueeze(0))  # (B, H, L, K)
-            if padding is not None:
-                sim = sim.masked_fill(padding[:, None, :, None], float("-inf"))
-            idx = sim.topk(w, dim=2).indices.transpose(-1, -2)  # (B, H, K, w)
-            member = torch.zeros(B, H, L, K, dtype=torch.bool, device=x.device)
-            member.scatter_(2, idx.transpose(-1, -2), True)
-        return idx, member
+            xt = _normalize(x).transpose(-1, -2)  # (B, H, D, L)
+            c = _normalize(c).to(xt.dtype).unsqueeze(0)  # (1, H or 1, K, D)
+            idx = torch.empty(B, H, K, w, dtype=torch.long, device=x.device)
+            step = max(1, SIM_CHUNK_ELEMENTS // (B * H * L))
+            for a in range(0, K, step):
+                sim = torch.matmul(c[:, :, a:a + step], xt)  # (B, H, Kc, L)
+                if padding is not None:
+                    sim.masked_fill_(padding[:, None, None, :], float("-inf"))
+                idx[:, :, a:a + step] = sim.topk(w, dim=-1).indices
+        return idx
 
     def _route(self, q, k, key_padding_mask=None):
-        """Cluster members of queries and keys; padded keys (and, for self-attention, N == S, padded
-        queries) are ranked last, so how much padding a batch holds never takes a real token's slot."""
+        """Cluster members of queries (B, H, K, wq) and keys (B, H, K, wk), and the keys per query head;
+        padded keys (and, for self-attention, N == S, padded queries) are ranked last, so how much
+        padding a batch holds never takes a real token's slot."""
         H, N, S = q.shape[1], q.shape[2], k.shape[2]
         kx = k.repeat_interleave(H // k.shape[1], dim=1)
-        qi, qm = self._members(q, H, key_padding_mask if N == S else None)
-        ki, km = self._members(kx, H, key_padding_mask)
-        return qi, qm, ki, km, kx
+        qi = self._members(q, H, key_padding_mask if N == S else None)
+        ki = self._members(kx, H, key_padding_mask)
+        return qi, ki, kx
 
     def _allowed(self, qi, ki, n_q, n_k, key_padding_mask):
         """(B, H, K, wq, wk) bool for the cluster slots."""
@@ -121,7 +128,8 @@ class Routing(DynamicPattern):
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
         B, H, N, _ = q.shape
         S = k.shape[2]
-        qi, qm, ki, km, _ = self._route(q, k, key_padding_mask)
+        qi, ki, _ = self._route(q, k, key_padding_mask)
+        qm, km = _dense_members(qi, N), _dense_members(ki, S)
         kept = torch.einsum("bhnc,bhsc->bhns", qm.to(torch.float32), km.to(torch.float32)) > 0
         static = torch.ones(N, S, dtype=torch.bool, device=q.device)
         if self.causal:
@@ -136,7 +144,7 @@ class Routing(DynamicPattern):
         B, H, N, D = q.shape
         S, Dv = k.shape[2], v.shape[3]
         acc = torch.promote_types(q.dtype, torch.float32)
-        qi, qm, ki, km, kx = self._route(q, k, key_padding_mask)
+        qi, ki, kx = self._route(q, k, key_padding_mask)
         vx = v.repeat_interleave(H // v.shape[1], dim=1)
 
         def take(x, idx):  # x (B, H, L, E), idx (B, H, K, w) -> (B, H, K, w, E)
@@ -145,7 +153,7 @@ class Routing(DynamicPattern):
 
         # pairs shared by several clusters: count them once (each cluster lowers its copy by log(count))
         with torch.no_grad():
-            shared = torch.einsum("bhkqc,bhkjc->bhkqj", take(qm, qi).to(acc), take(km, ki).to(acc))
+            shared = _pair_counts(qi, ki, N, S, acc)
             allowed = self._allowed(qi, ki, N, S, key_padding_mask)
         if dropout_p == 0 and q.device.type == "cpu" and all_finite(q, k, v):
             bias = torch.where(allowed, -torch.log(shared.clamp(min=1)), float("-inf"))  # (B, H, K, wq, wk)
@@ -172,6 +180,54 @@ class Routing(DynamicPattern):
         out = torch.zeros(B, H, N, Dv, dtype=acc, device=q.device)
         out = out.scatter_add(2, flat.unsqueeze(-1).expand(-1, -1, -1, Dv), (o.flatten(2, 3) * w.unsqueeze(-1)))
         return out.to(q.dtype)
+
+
+def _dense_members(idx: torch.Tensor, L: int) -> torch.Tensor:
+    """Cluster members idx (B, H, K, w) -> (B, H, L, K) bool membership (for the dense reference)."""
+    B, H, K, _ = idx.shape
+    return torch.zeros(B, H, L, K, dtype=torch.bool, device=idx.device).scatter_(2, idx.transpose(-1, -2), True)
+
+
+def _member_lists(idx: torch.Tensor, L: int) -> torch.Tensor:
+    """Cluster members idx (B, H, K, w) -> (B, H, L, m) each token's clusters, ascending, -1 after the last
+    (m: the most clusters any token is in). O(L·m) instead of an L x K membership."""
+    B, H, K, w = idx.shape
+    tok = idx.flatten(2)  # entry e is token tok[e] in cluster e // w
+    order = torch.sort(tok, dim=-1, stable=True).indices  # by token, clusters ascending within a token
+    tok_sorted = tok.gather(-1, order)
+    count = torch.zeros(B, H, L, dtype=torch.long, device=idx.device).scatter_add_(-1, tok, torch.ones_like(tok))
+    m = max(1, int(count.max()))
+    first = count.cumsum(-1) - count  # each token's first entry in the sorted order
+    rank = torch.arange(K * w, device=idx.device) - first.gather(-1, tok_sorted)
+    lists = torch.full((B, H, L * m), -1, dtype=torch.long, device=idx.device)
+    lists.scatter_(-1, tok_sorted * m + rank, order // w)
+    return lists.view(B, H, L, m)
+
+
+def _pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, dtype: torch.dtype) -> torch.Tensor:
+    """In how many clusters each (query slot, key slot) pair of every cluster meets: (B, H, K, wq, wk).
+
+    The members' cluster lists become one-hot rows over the K clusters for a block of clusters at a
+    time (about SIM_CHUNK_ELEMENTS), and a row product counts the clusters both tokens are in. Memory
+    stays O((N + S)·m + block), however many clusters there are.
+    """
+    B, H, K, wq = qi.shape
+    wk = ki.shape[-1]
+    lq, lk = _member_lists(qi, N), _member_lists(ki, S)
+
+    def onehot(lists, idx):  # the rows of idx's tokens (B, H, Kc, w, K); column K collects the -1 fillers
+        m = lists.shape[-1]
+        rows, _ = gather_rows(lists, idx)  # (B, H, Kc, w, m)
+        rows = rows.masked_fill(rows < 0, K)
+        return torch.zeros(*idx.shape, K + 1, dtype=dtype, device=idx.device).scatter_(
+            -1, rows.view(*idx.shape, m), 1.0)[..., :K]
+
+    out = torch.empty(B, H, K, wq, wk, dtype=dtype, device=qi.device)
+    step = max(1, SIM_CHUNK_ELEMENTS // (B * H * max(wq, wk) * (K + 1)))
+    for a in range(0, K, step):
+        out[:, :, a:a + step] = torch.matmul(onehot(lq, qi[:, :, a:a + step]),
+                                             onehot(lk, ki[:, :, a:a + step]).transpose(-1, -2))
+    return out
 
 
 class _RoutedItems(torch.autograd.Function):
@@ -248,11 +304,17 @@ def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float =
     c = centroids.unsqueeze(0) if squeeze else centroids
     with torch.no_grad():
         xn = _normalize(x).to(c.dtype)  # (B, H, L, D)
-        nearest = torch.matmul(xn, _normalize(c).transpose(-1, -2).unsqueeze(0)).argmax(-1)  # (B, H, L)
+        ct = _normalize(c).transpose(-1, -2).unsqueeze(0)  # (1, H or 1, D, K)
+        B, H, L, D = xn.shape
         K = c.shape[1]
-        onehot = F.one_hot(nearest, K).to(c.dtype)  # (B, H, L, K)
-        sums = torch.einsum("bhlk,bhld->hkd", onehot, xn)
-        counts = onehot.sum((0, 2)).unsqueeze(-1)  # (H, K, 1)
+        nearest = torch.empty(B, H, L, dtype=torch.long, device=x.device)
+        step = max(1, SIM_CHUNK_ELEMENTS // (B * H * K))  # rows of the L x K similarity at a time
+        for a in range(0, L, step):
+            nearest[:, :, a:a + step] = torch.matmul(xn[:, :, a:a + step], ct).argmax(-1)
+        cluster = (torch.arange(H, device=x.device).view(1, H, 1) * K + nearest).flatten()  # (head, cluster) id
+        sums = torch.zeros(H * K, D, dtype=c.dtype, device=x.device).index_add_(0, cluster, xn.reshape(-1, D))
+        sums = sums.view(H, K, D)
+        counts = torch.bincount(cluster, minlength=H * K).view(H, K, 1).to(c.dtype)
         if c.shape[0] == 1 and sums.shape[0] > 1:
             sums, counts = sums.sum(0, keepdim=True), counts.sum(0, keepdim=True)
         mean = sums / counts.clamp_min(1)
