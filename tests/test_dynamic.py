@@ -181,7 +181,7 @@ def test_lsh_fused_kernel_path_equals_the_plain_path(shape, causal, exclude_self
     B, Hq, Hkv, N, S, D, Dv = shape
     if exclude_self and N != S:
         pytest.skip("shared-QK needs N == S")
-    mech = LSH(16, seed=1, causal=causal, exclude_self=exclude_self)
+    mech = LSH(16, seed=1, causal=causal, exclude_self=exclude_self, shared_qk=exclude_self)
     kpm = padding_mask(B, S) if masked else None
     q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=torch.float64)
     g = torch.randn(B, Hq, N, Dv, dtype=torch.float64)
