@@ -61,6 +61,28 @@ def test_topk_equals_dense_attention_over_kept_pairs(mech, shape, dtype):
     _compare_over_kept(mech, q, k, v, kpm)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["", "dropout"])
+@pytest.mark.parametrize("mech", [TopK(5), TopK(4, chunk_size=9) & sa.Causal()], ids=repr)
+def test_topk_sparse_products_equal_the_row_gathers(mech, dropout_p, monkeypatch, recwarn):
+    """On CPU TopK mixes values and runs its backward as CSR products; in float64 they equal the row-gather
+    path (used on other devices) in output and every gradient, with GQA, padding and dropout (same seed)."""
+    from sparse_attention.dynamic import topk
+
+    q, k, v = make_qkv(2, 4, 2, 37, 53, 8, 6, dtype=torch.float64, seed=14)
+    kpm = padding_mask(2, 53, all_padded=1)
+    g = torch.randn(2, 4, 37, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(sparse):
+        monkeypatch.setattr(topk, "SPARSE_PRODUCTS", sparse)
+        torch.manual_seed(5)  # the dropout mask
+        return run_and_grad(lambda a, b, c: sa.attention(a, b, c, mech, key_padding_mask=kpm, dropout_p=dropout_p),
+                            q, k, v, g)
+
+    for name, x, y in zip(("out", "dq", "dk", "dv"), run(True), run(False), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    assert not [w for w in recwarn if "sparse" in str(w.message).lower()], "the CSR beta warning leaked"
+
+
 @pytest.mark.parametrize("k_top", [1, 4, 17])
 def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
     q, k, _ = make_qkv(2, 2, 2, 33, 29, 8, seed=2, requires_grad=False)

@@ -23,11 +23,17 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch
     expanded index.
     """
     B, Hkv, L, E = x.shape
-    Hq = idx.shape[1]
+    flat = flat_rows(idx, Hkv, L)
+    return x.reshape(B * Hkv * L, E).index_select(0, flat).view(*idx.shape, E), flat
+
+
+def flat_rows(idx: torch.Tensor, Hkv: int, L: int) -> torch.Tensor:
+    """idx (B, Hq, ...) indices into L rows of query head h's key/value head h // (Hq // Hkv) -> the flat row
+    indices (idx.numel(),) into x.reshape(B·Hkv·L, E)."""
+    B, Hq = idx.shape[:2]
     base = (torch.arange(B, device=idx.device).view(B, 1) * Hkv
             + torch.arange(Hq, device=idx.device).view(1, Hq) // (Hq // Hkv)) * L  # each kv head's first row
-    flat = (idx + base.view(B, Hq, *[1] * (idx.dim() - 2))).flatten()
-    return x.reshape(B * Hkv * L, E).index_select(0, flat).view(*idx.shape, E), flat
+    return (idx + base.view(B, Hq, *[1] * (idx.dim() - 2))).flatten()
 
 
 class DynamicPattern:

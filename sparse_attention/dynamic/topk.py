@@ -1,10 +1,11 @@
 """Top-k attention: each query attends to exactly its k highest-scoring allowed keys.
 
 (Gupta et al., 2021, "Memory-efficient Transformers via Top-k Attention",
-arXiv:2106.06899.) Every score must be computed, so the cost is that of dense
-attention; what top-k changes is which values are mixed. Scores are computed one query
-chunk at a time and each chunk is recomputed in the backward (activation
-checkpointing), so memory is O(chunk * S) at a time plus O(N * D) saved, never N x S.
+arXiv:2106.06899.) Every score must be computed, so the forward costs about what dense
+attention costs; what top-k changes is which values are mixed. Scores are computed one query
+chunk at a time and only each row's k indices and weights are kept; the backward needs only
+those pairs (O(N * k * D), no score is recomputed). Memory is O(chunk * S) at a time plus
+O(N * (D + k)) saved, never N x S.
 
 Ties between equal scores are broken by ``torch.topk`` (deterministic for given
 inputs); ``kept`` reports exactly the pairs ``attend`` used.
@@ -12,16 +13,20 @@ inputs); ``kept`` reports exactly the pairs ``attend`` used.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .._checks import check_int
 from ..patterns.base import Pattern
 from ..reference import masked_softmax
-from .base import DynamicPattern, allowed_mask, gather_rows
+from .base import DynamicPattern, allowed_mask, flat_rows, gather_rows
 
 # Score elements per chunk (B * H * C * S): 16 MB in float32, small enough for the C
 # allocator to recycle (fresh large buffers are page-faulted in at a few GB/s).
 CHUNK_ELEMENTS = 1 << 22
+# On CPU, mix the values and run the backward as sparse (CSR) products (False: row gathers everywhere)
+SPARSE_PRODUCTS = True
 
 
 def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -111,9 +116,15 @@ class _TopKFunction(torch.autograd.Function):
     """Top-k attention with a sparse backward.
 
     Forward scores every pair once (chunk by chunk), keeps each row's top-k indices and
-    softmax weights (O(N * k) saved), and mixes the k gathered values. The backward needs
-    only those k pairs per row: dV, dK by scatter-add, dQ from the gathered keys, so it
-    costs O(N * k * D) instead of recomputing the N x S scores.
+    softmax weights (O(N * k) saved), and mixes the k selected values. The backward needs
+    only those k pairs per row: dV, dK, dQ and the weights' gradient, so it costs
+    O(N * k * D) instead of recomputing the N x S scores.
+
+    On CPU the selected pairs form a CSR matrix P (rows: queries, columns: the flattened key rows)
+    and every product is a sparse one: out = P V, dW = (dO V^T) sampled at P (sampled_addmm),
+    dQ = dS K, and dV = P^T dO, dK = dS^T Q through the transposed matrix built once. These run
+    several times faster than gathering k rows per query and scatter-adding them back (the
+    gathered (rows, k, D) tensors are tens of MB per chunk). Other devices use the gathers.
     """
 
     @staticmethod
@@ -122,28 +133,37 @@ class _TopKFunction(torch.autograd.Function):
         S, Dv = k.shape[2], v.shape[3]
         acc = torch.promote_types(q.dtype, torch.float32)
         kk = min(mech.k, S)
+        sparse = _use_sparse(q.device)
         idx = torch.empty(B, H, N, kk, dtype=torch.long, device=q.device)
         w = torch.empty(B, H, N, kk, dtype=acc, device=q.device)
         out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
+        v_rows = v.to(acc).reshape(-1, Dv)  # (B·Hkv·S, Dv)
         keep = None
         if dropout_p > 0:
             keep = torch.rand(B, H, N, kk, device=q.device) >= dropout_p
         for a, b in mech._chunks(B, H, N, S):
             q_idx = torch.arange(a, b, device=q.device)
             _, values, i_c, _ = mech._select(q[:, :, a:b], k, q_idx, N, key_padding_mask, scale)
+            i_c, order = i_c.sort(-1)  # each row's keys in order (CSR wants it; dropout draws per slot)
+            values = values.gather(-1, order)
             w_c = masked_softmax(values)  # 0 where not allowed (-inf); NaN propagates
             idx[:, :, a:b], w[:, :, a:b] = i_c, w_c
             if keep is not None:
                 w_c = w_c * keep[:, :, a:b] / (1 - dropout_p) if dropout_p < 1 else torch.zeros_like(w_c)
-            vs = gather_rows(v.to(acc), i_c)[0]  # (B, H, C, kk, Dv)
-            out[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", w_c, vs).to(q.dtype)
+            if sparse:
+                out[:, :, a:b] = (_csr(i_c, w_c, v.shape[1], S) @ v_rows).view(B, H, b - a, Dv).to(q.dtype)
+            else:
+                vs = gather_rows(v.to(acc), i_c)[0]  # (B, H, C, kk, Dv)
+                out[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", w_c, vs).to(q.dtype)
         ctx.save_for_backward(q, k, v, idx, w, keep)
-        ctx.scale, ctx.dropout_p, ctx.chunks = scale, dropout_p, mech._chunks(B, H, N, S)
+        ctx.scale, ctx.dropout_p, ctx.chunks, ctx.sparse = scale, dropout_p, mech._chunks(B, H, N, S), sparse
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, idx, w, keep = ctx.saved_tensors
+        if ctx.sparse:
+            return _sparse_backward(q, k, v, idx, w, keep, grad, ctx.scale, ctx.dropout_p) + (None,) * 4
         scale, p_drop = ctx.scale, ctx.dropout_p
         acc = w.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -163,3 +183,51 @@ class _TopKFunction(torch.autograd.Function):
             dq[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", ds, ks) * scale
             _scatter_rows(dk, i_c, (ds * scale).unsqueeze(-1) * q[:, :, a:b].to(acc).unsqueeze(-2))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _use_sparse(device: torch.device) -> bool:
+    """The CSR products run on CPU (MKL); elsewhere the row gathers are used."""
+    return device.type == "cpu" and SPARSE_PRODUCTS
+
+
+def _csr(idx: torch.Tensor, vals: torch.Tensor, Hkv: int, S: int) -> torch.Tensor:
+    """idx (B, Hq, C, K) key indices, ascending per row, with vals (B, Hq, C, K) -> CSR (B·Hq·C, B·Hkv·S) whose
+    columns are the flattened key rows (query head h reads key head h // (Hq // Hkv))."""
+    B, Hq, C, K = idx.shape
+    crow = torch.arange(0, B * Hq * C * K + 1, K, device=idx.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, flat_rows(idx, Hkv, S), vals.reshape(-1), size=(B * Hq * C, B * Hkv * S),
+                                       check_invariants=False)
+
+
+def _sparse_backward(q, k, v, idx, w, keep, grad, scale, p_drop):
+    """The backward of _TopKFunction as sparse products over all N·k pairs at once (see its docstring)."""
+    B, H, N, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    acc = w.dtype
+    drop = 1.0
+    if keep is not None:
+        drop = keep / (1 - p_drop) if p_drop < 1 else torch.zeros_like(w)
+    w_used = w * drop
+    g = grad.to(acc).reshape(-1, Dv)  # (B·H·N, Dv)
+    P = _csr(idx, w_used, Hkv, S)
+    dw = torch.sparse.sampled_addmm(P, g, v.to(acc).reshape(-1, Dv).t(), beta=0.0).values().view(w.shape) * drop
+    ds = w * (dw - (w * dw).sum(-1, keepdim=True)) * scale  # softmax backward (0 where w is 0), scaled
+    dq = _csr(idx, ds, Hkv, S) @ k.to(acc).reshape(-1, D)
+    # P^T: rows are the key rows, columns the query rows; one ordering serves dV and dK
+    cols = flat_rows(idx, Hkv, S)
+    order = torch.argsort(cols, stable=True)
+    crow = torch.zeros(B * Hkv * S + 1, dtype=torch.long, device=q.device)
+    crow[1:] = torch.bincount(cols, minlength=B * Hkv * S).cumsum(0)
+    q_rows = torch.arange(B * H * N, device=q.device).repeat_interleave(idx.shape[-1])[order]
+
+    def transposed(vals):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(crow, q_rows, vals.reshape(-1)[order], size=(B * Hkv * S, B * H * N),
+                                           check_invariants=False)
+
+    dv = transposed(w_used) @ g
+    dk = transposed(ds) @ q.to(acc).reshape(-1, D)
+    return dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)
