@@ -190,15 +190,26 @@ def _use_sparse(device: torch.device) -> bool:
     return device.type == "cpu" and SPARSE_PRODUCTS
 
 
-def _csr(idx: torch.Tensor, vals: torch.Tensor, Hkv: int, S: int) -> torch.Tensor:
+def _csr(idx: torch.Tensor, vals: torch.Tensor, Hkv: int, S: int, cols: torch.Tensor | None = None) -> torch.Tensor:
     """idx (B, Hq, C, K) key indices, ascending per row, with vals (B, Hq, C, K) -> CSR (B·Hq·C, B·Hkv·S) whose
-    columns are the flattened key rows (query head h reads key head h // (Hq // Hkv))."""
+    columns are the flattened key rows (query head h reads key head h // (Hq // Hkv)). ``cols``: those
+    columns if already computed (_columns)."""
     B, Hq, C, K = idx.shape
-    crow = torch.arange(0, B * Hq * C * K + 1, K, device=idx.device)
+    cols = _columns(idx, Hkv, S) if cols is None else cols
+    crow = torch.arange(0, B * Hq * C * K + 1, K, device=idx.device, dtype=cols.dtype)
+    return _sparse_csr(crow, cols, vals.reshape(-1), (B * Hq * C, B * Hkv * S))
+
+
+def _columns(idx: torch.Tensor, Hkv: int, S: int) -> torch.Tensor:
+    """The flat key rows of idx as CSR column indices: int32 when they fit (half the memory of int64)."""
+    cols = flat_rows(idx, Hkv, S)
+    return cols.to(torch.int32) if idx.shape[0] * Hkv * S < 2**31 and idx.numel() < 2**31 else cols
+
+
+def _sparse_csr(crow, cols, vals, size) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, flat_rows(idx, Hkv, S), vals.reshape(-1), size=(B * Hq * C, B * Hkv * S),
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols, vals, size=size, check_invariants=False)
 
 
 def _sparse_backward(q, k, v, idx, w, keep, grad, scale, p_drop):
@@ -211,22 +222,22 @@ def _sparse_backward(q, k, v, idx, w, keep, grad, scale, p_drop):
         drop = keep / (1 - p_drop) if p_drop < 1 else torch.zeros_like(w)
     w_used = w * drop
     g = grad.to(acc).reshape(-1, Dv)  # (B·H·N, Dv)
-    P = _csr(idx, w_used, Hkv, S)
+    cols = _columns(idx, Hkv, S)
+    P = _csr(idx, w_used, Hkv, S, cols)
     dw = torch.sparse.sampled_addmm(P, g, v.to(acc).reshape(-1, Dv).t(), beta=0.0).values().view(w.shape) * drop
+    del P
     ds = w * (dw - (w * dw).sum(-1, keepdim=True)) * scale  # softmax backward (0 where w is 0), scaled
-    dq = _csr(idx, ds, Hkv, S) @ k.to(acc).reshape(-1, D)
+    del dw
+    dq = _csr(idx, ds, Hkv, S, cols) @ k.to(acc).reshape(-1, D)
     # P^T: rows are the key rows, columns the query rows; one ordering serves dV and dK
-    cols = flat_rows(idx, Hkv, S)
     order = torch.argsort(cols, stable=True)
-    crow = torch.zeros(B * Hkv * S + 1, dtype=torch.long, device=q.device)
+    crow = torch.zeros(B * Hkv * S + 1, dtype=cols.dtype, device=q.device)
     crow[1:] = torch.bincount(cols, minlength=B * Hkv * S).cumsum(0)
-    q_rows = torch.arange(B * H * N, device=q.device).repeat_interleave(idx.shape[-1])[order]
+    q_rows = torch.div(order, idx.shape[-1], rounding_mode="floor").to(cols.dtype)  # the query row of each pair
+    del cols
 
     def transposed(vals):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(crow, q_rows, vals.reshape(-1)[order], size=(B * Hkv * S, B * H * N),
-                                           check_invariants=False)
+        return _sparse_csr(crow, q_rows, vals.reshape(-1)[order], (B * Hkv * S, B * H * N))
 
     dv = transposed(w_used) @ g
     dk = transposed(ds) @ q.to(acc).reshape(-1, D)
