@@ -197,13 +197,14 @@ def test_lsh_equals_dense_attention_over_the_union_of_rounds(mech, shape, dtype)
 @pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
 @pytest.mark.parametrize("shape", [(2, 4, 2, 130, 130, 8, 5), (1, 2, 1, 64, 90, 8, 8), (2, 2, 2, 37, 37, 4, 4)],
                          ids=lambda s: "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s))
-def test_lsh_fused_kernel_path_equals_the_plain_path(shape, causal, exclude_self, masked):
-    """One round runs on the fused CPU kernel (sorted chunks as items, key windows as strided views); in
-    float64 its output and gradients equal the plain-op path of any number of rounds, restricted to one."""
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_lsh_fused_kernel_path_equals_the_plain_path(shape, causal, exclude_self, masked, rounds):
+    """The rounds run on the fused CPU kernel (sorted chunks as items, key windows as strided views, several
+    rounds merged through their log-sum-exps); in float64 its output and gradients equal the plain-op path."""
     B, Hq, Hkv, N, S, D, Dv = shape
     if exclude_self and N != S:
         pytest.skip("shared-QK needs N == S")
-    mech = LSH(16, seed=1, causal=causal, exclude_self=exclude_self, shared_qk=exclude_self)
+    mech = LSH(16, n_hashes=rounds, seed=1, causal=causal, exclude_self=exclude_self, shared_qk=exclude_self)
     kpm = padding_mask(B, S) if masked else None
     q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=torch.float64)
     g = torch.randn(B, Hq, N, Dv, dtype=torch.float64)
