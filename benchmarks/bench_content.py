@@ -183,9 +183,9 @@ def ours_probsparse(n, args):
 
 
 def ours_lsh(n, args):
-    mech = sa.LSH(bucket_size=BUCKET, n_hashes=1, seed=0)
+    mech = sa.LSH(bucket_size=BUCKET, n_hashes=args.lsh_hashes, seed=0)
     nb = mech.buckets_for(n)
-    return Setup(f"LSH(bucket_size={BUCKET}, n_hashes=1; {nb} buckets)",
+    return Setup(f"LSH(bucket_size={BUCKET}, n_hashes={args.lsh_hashes}; {nb} buckets)",
                  Contender(lambda q, k, v: sa.attention(q, k, v, mech)),
                  Contender(lambda q, k, v: mech._chunks(q, k), grad=False),  # hashing + sort: no public call
                  f"LSH._chunks: hash q and k ({nb} buckets: a D x {nb // 2} rotation, so O(N^2 D / bucket)), "
@@ -266,10 +266,10 @@ def peers_lsh(s: Setup, n, args):
         if n % (2 * BUCKET):
             s.notes.append(f"reformer-pytorch skipped at N={n}: it needs N divisible by {2 * BUCKET}")
         else:
-            rp = LSHAttention(bucket_size=BUCKET, n_hashes=1, causal=False).train()
+            rp = LSHAttention(bucket_size=BUCKET, n_hashes=args.lsh_hashes, causal=False).train()
             s.contenders["reformer-pytorch LSHAttention (shared QK)"] = Contender(
                 lambda q, k, v: rp(q.reshape(B * H, n, D), v.reshape(B * H, n, D))[0].view(B, H, n, D))
-            like = ReformerAttention(BUCKET, 1, n_buckets=n // BUCKET, seed=0)
+            like = ReformerAttention(BUCKET, args.lsh_hashes, n_buckets=n // BUCKET, seed=0)
             key = f"ours ReformerAttention (shared QK, {n // BUCKET} buckets)"
             s.contenders[key] = Contender(lambda q, k, v: like(q, v))
             s.pairs.append(Pair("reformer-pytorch LSHAttention (shared QK)", key))
@@ -281,21 +281,23 @@ def peers_lsh(s: Setup, n, args):
     from transformers.models.reformer.modeling_reformer import LSHSelfAttention
 
     cfg = ReformerConfig(hidden_size=HIDDEN, num_attention_heads=H, attention_head_size=D, attn_layers=["lsh"],
-                         lsh_attn_chunk_length=BUCKET, num_hashes=1, num_buckets=nb_ours, is_decoder=False,
+                         lsh_attn_chunk_length=BUCKET, num_hashes=args.lsh_hashes, num_buckets=nb_ours,
+                         is_decoder=False,
                          lsh_num_chunks_before=1, lsh_num_chunks_after=0, lsh_attention_probs_dropout_prob=0.0,
                          max_position_embeddings=n)
     torch.manual_seed(0)
     hf = LSHSelfAttention(cfg, layer_idx=0).train()
     s.contenders["HF Reformer LSHSelfAttention (qk,v proj)"] = Contender(Output(hf, lambda r: r.hidden_states),
                                                                          layer=True)
-    like = ReformerAttention(BUCKET, 1, n_buckets=nb_ours, seed=0)
+    like = ReformerAttention(BUCKET, args.lsh_hashes, n_buckets=nb_ours, seed=0)
     ours = Layer(lambda qk, v: like(qk, v), shared_qk=True, bias=False, out_proj=False)
     key = f"ours ReformerAttention ({nb_ours} buckets) + {ours.describe()}"
     s.contenders[key] = Contender(ours, layer=True)
     proj = Layer(None, shared_qk=True, bias=False, out_proj=False)
     s.contenders[f"{proj.describe()} alone"] = Contender(proj, layer=True)
     s.pairs.append(Pair("HF Reformer LSHSelfAttention (qk,v proj)", key, f"{proj.describe()} alone"))
-    s.notes.append(f"HF LSHSelfAttention: chunk {BUCKET}, 1 hash, num_buckets={nb_ours} (set to ours; unset, HF "
+    s.notes.append(f"HF LSHSelfAttention: chunk {BUCKET}, {args.lsh_hashes} hash(es), num_buckets={nb_ours} "
+                   "(set to ours; unset, HF "
                    "would round and factorise it), shared QK, 2 projections (query_key, value; no bias, no output "
                    "projection), fresh random rotations per call (hash_seed None); its look-back wraps around.")
 
@@ -479,10 +481,10 @@ def targets(args, results):
 # ----------------------------------------------------------------------------- memory
 
 
-def mem_child(n, name, topk_k):
+def mem_child(n, name, topk_k, lsh_hashes=1):
     """Fresh subprocess: fwd+bwd peak RSS above the inputs (q, k, v, grad_out), first and second call."""
     torch.manual_seed(0)
-    args = argparse.Namespace(topk_k=topk_k, peers=False)
+    args = argparse.Namespace(topk_k=topk_k, lsh_hashes=lsh_hashes, peers=False)
     s = build(name, n, args)
     q, k, v = (t.requires_grad_(True) for t in qkv(n))
     g = torch.randn(B, H, n, D)
@@ -507,7 +509,7 @@ def bench_memory(args, results):
                              f"--topk-mem-max {args.topk_mem_max}"})
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", str(n), "--_mem-what", name,
-                   "--topk-k", str(args.topk_k)]
+                   "--topk-k", str(args.topk_k), "--lsh-hashes", str(args.lsh_hashes)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             t0 = time.perf_counter()
@@ -568,6 +570,7 @@ def main():
                     help="override the memory lengths (none: skip memory)")
     ap.add_argument("--mechanisms", nargs="+", default=list(OURS), choices=list(OURS))
     ap.add_argument("--topk-k", type=int, default=64, help="k of TopK (default 64)")
+    ap.add_argument("--lsh-hashes", type=int, default=1, help="hashing rounds of LSH and its peers (default 1)")
     ap.add_argument("--topk-mem-max", type=int, default=16384, help="largest N for TopK's memory point")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--only", choices=["speed", "memory"], default=None, help="run one section only")
@@ -579,7 +582,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._mem_child:
-        mem_child(args._mem_child, args._mem_what, args.topk_k)
+        mem_child(args._mem_child, args._mem_what, args.topk_k, args.lsh_hashes)
         return
     args.lengths = args.lengths or ([4096, 16384] if args.full else [4096])
     if args.mem_lengths is None:
