@@ -34,6 +34,9 @@ from ..functional import attention
 class ReformerAttention(torch.nn.Module):
     """Shared-QK LSH self-attention. forward(qk (B, H, N, D), v (B, H or Hkv, N, Dv)) -> (B, H, N, Dv).
 
+    The keys are the unit-normalised queries, hashed once (``LSH(shared_qk=True)``: a query's angular
+    hash is its key's), and a token attends itself only when it has no other key.
+
     ``shared_qk = True`` tells :class:`~sparse_attention.nn.MultiheadAttention` to call it with the
     projected queries and values only (its key projection is then unused). Values with fewer heads
     (grouped-query attention) are read by query head h from value head h // (H // Hkv).
