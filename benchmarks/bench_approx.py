@@ -187,7 +187,7 @@ class _Layer(torch.nn.Module):
     def forward(self, x):
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, H, D).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
-        out = self.core(q, k, v)  # (B, H, N, D)
+        out = q + k + v if self.core is None else self.core(q, k, v)  # (B, H, N, D); None: projections alone
         return self.to_out(out.transpose(1, 2).reshape(b, n, HIDDEN))
 
 
@@ -227,10 +227,15 @@ def bench_peers(args):
         ours = _Layer(sa.nn.LinformerAttention(n, 256))
         theirs = LinformerSelfAttention(HIDDEN, n, k=256, heads=H)
         x = torch.randn(B, n, HIDDEN)
-        group = {"ours": _layer_fwd_bwd(ours, x), "linformer": _layer_fwd_bwd(theirs, x)}
+        group = {"ours": _layer_fwd_bwd(ours, x), "linformer": _layer_fwd_bwd(theirs, x),
+                 "projections": _layer_fwd_bwd(_Layer(None), x)}  # the 4 projections alone, same group
         r = time_group(group, args.peer_repeats)["best"]
         rows.append([n, "Linformer k=256 layer (dim 512, q/k/v/out projections)", "linformer LinformerSelfAttention",
                      ms(r["ours"]), ms(r["linformer"]), f"{r['linformer'] / r['ours']:.1f}x", "3x"])
+        t_p, t_o, t_l = r["projections"], r["ours"], r["linformer"]
+        core = f"{(t_l - t_p) / (t_o - t_p):.1f}x" if t_o - t_p > 0.1 * t_o else "n/a: ours ~ projections"
+        rows.append([n, f"  the same without the 4 projections ({ms(t_p)} ms alone, same group)",
+                     "linformer LinformerSelfAttention", ms(t_o - t_p), ms(t_l - t_p), core, "3x"])
         print(f"  N={n} done", flush=True)
     print(md_table(["N", "what", "peer", "ours ms", "peer ms", "peer / ours", "target"], rows))
 
