@@ -111,9 +111,11 @@ def test_gradcheck(causal, fmap, small_segments):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("fmap", ["elu", "favor+", "callable"])
 @pytest.mark.parametrize("budget", ["head-groups", "row-blocks", "tiny"])
-def test_blocking_does_not_change_results(causal, fmap, budget, monkeypatch):
+@pytest.mark.parametrize("keep", ["keep-features", "recompute"])
+def test_blocking_does_not_change_results(causal, fmap, budget, keep, monkeypatch):
     """The cores work block by block (groups of whole heads, or runs of rows of one head); any blocking
-    gives the single-block result and gradients up to rounding."""
+    gives the single-block result and gradients up to rounding, whether the backward reuses the forward's
+    features or recomputes them (over _KEEP_FEATURES_BYTES)."""
     B, H, N, D = 2, 3, 40, 4
     q, k, v = make_qkv(B, H, H, N, N, D, dtype=torch.float64)
     kpm = padding_mask(B, N)
@@ -126,6 +128,7 @@ def test_blocking_does_not_change_results(causal, fmap, budget, monkeypatch):
     rows = {"head-groups": 2 * N, "row-blocks": 16, "tiny": 1}[budget]  # rows of features per block
     share = linear._CAUSAL_SHARE if causal else 1
     monkeypatch.setattr(linear, "_BLOCK_BYTES", share * rows * max(width, 8) * 8)
+    monkeypatch.setattr(linear, "_KEEP_FEATURES_BYTES", 1 << 30 if keep == "keep-features" else 0)
     blocked = run_and_grad(fn, q, k, v, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), blocked, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
