@@ -128,7 +128,10 @@ def test_blocking_does_not_change_results(causal, fmap, budget, keep, monkeypatc
     rows = {"head-groups": 2 * N, "row-blocks": 16, "tiny": 1}[budget]  # rows of features per block
     share = linear._CAUSAL_SHARE if causal else 1
     monkeypatch.setattr(linear, "_BLOCK_BYTES", share * rows * max(width, 8) * 8)
-    monkeypatch.setattr(linear, "_KEEP_FEATURES_BYTES", 1 << 30 if keep == "keep-features" else 0)
+    if keep == "keep-features":
+        monkeypatch.setattr(linear, "_KEEP_FEATURES_BYTES", 1 << 30)
+    else:
+        monkeypatch.setattr(linear, "_keep_features", lambda *a: False)
     blocked = run_and_grad(fn, q, k, v, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), blocked, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
@@ -262,3 +265,14 @@ def test_bad_tensors_and_causal_lengths():
         sa.linear_attention(q[0], k, v)
     with pytest.raises(ValueError, match="head_dim"):
         FavorPlus(0)
+
+
+def test_features_kept_for_the_backward_only_within_budget():
+    """elu/relu features (F = D) are always reused by the backward; FAVOR+'s N × F features only while they
+    fit in _KEEP_FEATURES_BYTES, so long sequences stay O(N·D) in memory."""
+    q = k = torch.empty(1, 8, 65536, 64, device="meta")
+    n = 8 * 2 * 65536
+    assert linear._keep_features(q, k, n * 64), "elu at N=65536: features the size of q and k"
+    assert not linear._keep_features(q, k, n * 266), "FAVOR+ (F=266) at N=65536: 1.1 GB, recomputed"
+    small = torch.empty(1, 8, 4096, 64, device="meta")
+    assert linear._keep_features(small, small, 8 * 2 * 4096 * 266), "FAVOR+ at N=4096: 70 MB, kept"

@@ -332,20 +332,29 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
 # a block is a group of heads × a run of rows whose feature tensor holds about _BLOCK_BYTES. Features
 # are computed per block, so no N × F tensor is ever allocated whole: every temporary is block-sized
 # (fresh tensors of tens of MB are page-faulted in at a few GB/s on CPU, slower than the arithmetic on
-# them). The backward reuses the forward's feature blocks while all of them fit in _KEEP_FEATURES_BYTES
-# (measured 15-18% faster fwd+bwd for elu and FAVOR+ at N=4096 and 16384) and recomputes them beyond
-# that, so memory stays O(N·D) for long sequences. Also saved for the backward: q, k, v, the output,
+# them). The backward reuses the forward's feature blocks while they fit in _KEEP_FEATURES_BYTES or
+# in twice the size of q and k (always for elu and relu, F = D), measured 15-18% faster fwd+bwd for
+# elu and FAVOR+ at N=4096 and 16384, 6% for elu at 65536; FAVOR+'s N × F features beyond the budget
+# are recomputed, so memory stays O(N·D). Also saved for the backward: q, k, v, the output,
 # its denominators (BH, N, 1), the small states, and in causal mode each block's chunk states and
 # masked scores (recomputing them cost 6-12% of fwd+bwd). Autograd over whole-tensor ops would be
 # correct too, but costs ~30 full passes and N·(F + C) saved floats.
 
 _BLOCK_BYTES = 4 << 20
-# the cores keep the features of q and k for the backward (instead of recomputing them) up to this size
+# the cores keep the features of q and k for the backward (instead of recomputing them) up to this size,
+# or up to twice the size of q and k (see _keep_features)
 _KEEP_FEATURES_BYTES = 128 << 20
 # the causal core's blocks are 4x smaller: its per-chunk states (F × (Dv + 1) per C rows) then stay in
 # cache (measured at N=4096, B=1, H=8, D=64: fwd+bwd 53-60 ms with 0.5-1 MB blocks, 67-88 ms with 2-4 MB)
 _CAUSAL_SHARE = 4
 _SEGMENT_ROWS = 16384  # most rows per block of the causal loop (its per-chunk states are C × F × Dv)
+
+
+def _keep_features(q: torch.Tensor, k: torch.Tensor, numel: int) -> bool:
+    """Whether the backward reuses the forward's ``numel`` feature values of q and k: when they take at
+    most _KEEP_FEATURES_BYTES, or no more than twice q and k themselves (elu, relu: F = D), so memory
+    stays O(N·D); FAVOR+'s N × F features beyond the budget are recomputed."""
+    return numel * q.element_size() <= max(_KEEP_FEATURES_BYTES, 2 * (q.numel() + k.numel()) * q.element_size())
 
 
 def _blocks(BH: int, L: int, width: int, itemsize: int, unit: int = 1, share: int = 1):
@@ -409,8 +418,7 @@ class _NonCausal(torch.autograd.Function):
         Fd = fm.num_features(q.shape[-1])
         kvz = q.new_zeros(BH, Fd, Dv + 1)  # [Σ φ(k_j) v_jᵀ | Σ φ(k_j)]
         # the backward reuses the blocks' features when all of them fit in _KEEP_FEATURES_BYTES
-        kept = ([], []) if (any(ctx.needs_input_grad[:3])
-                            and BH * (R + S) * Fd * q.element_size() <= _KEEP_FEATURES_BYTES) else None
+        kept = ([], []) if any(ctx.needs_input_grad[:3]) and _keep_features(q, k, BH * (R + S) * Fd) else None
         for h, r in _blocks(BH, S, Fd, q.element_size()):
             fk = fm.key(k[h, r])
             if kept is not None:
@@ -483,7 +491,7 @@ class _Causal(torch.autograd.Function):
         out, den = q.new_empty(BH, L, Dv), q.new_empty(BH, L, 1)
         starts = []  # the state at the start of each block, for the backward
         kept = [] if any(ctx.needs_input_grad[:3]) else None  # each block's (st, scores), for the backward
-        keep_features = kept is not None and 2 * BH * L * Fd * q.element_size() <= _KEEP_FEATURES_BYTES
+        keep_features = kept is not None and _keep_features(q, k, 2 * BH * L * Fd)
         state = None
         for h, r in _blocks(BH, L, max(Fd, C), q.element_size(), unit=C, share=_CAUSAL_SHARE):
             if r.start == 0:
