@@ -350,6 +350,16 @@ _CAUSAL_SHARE = 4
 _SEGMENT_ROWS = 16384  # most rows per block of the causal loop (its per-chunk states are C × F × Dv)
 
 
+def _prefix(x: torch.Tensor, upper: bool) -> torch.Tensor:
+    """x (heads, m, ·, ·) -> Σ_{c' < c} x_c' (upper=False) or Σ_{c' > c} x_c' (upper=True) for every c, as
+    one product with a strict triangle of ones (m x m): exact sums of the same terms as a cumulative sum,
+    without its flips and concatenations."""
+    hb, m = x.shape[:2]
+    ones = torch.ones(m, m, dtype=x.dtype, device=x.device)
+    tri = ones.triu(1) if upper else ones.tril(-1)
+    return torch.matmul(tri, x.reshape(hb, m, -1)).view(x.shape)
+
+
 def _keep_features(q: torch.Tensor, k: torch.Tensor, numel: int) -> bool:
     """Whether the backward reuses the forward's ``numel`` feature values of q and k: when they take at
     most _KEEP_FEATURES_BYTES, or no more than twice q and k themselves (elu, relu: F = D), so memory
@@ -478,8 +488,9 @@ class _Causal(torch.autograd.Function):
         fq, fk = fq.reshape(-1, C, fq.shape[-1]), fk.reshape(-1, C, fk.shape[-1])
         v1 = _with_ones(v).view(-1, C, state.shape[-1])
         kv = torch.bmm(fk.transpose(1, 2), v1).view(hb, Lb // C, *state.shape[-2:])
-        # the state each chunk starts from (cumsum's result is fresh: adding in place is safe)
-        st = torch.cat([state, kv[:, :-1].cumsum(1).add_(state)], 1).view(-1, *state.shape[-2:])
+        # the state each chunk starts from: state + Σ_{c' < c} kv_c', one product with a strictly lower
+        # triangle of ones (an exclusive prefix sum without the concatenation)
+        st = _prefix(kv, upper=False).add_(state).view(-1, *state.shape[-2:])
         scores = torch.bmm(fq, fk.transpose(1, 2)).tril_()  # (heads·m, C, C), j <= i inside the chunk
         return fq, fk, v1, st, scores, state + kv.sum(1, keepdim=True)
 
@@ -529,11 +540,11 @@ class _Causal(torch.autograd.Function):
             gres = _grad_res(g[h, r].reshape(-1, C, Dv), out[h, r].reshape(-1, C, Dv),
                              den[h, r].reshape(-1, C, 1))
             gst = torch.bmm(fq.transpose(1, 2), gres).view(hb, Lb // C, Fd, Dv + 1)
-            # chunk c's kv reaches every later chunk's st and the carried state: a reverse exclusive
-            # cumsum, summed from the end (total - prefix would cancel catastrophically)
-            suffix = gst.flip(1).cumsum(1).flip(1)  # Σ_{c' >= c} gst_c'
-            gkv = torch.cat([suffix[:, 1:] + gstate, gstate], 1).view(-1, Fd, Dv + 1)
-            gstate = gstate + suffix[:, :1]
+            # chunk c's kv reaches every later chunk's st and the carried state: an exclusive suffix
+            # sum Σ_{c' > c} gst_c' (a product with a strictly upper triangle of ones; total - prefix
+            # would cancel catastrophically)
+            gkv = _prefix(gst, upper=True).add_(gstate).view(-1, Fd, Dv + 1)
+            gstate = gstate + gst.sum(1, keepdim=True)
             gscores = torch.bmm(gres, v1.transpose(1, 2)).tril_()
             gfq = torch.baddbmm(torch.bmm(gscores, fk), gres, st.transpose(1, 2))
             gfk = torch.baddbmm(torch.bmm(gscores.transpose(1, 2), fq), v1, gkv.transpose(1, 2))
