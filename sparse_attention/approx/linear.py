@@ -13,14 +13,16 @@ Papers:
     Hua et al., "Transformer Quality in Linear Time", arXiv:2202.10447, and flash-linear-attention.
 
 Execution, memory and gradients. Both modes run in blocks of rows (see "the cores" below): features
-are computed block by block and recomputed in the backward, which is written by hand. Causal mode cuts
+are computed block by block; the backward, written by hand, reuses them while they fit a budget (always
+for elu and relu, whose features are the size of q and k) and recomputes them otherwise. Causal mode cuts
 the sequence into chunks of ``chunk_size`` (C) keys; the blocks are visited in order with a carried
 state, and inside a block all chunks are handled at once: each chunk's φ(K_c)ᵀ[V_c, 1] (F × (Dv + 1),
 the last column is the denominator's Σφ(k)), an exclusive prefix sum of those over chunks (the state
 every chunk starts from), and the masked C × C block of φ(Q_c)φ(K_c)ᵀ. Nothing of size N × N is ever
 built. Memory beyond q, k, v and the output: without gradients a block's working set (independent of
-N); with gradients the denominators, and in causal mode each chunk's state and C × C scores,
-O(N·(C + F·Dv/C)) per head, which is O(N·D) for C ~ D. Time is O(N·(C·(F + Dv) + F·Dv)).
+N); with gradients the denominators, the features within their budget, and in causal mode each
+chunk's state and C × C scores, O(N·(C + F·Dv/C)) per head, which is O(N·D) for C ~ D. Time is
+O(N·(C·(F + Dv) + F·Dv)).
 
 Numerics. Half-precision inputs are computed in float32 and cast back. The normaliser is guarded:
 a row whose denominator is 0 (every key padded, or ReLU features that are all zero) gives output 0
@@ -70,7 +72,7 @@ class FeatureMap:
     def num_features(self, head_dim: int) -> int:
         return head_dim
 
-    # The blocked cores recompute features in the backward and need ∂L/∂x from g = ∂L/∂φ(x). The
+    # The blocked cores' backward needs ∂L/∂x from g = ∂L/∂φ(x) (features reused or recomputed). The
     # defaults run autograd through a recomputation; the built-in maps override them in closed form.
 
     def query_vjp(self, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -294,7 +296,7 @@ class _Identity(FeatureMap):
 
 
 #: feature maps without learnable parameters, acting row by row: computed inside the cores, chunk by
-#: chunk, and recomputed in the backward (any other map runs first, under autograd, see _prepare)
+#: chunk, reused or recomputed in the backward (any other map runs first, under autograd, see _prepare)
 _FUSED_MAPS = (EluFeatureMap, ReluFeatureMap, FavorPlus)
 
 
