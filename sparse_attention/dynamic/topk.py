@@ -137,7 +137,7 @@ class _TopKFunction(torch.autograd.Function):
         idx = torch.empty(B, H, N, kk, dtype=torch.long, device=q.device)
         w = torch.empty(B, H, N, kk, dtype=acc, device=q.device)
         out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
-        v_rows = v.to(acc).reshape(-1, Dv)  # (B·Hkv·S, Dv)
+        v_acc = v.to(acc)  # once, not per chunk
         keep = None
         if dropout_p > 0:
             keep = torch.rand(B, H, N, kk, device=q.device) >= dropout_p
@@ -151,9 +151,10 @@ class _TopKFunction(torch.autograd.Function):
             if keep is not None:
                 w_c = w_c * keep[:, :, a:b] / (1 - dropout_p) if dropout_p < 1 else torch.zeros_like(w_c)
             if sparse:
-                out[:, :, a:b] = (_csr(i_c, w_c, v.shape[1], S) @ v_rows).view(B, H, b - a, Dv).to(q.dtype)
+                out[:, :, a:b] = (_csr(i_c, w_c, v.shape[1], S) @ v_acc.reshape(-1, Dv)).view(B, H, b - a, Dv).to(
+                    q.dtype)
             else:
-                vs = gather_rows(v.to(acc), i_c)[0]  # (B, H, C, kk, Dv)
+                vs = gather_rows(v_acc, i_c)[0]  # (B, H, C, kk, Dv)
                 out[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", w_c, vs).to(q.dtype)
         ctx.save_for_backward(q, k, v, idx, w, keep)
         ctx.scale, ctx.dropout_p, ctx.chunks, ctx.sparse = scale, dropout_p, mech._chunks(B, H, N, S), sparse
@@ -169,6 +170,7 @@ class _TopKFunction(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        k_acc, v_acc = k.to(acc), v.to(acc)  # once, not per chunk
         for a, b in ctx.chunks:
             i_c, w_c, g = idx[:, :, a:b], w[:, :, a:b], grad[:, :, a:b].to(acc)
             drop = 1.0
@@ -176,10 +178,10 @@ class _TopKFunction(torch.autograd.Function):
                 drop = keep[:, :, a:b] / (1 - p_drop) if p_drop < 1 else torch.zeros_like(w_c)
             w_used = w_c * drop
             _scatter_rows(dv, i_c, w_used.unsqueeze(-1) * g.unsqueeze(-2))
-            vs = gather_rows(v.to(acc), i_c)[0]
+            vs = gather_rows(v_acc, i_c)[0]
             dw = torch.einsum("bhcd,bhckd->bhck", g, vs) * drop
             ds = w_c * (dw - (w_c * dw).sum(-1, keepdim=True))  # softmax backward; 0 where w is 0
-            ks = gather_rows(k.to(acc), i_c)[0]
+            ks = gather_rows(k_acc, i_c)[0]
             dq[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", ds, ks) * scale
             _scatter_rows(dk, i_c, (ds * scale).unsqueeze(-1) * q[:, :, a:b].to(acc).unsqueeze(-2))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
