@@ -137,6 +137,18 @@ def test_blocking_does_not_change_results(causal, fmap, budget, keep, monkeypatc
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("m", [1, 2, 5, 12, 16, 63, 64])
+@pytest.mark.parametrize("upper", [False, True], ids=["prefix", "suffix"])
+def test_chunk_prefix_sums(m, upper):
+    """The causal core's exclusive prefix (suffix) sums over chunks, in one or two levels of triangles of
+    ones depending on m's divisors, equal the sums of the earlier (later) items."""
+    x = torch.randn(3, m, 4, 5, dtype=torch.float64)
+    got = linear._prefix(x, upper=upper)
+    for c in range(m):
+        want = x[:, c + 1:].sum(1) if upper else x[:, :c].sum(1)
+        torch.testing.assert_close(got[:, c], want, rtol=1e-12, atol=1e-12, msg=lambda s, c=c: f"chunk {c}: {s}")
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_favor_closed_form_gradients_with_shift(causal):
     """At D = 64 some projection rows have |w|²/2 > 40, so FAVOR+ moves a constant c_f from the keys to
