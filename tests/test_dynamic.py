@@ -19,6 +19,7 @@ from sparse_attention.dynamic import (
     sinkhorn_reference,
     update_centroids,
 )
+from sparse_attention.dynamic.topk import top_k
 
 SHAPES = [  # B, Hq, Hkv, N, S, D
     (2, 4, 2, 37, 53, 8),
@@ -92,6 +93,30 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
     worst_kept = scores.masked_fill(~kept, float("inf")).amin(-1)
     best_dropped = scores.masked_fill(kept, float("-inf")).amax(-1)
     assert bool((worst_kept >= best_dropped).all()), "a dropped key scores higher than a kept one"
+
+
+@pytest.mark.parametrize("S", [16, 63, 64, 257, 1000, 4099])
+@pytest.mark.parametrize("k_top", [1, 3, 16, 40])
+@pytest.mark.parametrize("data", ["randn", "ties", "masked"])
+def test_top_k_selection_equals_torch_topk(S, k_top, data):
+    """top_k (one or two levels depending on S / k) returns torch.topk's values, at distinct indices that
+    hold them, including rows with many equal scores and rows with fewer than k finite entries."""
+    if k_top > S:
+        pytest.skip("k <= S")
+    gen = torch.Generator().manual_seed(S * 100 + k_top)
+    s = torch.randn(3, 5, S, generator=gen)
+    if data == "ties":
+        s = torch.randint(0, 4, (3, 5, S), generator=gen).float()
+    if data == "masked":  # row 0: nothing allowed, row 1: fewer than k allowed, the rest: about half
+        s = s.masked_fill(torch.rand(3, 5, S, generator=gen) < 0.5, float("-inf"))
+        s[:, 0] = float("-inf")
+        s[:, 1] = float("-inf")
+        s[:, 1, ::max(1, S // max(1, k_top - 1))] = 1.0
+    values, idx = top_k(s, k_top)
+    want = s.topk(k_top, dim=-1).values
+    assert torch.equal(values.sort(-1, descending=True).values, want), "not the k largest values"
+    assert torch.equal(s.gather(-1, idx), values), "indices do not hold the values"
+    assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all()), "an index is repeated"
 
 
 def test_topk_with_restriction_keeps_fewer_when_fewer_allowed():
