@@ -44,6 +44,7 @@ from bench_core import _fwd, _fwd_bwd, _layer_fwd_bwd, machine, md_table, ms, ti
 import sparse_attention as sa  # noqa: E402
 from sparse_attention.bench import PeakMemory  # noqa: E402
 from sparse_attention.dynamic.sinkhorn import sinkhorn  # noqa: E402
+from sparse_attention.dynamic.topk import _score_buffer  # noqa: E402
 from sparse_attention.nn.content_based import ReformerAttention, SinkhornAttention  # noqa: E402
 
 B, H, D = 1, 8, 64
@@ -167,8 +168,10 @@ def ours_topk(n, args):
     def select(q, k, v):
         # the selection *is* the scoring: every chunk's N x S scores and their top-k
         N, S = q.shape[2], k.shape[2]
-        for a, b in mech._chunks(B, H, N, S):
-            mech._select(q[:, :, a:b], k, torch.arange(a, b), N, None, D**-0.5)
+        chunks = mech._chunks(B, H, N, S)
+        scores = _score_buffer(B, H, S, chunks, q.dtype, q.device)  # as the forward does
+        for a, b in chunks:
+            mech._select(q[:, :, a:b], k, torch.arange(a, b), N, None, D**-0.5, scores)
     return Setup(f"TopK({args.topk_k})", Contender(lambda q, k, v: sa.attention(q, k, v, mech)),
                  Contender(select, grad=False),
                  "scores of every pair + top-k, chunk by chunk (TopK._select; the selection is the scoring)")

@@ -138,6 +138,11 @@ class TopK(DynamicPattern):
         return _TopKFunction.apply(q, k, v, self, key_padding_mask, scale, dropout_p)
 
 
+def _score_buffer(B: int, H: int, S: int, chunks, dtype: torch.dtype, device) -> torch.Tensor:
+    """One buffer for the scores of every chunk of a call (see grouped_scores)."""
+    return torch.empty(B * H * max((b - a for a, b in chunks), default=0) * S, dtype=dtype, device=device)
+
+
 def _scatter_rows(acc: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> None:
     """acc (B, Hkv, S, E) += val (B, Hq, C, K, E) at rows idx (B, Hq, C, K).
 
@@ -179,7 +184,7 @@ class _TopKFunction(torch.autograd.Function):
         if dropout_p > 0:
             keep = torch.rand(B, H, N, kk, device=q.device) >= dropout_p
         chunks = mech._chunks(B, H, N, S)
-        scores = torch.empty(B * H * max((b - a for a, b in chunks), default=0) * S, dtype=acc, device=q.device)
+        scores = _score_buffer(B, H, S, chunks, acc, q.device)
         for a, b in chunks:
             q_idx = torch.arange(a, b, device=q.device)
             _, values, i_c, _ = mech._select(q[:, :, a:b], k, q_idx, N, key_padding_mask, scale, scores)
