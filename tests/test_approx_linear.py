@@ -279,6 +279,20 @@ def test_bad_tensors_and_causal_lengths():
         FavorPlus(0)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nothing_kept_for_a_backward_under_no_grad(causal, monkeypatch):
+    """Inputs that require grad, called under torch.no_grad: no backward can follow, so the cores keep no
+    features or chunk states (they are only consulted about it when one can)."""
+    calls = []
+    monkeypatch.setattr(linear, "_keep_features", lambda *a: calls.append(a) or True)
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 8)
+    with torch.no_grad():
+        out = sa.linear_attention(q, k, v, causal=causal, chunk_size=8)
+    assert not calls and not out.requires_grad
+    sa.linear_attention(q, k, v, causal=causal, chunk_size=8)
+    assert calls, "with autograd recording the backward's needs are considered"
+
+
 def test_features_kept_for_the_backward_only_within_budget():
     """elu/relu features (F = D) are always reused by the backward; FAVOR+'s N × F features only while they
     fit in _KEEP_FEATURES_BYTES, so long sequences stay O(N·D) in memory."""

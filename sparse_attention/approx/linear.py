@@ -391,6 +391,13 @@ def _prefix(x: torch.Tensor, upper: bool) -> torch.Tensor:
     return inside.add_(groups.unsqueeze(2)).view(x.shape)
 
 
+def _backward_follows(*xs: torch.Tensor) -> bool:
+    """Whether a backward can follow a core: autograd is recording and some input requires a gradient.
+    Evaluated before Function.apply: forward runs with grad mode off, and ctx.needs_input_grad reports
+    the inputs' requires_grad even under torch.no_grad, where keeping features would only cost memory."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 def _keep_features(q: torch.Tensor, k: torch.Tensor, numel: int) -> bool:
     """Whether the backward reuses the forward's ``numel`` feature values of q and k: when they take at
     most _KEEP_FEATURES_BYTES, or no more than twice q and k themselves (elu, relu: F = D), so memory
@@ -454,13 +461,13 @@ class _NonCausal(torch.autograd.Function):
     over query blocks."""
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, fm, eps):
+    def forward(ctx, q, k, v, keep, fm, eps, backward_follows):
         BH, R, _ = q.shape
         S, Dv = k.shape[1], v.shape[-1]
         Fd = fm.num_features(q.shape[-1])
         kvz = q.new_zeros(BH, Fd, Dv + 1)  # [Σ φ(k_j) v_jᵀ | Σ φ(k_j)]
         # the backward reuses the blocks' features when all of them fit in _KEEP_FEATURES_BYTES
-        kept = ([], []) if any(ctx.needs_input_grad[:3]) and _keep_features(q, k, BH * (R + S) * Fd) else None
+        kept = ([], []) if backward_follows and _keep_features(q, k, BH * (R + S) * Fd) else None
         for h, r in _blocks(BH, S, Fd, q.element_size()):
             fk = fm.key(k[h, r])
             if kept is not None:
@@ -500,7 +507,7 @@ class _NonCausal(torch.autograd.Function):
             # (bmm then a broadcast add: baddbmm would first copy gz out to every row)
             gfk = torch.bmm(v[h, r], gkv[h].transpose(1, 2)).add_(gz[h])
             fm.key_vjp(k[h, r], fk, _masked(gfk, kp), out=gk[h, r])
-        return gq, gk, gv, None, None, None
+        return gq, gk, gv, None, None, None, None
 
 
 class _Causal(torch.autograd.Function):
@@ -529,13 +536,13 @@ class _Causal(torch.autograd.Function):
         return fq, fk, v1, st, scores, state + kv.sum(1, keepdim=True)
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, fm, eps, C):
+    def forward(ctx, q, k, v, keep, fm, eps, C, backward_follows):
         BH, L, _ = q.shape
         Dv = v.shape[-1]
         Fd = fm.num_features(q.shape[-1])
         out, den = q.new_empty(BH, L, Dv), q.new_empty(BH, L, 1)
         starts = []  # the state at the start of each block, for the backward
-        kept = [] if any(ctx.needs_input_grad[:3]) else None  # each block's (st, scores), for the backward
+        kept = [] if backward_follows else None  # each block's (st, scores), for the backward
         keep_features = kept is not None and _keep_features(q, k, 2 * BH * L * Fd)
         state = None
         for h, r in _blocks(BH, L, max(Fd, C), q.element_size(), unit=C, share=_CAUSAL_SHARE):
@@ -586,7 +593,7 @@ class _Causal(torch.autograd.Function):
             fm.query_vjp(q[h, r], fq_raw, gfq.view(hb, Lb, Fd), out=gq[h, r])
             fm.key_vjp(k[h, r], fk_raw, _masked(gfk.view(hb, Lb, Fd), kp), out=gk[h, r])
             gv[h, r] = gv1.view(hb, Lb, Dv + 1)[..., :Dv]
-        return gq, gk, gv, None, None, None, None
+        return gq, gk, gv, None, None, None, None, None
 
 
 def linear_attention(
@@ -649,7 +656,8 @@ def linear_attention(
             keep = None if keep is None else F.pad(keep, (0, 0, 0, L - N))
         if keep is not None:
             keep = keep.expand(B, Hq, L, 1).reshape(B * Hq, L, 1)
-        out = _Causal.apply(*(t.reshape(B * Hq, L, t.shape[-1]) for t in (q32, k32, v32)), keep, fm_core, eps, C)
+        out = _Causal.apply(*(t.reshape(B * Hq, L, t.shape[-1]) for t in (q32, k32, v32)), keep, fm_core, eps, C,
+                            _backward_follows(q32, k32, v32))
         out = out.view(B, Hq, L, Dv)[:, :, :N]
     else:
         # query heads kvh*G .. kvh*G+G-1 share kv head kvh: fold them into the row dimension (a view)
@@ -657,7 +665,7 @@ def linear_attention(
         if keep is not None:
             keep = keep.expand(B, Hkv, S, 1).reshape(B * Hkv, S, 1)
         out = _NonCausal.apply(q32.reshape(B * Hkv, R, q32.shape[-1]), k32.reshape(B * Hkv, S, k32.shape[-1]),
-                               v32.reshape(B * Hkv, S, Dv), keep, fm_core, eps)
+                               v32.reshape(B * Hkv, S, Dv), keep, fm_core, eps, _backward_follows(q32, k32, v32))
         out = out.view(B, Hq, N, Dv)
     return out.to(q.dtype)
 
