@@ -1,13 +1,22 @@
-"""Effect of transparent huge pages for PyTorch's CPU allocator (THP_MEM_ALLOC_ENABLE=1) on our mechanisms.
+"""Effect of process-wide CPU allocator settings on our mechanisms (none is set by the library).
 
-    python benchmarks/bench_thp.py            # N = 16384 (dense SDPA and TopK at 4096), 3 rounds
+    python benchmarks/bench_allocator.py                   # --setting thp: THP_MEM_ALLOC_ENABLE=1
+    python benchmarks/bench_allocator.py --setting glibc   # glibc malloc keeps freed memory (below)
 
-PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation, so each figure comes from a fresh
-process with the variable set or unset. The two settings alternate process by process for several
-rounds; each figure is the best fwd+bwd time (fp32, B=1, H=8, D=64) over every repeat of every round,
-and the ratio is formed from the two best figures of one mechanism. With the variable set, tensors
-of 2 MB and more are allocated on huge pages (madvise): the kernel then faults in a fresh tensor
-2 MB at a time instead of 4 kB at a time, which matters to code that allocates tens of MB per call.
+Fresh tensors of tens of MB are page-faulted in 4 kB at a time (about 0.25 ms per MB here), which
+matters to code that allocates large outputs or temporaries on every call. Two remedies, both read
+once at process start, so each figure comes from a fresh process with the setting on or off:
+
+- ``thp``: PyTorch's THP_MEM_ALLOC_ENABLE=1 puts tensors of 2 MB and more on transparent huge pages
+  (madvise), faulted in 2 MB at a time.
+- ``glibc``: GLIBC_TUNABLES raising glibc malloc's mmap and trim thresholds to 1 GiB: allocations
+  below that come from the heap, and freed memory stays in the process for the next call instead of
+  going back to the OS (by default glibc maps anything over 32 MB afresh on every allocation). The
+  cost: memory freed by a call is not returned to the OS; the table reports peak RSS for both.
+
+The two states alternate process by process for several rounds; each figure is the best fwd+bwd
+time (fp32, B=1, H=8, D=64) over every repeat of every round, and the ratio is formed from the two
+best figures of one mechanism.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ import sys
 import time
 
 B, H, D = 1, 8, 64
+SETTINGS = {  # name -> (environment variable, value when on); off = the variable removed
+    "thp": ("THP_MEM_ALLOC_ENABLE", "1"),
+    "glibc": ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"),
+}
 
 
 def contenders(n_long: int, n_dense: int):
@@ -48,6 +61,8 @@ def contenders(n_long: int, n_dense: int):
 
 
 def child(name: str, n_long: int, n_dense: int, repeats: int) -> None:
+    import resource
+
     import torch
 
     n, build = contenders(n_long, n_dense)[name]
@@ -62,7 +77,8 @@ def child(name: str, n_long: int, n_dense: int, repeats: int) -> None:
         core(q, k, v).backward(g)
         if i:  # the first call is a warm-up
             best = min(best, time.perf_counter() - t)
-    print("THPJSON " + json.dumps({"name": name, "n": n, "best": best}))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports kB)
+    print("ALLOCJSON " + json.dumps({"name": name, "n": n, "best": best, "rss": rss}))
 
 
 def main() -> None:
@@ -71,35 +87,41 @@ def main() -> None:
     p.add_argument("--n-dense", type=int, default=4096, help="length of dense SDPA and TopK")
     p.add_argument("--rounds", type=int, default=3, help="processes per setting and mechanism")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per process")
+    p.add_argument("--setting", choices=list(SETTINGS), default="thp", help="what to switch on (default thp)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
         return child(args._child, args.n, args.n_dense, args.repeats)
-    print(f"load average at start: {os.getloadavg()}")
-    best: dict[tuple[str, str], float] = {}
+    var, value = SETTINGS[args.setting]
+    print(f"{args.setting}: {var}={value}; load average at start: {os.getloadavg()}")
+    best: dict[tuple[str, bool], float] = {}
+    rss: dict[tuple[str, bool], float] = {}
     names = list(contenders(args.n, args.n_dense))
     for r in range(args.rounds):
         for name in names:
-            settings = ("0", "1") if r % 2 == 0 else ("1", "0")  # alternate which setting runs first
-            for thp in settings:
-                env = dict(os.environ, THP_MEM_ALLOC_ENABLE=thp)
+            for on in ((False, True) if r % 2 == 0 else (True, False)):  # alternate which state runs first
+                env = {key: val for key, val in os.environ.items() if key != var}
+                if on:
+                    env[var] = value
                 cmd = [sys.executable, os.path.abspath(__file__), "--_child", name, "--n", str(args.n),
                        "--n-dense", str(args.n_dense), "--repeats", str(args.repeats)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = [ln for ln in out.stdout.splitlines() if ln.startswith("THPJSON ")]
+                line = [ln for ln in out.stdout.splitlines() if ln.startswith("ALLOCJSON ")]
                 if out.returncode or not line:
-                    raise SystemExit(f"{name} (THP_MEM_ALLOC_ENABLE={thp}) failed:\n{out.stderr[-2000:]}")
-                rec = json.loads(line[0][8:])
-                key = (name, thp)
-                best[key] = min(best.get(key, float("inf")), rec["best"])
+                    raise SystemExit(f"{name} ({var} {'set' if on else 'unset'}) failed:\n{out.stderr[-2000:]}")
+                rec = json.loads(line[0][len("ALLOCJSON "):])
+                best[(name, on)] = min(best.get((name, on), float("inf")), rec["best"])
+                rss[(name, on)] = max(rss.get((name, on), 0.0), rec["rss"])
         print(f"  round {r + 1} done", flush=True)
     print(f"load average at end: {os.getloadavg()}\n")
-    print("| mechanism | N | fwd+bwd ms, unset | fwd+bwd ms, THP_MEM_ALLOC_ENABLE=1 | speed-up |")
-    print("|---|---|---|---|---|")
+    print(f"| mechanism | N | fwd+bwd ms, unset | fwd+bwd ms, {args.setting} | speed-up | peak RSS MiB, unset | "
+          f"peak RSS MiB, {args.setting} |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         n = contenders(args.n, args.n_dense)[name][0]
-        off, on = best[(name, "0")], best[(name, "1")]
-        print(f"| {name} | {n} | {off * 1e3:.1f} | {on * 1e3:.1f} | {off / on:.2f}x |")
+        off, on = best[(name, False)], best[(name, True)]
+        print(f"| {name} | {n} | {off * 1e3:.1f} | {on * 1e3:.1f} | {off / on:.2f}x | {rss[(name, False)]:.0f} | "
+              f"{rss[(name, True)]:.0f} |")
 
 
 if __name__ == "__main__":
