@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from . import approx, integrations, nn, registry
+from .allocator import keep_freed_memory
 from .approx import linear_attention
 from .cost import PatternStats, pattern_stats
 from .dynamic import LSH, DynamicPattern, ProbSparse, Routing, TopK, explain, kept_stats
@@ -40,4 +41,5 @@ __all__ = [
     "Full", "Causal", "SlidingWindow", "Strided", "BlockLocal", "Global", "RandomBlocks",
     "Longformer", "BigBird",
     "DynamicPattern", "TopK", "ProbSparse", "LSH", "Routing", "explain", "kept_stats",
+    "keep_freed_memory",
 ]
