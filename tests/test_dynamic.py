@@ -19,6 +19,7 @@ from sparse_attention.dynamic import (
     sinkhorn_reference,
     update_centroids,
 )
+from sparse_attention.dynamic.base import padded
 from sparse_attention.dynamic.topk import top_k
 
 SHAPES = [  # B, Hq, Hkv, N, S, D
@@ -117,6 +118,15 @@ def test_top_k_selection_equals_torch_topk(S, k_top, data):
     assert torch.equal(values.sort(-1, descending=True).values, want), "not the k largest values"
     assert torch.equal(s.gather(-1, idx), values), "indices do not hold the values"
     assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all()), "an index is repeated"
+
+
+def test_padded_pads_only_when_asked():
+    """padded() is F.pad, except that padding by nothing returns the tensor itself (F.pad would copy it,
+    and its backward would copy the gradient)."""
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    assert padded(x, (0, 0, 0, 0)) is x
+    want = torch.nn.functional.pad(x, (0, 2, 0, 1), value=-1.0)
+    torch.testing.assert_close(padded(x, (0, 2, 0, 1), value=-1.0), want, rtol=0, atol=0)
 
 
 def test_topk_with_restriction_keeps_fewer_when_fewer_allowed():

@@ -10,8 +10,15 @@ the pairs the pattern allows.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..patterns.base import Pattern
+
+
+def padded(x: torch.Tensor, pad: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
+    """``F.pad(x, pad, value=value)``, or x itself when every amount is 0: F.pad copies the whole tensor
+    even then, and its backward copies the gradient again."""
+    return F.pad(x, pad, value=value) if any(pad) else x
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .._checks import check_bool, check_int
 from ..reference import masked_softmax
-from .base import DynamicPattern
+from .base import DynamicPattern, padded
 from .topk import grouped_scores, grouped_values
 
 SAMPLE_BLOCK = 64  # consecutive queries sharing one key sample
@@ -94,7 +94,7 @@ class ProbSparse(DynamicPattern):
             Hkv = k.shape[1]
             acc = torch.promote_types(q.dtype, torch.float32)
             ks = k[:, :, sample].to(acc)  # (B, Hkv, blocks, s, D)
-            qp = F.pad(q.to(acc), (0, 0, 0, nb * SAMPLE_BLOCK - N))  # whole blocks (B, H, nb·64, D)
+            qp = padded(q.to(acc), (0, 0, 0, nb * SAMPLE_BLOCK - N))  # whole blocks (B, H, nb·64, D)
             qs = qp.view(B, Hkv, H // Hkv, nb, SAMPLE_BLOCK, D)
             s = torch.matmul(qs, ks.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, blocks, 64, s)
             s = s.view(B, H, nb * SAMPLE_BLOCK, -1)[:, :, :N] * scale  # (B, H, N, s)

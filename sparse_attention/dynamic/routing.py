@@ -36,7 +36,7 @@ from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite
-from .base import DynamicPattern, gather_rows
+from .base import DynamicPattern, gather_rows, padded
 
 SIM_CHUNK_ELEMENTS = 1 << 22  # token-to-centroid similarities (and one-hot rows) built at once (16 MB in float32)
 
@@ -247,9 +247,9 @@ class _RoutedItems(torch.autograd.Function):
         S, Dv = k.shape[2], v.shape[-1]
         K, wq, wk = qi.shape[2], qi.shape[3], ki.shape[3]
         E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
-        qs, qflat = gather_rows(F.pad(q, (0, E - D)), qi.flatten(2))
-        ks, kflat = gather_rows(F.pad(k, (0, E - D)), ki.flatten(2))
-        vs, _ = gather_rows(F.pad(v, (0, E - Dv)), ki.flatten(2))
+        qs, qflat = gather_rows(padded(q, (0, E - D)), qi.flatten(2))
+        ks, kflat = gather_rows(padded(k, (0, E - D)), ki.flatten(2))
+        vs, _ = gather_rows(padded(v, (0, E - Dv)), ki.flatten(2))
         items = [t.view(B * H, K, -1, E) for t in (qs, ks, vs)]
         add = bias.view(B * H, K, wq, wk).to(qs.dtype)
         o, lse = _kernel_fwd(*items, 0.0, False, attn_mask=add, scale=scale)
@@ -275,7 +275,7 @@ class _RoutedItems(torch.autograd.Function):
         D, Dv, S, q_dtype, k_dtype, v_dtype = ctx.dims
         BH, K, wq, E = qs.shape
         B, H, N = out.shape[0], out.shape[1], out.shape[2]
-        g = F.pad(g.to(out.dtype), (0, E - Dv)).reshape(B * H * N, E)
+        g = padded(g.to(out.dtype), (0, E - Dv)).reshape(B * H * N, E)
 
         def slot(x):  # per-query rows -> per-slot items (BH, K, wq, ·)
             return x.index_select(0, qflat).view(BH, K, wq, -1)

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
 from ..engine.blocksparse import items_attention
+from .base import padded
 
 
 def _normalise_rows_and_columns(log_p: torch.Tensor, n_iters: int) -> torch.Tensor:
@@ -103,7 +104,7 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
     keep = F.pad(keep, (0, pad), value=False).view(B, 1, nb, block)
 
     def blocks(x):  # (B, H, N, E) -> (B, H, nb, block, E)
-        return F.pad(x.to(acc), (0, 0, 0, pad)).view(B, H, nb, block, x.shape[-1])
+        return padded(x.to(acc), (0, 0, 0, pad)).view(B, H, nb, block, x.shape[-1])
 
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
     p = permutation.to(acc)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_int
+from ..dynamic.base import padded
 from ..dynamic.lsh import LSH
 from ..dynamic.routing import Routing, update_centroids
 from ..dynamic.sinkhorn import sinkhorn, sinkhorn_attention
@@ -168,7 +169,7 @@ class SinkhornAttention(torch.nn.Module):
         if key_padding_mask is not None:
             keep = (~key_padding_mask).to(k.dtype)
         pad = nb * self.block - N
-        kb = F.pad(k * keep[:, None, :, None], (0, 0, 0, pad)).view(B, H, nb, self.block, D).sum(3)
+        kb = padded(k * keep[:, None, :, None], (0, 0, 0, pad)).view(B, H, nb, self.block, D).sum(3)
         counts = F.pad(keep, (0, pad)).view(B, 1, nb, self.block).sum(-1, keepdim=True).clamp_min(1)
         summary = kb / counts  # (B, H, nb, D)
         query_side = summary
