@@ -169,7 +169,8 @@ class SinkhornAttention(torch.nn.Module):
         if key_padding_mask is not None:
             keep = (~key_padding_mask).to(k.dtype)
         pad = nb * self.block - N
-        kb = padded(k * keep[:, None, :, None], (0, 0, 0, pad)).view(B, H, nb, self.block, D).sum(3)
+        masked = k if key_padding_mask is None else k * keep[:, None, :, None]
+        kb = padded(masked, (0, 0, 0, pad)).view(B, H, nb, self.block, D).sum(3)
         counts = F.pad(keep, (0, pad)).view(B, 1, nb, self.block).sum(-1, keepdim=True).clamp_min(1)
         summary = kb / counts  # (B, H, nb, D)
         query_side = summary
