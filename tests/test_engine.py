@@ -252,3 +252,25 @@ def test_items_attention_matches_masked_softmax(lead, Lq, Lk, D, Dv, row_broadca
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
     if not row_broadcast:
         assert torch.equal(fast[0][..., 0, :], torch.zeros_like(fast[0][..., 0, :]))
+
+
+@pytest.mark.parametrize("layout", ["kernel", "contiguous"])
+def test_kernel_gradient_rows_without_copies(layout):
+    """kernel_grad_rows / kernel_grad_select read the rows of a (B, H, L, E) gradient in storage order (the
+    kernel's backward stores it as (B, L, H, E)) and give what reshaping to logical rows would give."""
+    from sparse_attention.engine.blocksparse import _bwd, _fwd, kernel_grad_rows, kernel_grad_select
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 5, 7, 4, generator=gen) for _ in range(3))
+    o, lse = _fwd(q, k, v, 0.0, False, scale=0.5)
+    x = _bwd(torch.randn(o.shape, generator=gen), q, k, v, o, lse, 0.0, False, scale=0.5)[0]
+    if layout == "contiguous":
+        x = x.contiguous()
+    assert x.transpose(1, 2).is_contiguous() == (layout == "kernel")
+    logical = x.reshape(-1, 4)
+    pos = torch.randint(0, 105, (60,), generator=gen)
+    torch.testing.assert_close(kernel_grad_select(x, pos), logical[pos], rtol=0, atol=0)
+    idx = torch.randint(0, 11, (105,), generator=gen)
+    rows, perm = kernel_grad_rows(x, idx)
+    want = torch.zeros(11, 4).index_add_(0, idx, logical)
+    torch.testing.assert_close(torch.zeros(11, 4).index_add_(0, perm, rows), want, rtol=1e-6, atol=1e-6)

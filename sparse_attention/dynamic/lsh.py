@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
-from ..engine.blocksparse import all_finite
+from ..engine.blocksparse import all_finite, kernel_grad_select
 from .base import DynamicPattern, flat_rows
 
 HASH_CHUNK_ELEMENTS = 1 << 20  # projections computed at once by LSH.hash (4 MB in float32)
@@ -387,7 +387,7 @@ class _SortedChunks(torch.autograd.Function):
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # rows with no key: p = 0
         gq, gk, gv = _kernel_bwd(gsort.view(RBH, C, bs, E), qs, _windows(kk, ks).squeeze(1),
                                  _windows(vv, ks).squeeze(1), o, lse, 0.0, False, attn_mask=add, scale=ctx.scale)
-        dq = gq.reshape(-1, E).index_select(0, slot).view(R, B, Hq, N, E).sum(0)  # one slot per query and round
+        dq = kernel_grad_select(gq, slot).view(R, B, Hq, N, E).sum(0)  # one slot per query and round
         dk, dv = (_fold_windows(t, ks, kflat, B * Hkv * S).view(B, Hkv, S, E) for t in (gk, gv))
         return (dq[..., :D].to(q_dtype), dk[..., :D].to(k_dtype), dv[..., :Dv].to(v_dtype),
                 None, None, None, None, None, None)

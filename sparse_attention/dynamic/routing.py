@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
-from ..engine.blocksparse import all_finite
+from ..engine.blocksparse import all_finite, kernel_grad_rows
 from .base import DynamicPattern, gather_rows, padded
 
 SIM_CHUNK_ELEMENTS = 1 << 22  # token-to-centroid similarities (and one-hot rows) built at once (16 MB in float32)
@@ -283,9 +283,12 @@ class _RoutedItems(torch.autograd.Function):
         lse = torch.where(torch.isneginf(LSE), float("inf"), LSE).reshape(-1, 1)  # no key: every p = 0
         gq, gk, gv = _kernel_bwd(slot(g), qs, ks, vs, slot(out.reshape(-1, E)), slot(lse)[..., 0], 0.0, False,
                                  attn_mask=add, scale=ctx.scale)
-        dq = torch.zeros(B * H * N, E, dtype=gq.dtype).index_add_(0, qflat, gq.reshape(-1, E))
-        dk = torch.zeros(B * H * S, E, dtype=gk.dtype).index_add_(0, kflat, gk.reshape(-1, E))
-        dv = torch.zeros(B * H * S, E, dtype=gv.dtype).index_add_(0, kflat, gv.reshape(-1, E))
+
+        def scatter(grad, flat, rows):  # the items' row gradients added to their tokens' rows
+            src, idx = kernel_grad_rows(grad, flat)
+            return torch.zeros(rows, E, dtype=grad.dtype).index_add_(0, idx, src)
+
+        dq, dk, dv = scatter(gq, qflat, B * H * N), scatter(gk, kflat, B * H * S), scatter(gv, kflat, B * H * S)
         return (dq.view(B, H, N, E)[..., :D].to(q_dtype), dk.view(B, H, S, E)[..., :D].to(k_dtype),
                 dv.view(B, H, S, E)[..., :Dv].to(v_dtype), None, None, None, None)
 

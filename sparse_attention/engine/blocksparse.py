@@ -40,6 +40,34 @@ _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def kernel_grad_rows(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a gradient from the kernel's backward, x (B, H, L, E), as a (B·H·L, E) matrix, with idx
+    (B·H·L,) (one entry per row, in x's logical (B, H, L) order) permuted alike.
+
+    The kernel stores its gradients as (B, L, H, E) (its head dimension innermost); reshaping them to rows
+    in logical order copies the whole tensor. Rows in storage order, with the indices reordered, do not.
+    """
+    B, H, L, E = x.shape
+    if _heads_inner(x):
+        return x.transpose(1, 2).reshape(-1, E), idx.view(B, H, L).transpose(1, 2).reshape(-1)
+    return x.reshape(-1, E), idx
+
+
+def kernel_grad_select(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x.reshape(-1, E).index_select(0, pos) for a gradient x (B, H, L, E) from the kernel's backward
+    (pos: row indices in logical (B, H, L) order), without first copying x into logical order."""
+    B, H, L, E = x.shape
+    if not _heads_inner(x):
+        return x.reshape(-1, E).index_select(0, pos)
+    b, h, l = torch.div(pos, H * L, rounding_mode="floor"), torch.div(pos, L, rounding_mode="floor") % H, pos % L
+    return x.transpose(1, 2).reshape(-1, E).index_select(0, (b * L + l) * H + h)
+
+
+def _heads_inner(x: torch.Tensor) -> bool:
+    """Whether x (B, H, L, E) is stored as (B, L, H, E) (as the kernel's backward returns it), with H > 1."""
+    return x.shape[1] > 1 and x.transpose(1, 2).is_contiguous()
+
+
 # --- layout helpers ---------------------------------------------------------------------
 
 
