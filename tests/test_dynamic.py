@@ -98,10 +98,11 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
 
 @pytest.mark.parametrize("S", [16, 63, 64, 257, 1000, 4099])
 @pytest.mark.parametrize("k_top", [1, 3, 16, 40])
-@pytest.mark.parametrize("data", ["randn", "ties", "masked"])
+@pytest.mark.parametrize("data", ["randn", "ties", "masked", "nan"])
 def test_top_k_selection_equals_torch_topk(S, k_top, data):
     """top_k (one or two levels depending on S / k) returns torch.topk's values, at distinct indices that
-    hold them, including rows with many equal scores and rows with fewer than k finite entries."""
+    hold them, including rows with many equal scores, rows with fewer than k finite entries, and NaN
+    scores (which torch.topk ranks above every number)."""
     if k_top > S:
         pytest.skip("k <= S")
     gen = torch.Generator().manual_seed(S * 100 + k_top)
@@ -113,10 +114,14 @@ def test_top_k_selection_equals_torch_topk(S, k_top, data):
         s[:, 0] = float("-inf")
         s[:, 1] = float("-inf")
         s[:, 1, ::max(1, S // max(1, k_top - 1))] = 1.0
+    if data == "nan":  # a few NaN per row in rows 0-1, none elsewhere
+        s[:, :2, torch.randint(0, S, (3,), generator=gen)] = float("nan")
     values, idx = top_k(s, k_top)
     want = s.topk(k_top, dim=-1).values
-    assert torch.equal(values.sort(-1, descending=True).values, want), "not the k largest values"
-    assert torch.equal(s.gather(-1, idx), values), "indices do not hold the values"
+    got = values.sort(-1, descending=True).values  # (sort also ranks NaN first)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg="not the k largest values")
+    torch.testing.assert_close(s.gather(-1, idx), values, rtol=0, atol=0, equal_nan=True,
+                               msg="indices do not hold the values")
     assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all()), "an index is repeated"
 
 

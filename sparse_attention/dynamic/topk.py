@@ -89,7 +89,8 @@ class TopK(DynamicPattern):
 
     Args:
         k: keys per query (> 0).
-        chunk_size: queries scored at once (default: about 64 MB of scores).
+        chunk_size: queries scored at once (default: 128 while their scores fit in 64 MB, and at least
+            16 MB of scores; see CHUNK_ROWS).
     """
 
     def __init__(self, k: int, *, chunk_size: int | None = None, restrict: Pattern | None = None):
