@@ -47,6 +47,13 @@ def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer: torch
     return torch.matmul(qs, k.to(acc).transpose(-1, -2), out=out).view(B, Hq, C, S)
 
 
+def score_rows(per_row: int) -> int:
+    """Rows of scores to compute at once when each row holds ``per_row`` of them: at least CHUNK_ELEMENTS
+    scores, and up to CHUNK_ROWS rows while they fit in MAX_CHUNK_ELEMENTS."""
+    per_row = max(per_row, 1)
+    return max(1, CHUNK_ELEMENTS // per_row, min(CHUNK_ROWS, MAX_CHUNK_ELEMENTS // per_row))
+
+
 def top_k(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of s (..., S), k <= S, and their (distinct) indices, in no
     particular order: the same values as ``torch.topk`` (which pair of equal values is kept may differ).
@@ -107,8 +114,7 @@ class TopK(DynamicPattern):
 
     # --- selection ---------------------------------------------------------------------
     def _chunks(self, B: int, H: int, N: int, S: int):
-        per_row = max(B * H * S, 1)
-        c = self.chunk_size or max(1, CHUNK_ELEMENTS // per_row, min(CHUNK_ROWS, MAX_CHUNK_ELEMENTS // per_row))
+        c = self.chunk_size or score_rows(B * H * S)
         return [(i, min(N, i + c)) for i in range(0, N, c)]
 
     def _select(self, q_c, k, q_idx, n_q, key_padding_mask, scale, buffer=None):
