@@ -21,6 +21,12 @@ def padded(x: torch.Tensor, pad: tuple[int, ...], value: float = 0.0) -> torch.T
     return F.pad(x, pad, value=value) if any(pad) else x
 
 
+def query_heads(x: torch.Tensor, Hq: int) -> torch.Tensor:
+    """(B, Hkv, ...) -> (B, Hq, ...): query head h reads head h // (Hq // Hkv) (grouped-query attention); x
+    itself when Hkv == Hq (repeat_interleave copies even then)."""
+    return x if x.shape[1] == Hq else x.repeat_interleave(Hq // x.shape[1], dim=1)
+
+
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of x (B, Hkv, L, E) picked per query head: idx (B, Hq, ...) holds indices into L (>= 0) of query
     head h's key/value head h // (Hq // Hkv). Returns the rows (B, Hq, ..., E) and their flat indices into

@@ -40,7 +40,7 @@ from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite, kernel_grad_select
-from .base import DynamicPattern, flat_rows
+from .base import DynamicPattern, flat_rows, query_heads
 
 HASH_CHUNK_ELEMENTS = 1 << 20  # projections computed at once by LSH.hash (4 MB in float32)
 
@@ -228,11 +228,9 @@ class LSH(DynamicPattern):
         """Every round with plain differentiable ops, merged through the rounds' log-sum-exps."""
         B, Hq, N, D = q.shape
         S, Dv = k.shape[2], v.shape[3]
-        G = Hq // k.shape[1]
         acc = torch.promote_types(q.dtype, torch.float32)
         R, bs = self.n_hashes, self.bucket_size
-        kx = k.repeat_interleave(G, dim=1)  # (B, Hq, S, D)
-        vx = v.repeat_interleave(G, dim=1)
+        kx, vx = query_heads(k, Hq), query_heads(v, Hq)  # (B, Hq, S, ·)
         # sorted, padded to whole chunks: queries (R, B, H, C*bs), keys (R, B, H, C*ks)
         pad_q, pad_k = C * bs - N, C * ks - S
         qo = torch.nn.functional.pad(q_order, (0, pad_q), value=-1)

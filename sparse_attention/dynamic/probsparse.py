@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .._checks import check_bool, check_int
 from ..reference import masked_softmax
-from .base import DynamicPattern, padded
+from .base import DynamicPattern, padded, query_heads
 from .topk import grouped_scores, grouped_values
 
 SAMPLE_BLOCK = 64  # consecutive queries sharing one key sample
@@ -149,7 +149,7 @@ class ProbSparse(DynamicPattern):
             pos = pos.clamp(min=0)
             run = csum[:, :, pos] if self.causal_lazy == "sum" else csum[:, :, pos] / count[:, :, pos].clamp_min(1)
             out = run * valid.view(1, 1, -1, 1).to(v.dtype)
-        return out.repeat_interleave(H // Hkv, dim=1)
+        return query_heads(out, H)
 
     def attend(self, q, k, v, *, key_padding_mask, scale, dropout_p):
         B, H, N, D = q.shape

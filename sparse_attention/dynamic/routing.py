@@ -36,7 +36,7 @@ from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite, kernel_grad_rows
-from .base import DynamicPattern, gather_rows, padded
+from .base import DynamicPattern, gather_rows, padded, query_heads
 from .topk import score_rows, top_k
 
 SIM_CHUNK_ELEMENTS = 1 << 22  # token-to-centroid similarities (and one-hot rows) built at once (16 MB in float32)
@@ -123,7 +123,7 @@ class Routing(DynamicPattern):
         padded keys (and, for self-attention, N == S, padded queries) are ranked last, so how much
         padding a batch holds never takes a real token's slot."""
         H, N, S = q.shape[1], q.shape[2], k.shape[2]
-        kx = k.repeat_interleave(H // k.shape[1], dim=1)
+        kx = query_heads(k, H)
         qi = self._members(q, H, key_padding_mask if N == S else None)
         ki = self._members(kx, H, key_padding_mask)
         return qi, ki, kx
@@ -159,7 +159,7 @@ class Routing(DynamicPattern):
         S, Dv = k.shape[2], v.shape[3]
         acc = torch.promote_types(q.dtype, torch.float32)
         qi, ki, kx = self._route(q, k, key_padding_mask)
-        vx = v.repeat_interleave(H // v.shape[1], dim=1)
+        vx = query_heads(v, H)
 
         def take(x, idx):  # x (B, H, L, E), idx (B, H, K, w) -> (B, H, K, w, E)
             flat = idx.flatten(2)
@@ -171,7 +171,8 @@ class Routing(DynamicPattern):
             allowed = self._allowed(qi, ki, N, S, key_padding_mask)
         if dropout_p == 0 and q.device.type == "cpu" and all_finite(q, k, v):
             bias = torch.where(allowed, -torch.log(shared.clamp(min=1)), float("-inf"))  # (B, H, K, wq, wk)
-            return _RoutedItems.apply(q.to(acc), kx.to(acc), vx.to(acc), qi, ki, bias, scale).to(q.dtype)
+            return _RoutedItems.apply(q.to(acc), kx.to(acc), vx.to(acc), qi, ki, bias, allowed.any(-1),
+                                      scale).to(q.dtype)
         qs, ks, vs = take(q.to(acc), qi), take(kx.to(acc), ki), take(vx.to(acc), ki)
         s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # (B, H, K, wq, wk)
         s = s - torch.log(shared.clamp(min=1))
@@ -252,11 +253,12 @@ class _RoutedItems(torch.autograd.Function):
     exactly the union softmax's gradient (p = exp(s - LSE) and D = dO·O are then the global ones).
 
     q (B, H, N, D), k (B, H, S, D), v (B, H, S, Dv) (keys already per query head), qi (B, H, K, wq),
-    ki (B, H, K, wk), bias (B, H, K, wq, wk) -> (B, H, N, Dv).
+    ki (B, H, K, wk), bias (B, H, K, wq, wk), has_key (B, H, K, wq) bool: whether a slot's row of bias
+    holds a finite entry -> (B, H, N, Dv).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, qi, ki, bias, scale):
+    def forward(ctx, q, k, v, qi, ki, bias, has_key, scale):
         B, H, N, D = q.shape
         S, Dv = k.shape[2], v.shape[-1]
         K, wq, wk = qi.shape[2], qi.shape[3], ki.shape[3]
@@ -267,7 +269,7 @@ class _RoutedItems(torch.autograd.Function):
         items = [t.view(B * H, K, -1, E) for t in (qs, ks, vs)]
         add = bias.view(B * H, K, wq, wk).to(qs.dtype)
         o, lse = _kernel_fwd(*items, 0.0, False, attn_mask=add, scale=scale)
-        lse = torch.where(torch.isfinite(add).any(-1), lse, float("-inf")).flatten(1)  # (B·H, K·wq)
+        lse = torch.where(has_key.view(B * H, K, wq), lse, float("-inf")).flatten(1)  # (B·H, K·wq)
         # merge each query's clusters: LSE = log Σ exp(lse), out = Σ exp(lse - LSE) o
         row = qi.flatten(2).view(B * H, -1)  # (B·H, K·wq) query index of every slot
         top = torch.full((B * H, N), float("-inf"), dtype=lse.dtype).scatter_reduce(1, row, lse, reduce="amax")
@@ -304,7 +306,7 @@ class _RoutedItems(torch.autograd.Function):
 
         dq, dk, dv = scatter(gq, qflat, B * H * N), scatter(gk, kflat, B * H * S), scatter(gv, kflat, B * H * S)
         return (dq.view(B, H, N, E)[..., :D].to(q_dtype), dk.view(B, H, S, E)[..., :D].to(k_dtype),
-                dv.view(B, H, S, E)[..., :Dv].to(v_dtype), None, None, None, None)
+                dv.view(B, H, S, E)[..., :Dv].to(v_dtype), None, None, None, None, None)
 
 
 def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float = 0.999) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_int
-from ..dynamic.base import padded
+from ..dynamic.base import padded, query_heads
 from ..dynamic.lsh import LSH
 from ..dynamic.routing import Routing, update_centroids
 from ..dynamic.sinkhorn import sinkhorn, sinkhorn_attention
@@ -89,7 +89,7 @@ def _to_query_heads(x: torch.Tensor, heads: int, name: str) -> torch.Tensor:
     if x.dim() != 4 or heads % x.shape[1]:
         raise ValueError(f"{name} must be (B, Hkv, L, ·) with {heads} query heads a multiple of Hkv, got "
                          f"{tuple(x.shape)}")
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+    return query_heads(x, heads)
 
 
 class RoutingAttention(torch.nn.Module):
