@@ -13,17 +13,21 @@ import sparse_attention as sa
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# Allocates, frees and re-allocates a 64 MB tensor (over glibc's 32 MB mmap ceiling) and prints the
-# MiB of minor page faults taken while filling the second one.
+# Allocates, fills and frees a 64 MB tensor (over glibc's 32 MB mmap ceiling) five times and prints the
+# MiB of minor page faults taken by the last two fills. (With the setting, one of the first re-allocations
+# may still extend the heap, when a small allocation has taken the start of the freed block; after that
+# the block is reused.)
 PROBE = """
 import resource, sys, torch
 import sparse_attention as sa
 if sys.argv[1] == "on":
     assert sa.keep_freed_memory() is True
-x = torch.empty(16 << 20); x.fill_(1.0); del x
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-y = torch.empty(16 << 20); y.fill_(1.0)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4 / 1024)
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(16 << 20); x.fill_(1.0); del x
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4 / 1024)
+print(sum(faults[-2:]))
 """
 
 
@@ -40,7 +44,7 @@ def test_keep_freed_memory_reuses_freed_memory():
         out = subprocess.run([sys.executable, "-c", PROBE, state], capture_output=True, text=True, check=True)
         return float(out.stdout.strip())
 
-    assert faulted("off") >= 48, "by default glibc maps a 64 MB tensor afresh (the control case)"
+    assert faulted("off") >= 2 * 48, "by default glibc maps a 64 MB tensor afresh each time (the control case)"
     assert faulted("on") <= 8, "with keep_freed_memory the freed 64 MB are reused without page faults"
 
 
