@@ -298,6 +298,13 @@ def cmd_bench(args, extra) -> int:
     for path, suffixes in ((args.json, (".json",)), (args.plot, (".png", ".svg"))):
         if path:
             _output_path(path, suffixes)
+    kept = False
+    if args.keep_freed_memory:
+        from . import allocator
+
+        kept = allocator.keep_freed_memory()
+        print("keep_freed_memory: " + ("on (glibc malloc keeps freed memory)" if kept
+                                       else "not available (the C library is not glibc); nothing changed"))
     total = len(lengths) * (len(names) + 1)
     progress, close = _progress(total)
     try:
@@ -314,7 +321,7 @@ def cmd_bench(args, extra) -> int:
             json.dump({"config": {"mechanisms": names, "seq_lens": lengths, "heads": args.heads, "dim": args.dim,
                                   "batch": args.batch, "dtype": str(args.dtype), "device": args.device,
                                   "mode": "fwd+bwd" if backward else "fwd", "repeats": args.repeats,
-                                  "torch": torch.__version__},
+                                  "keep_freed_memory": kept, "torch": torch.__version__},
                        "rows": [r.as_dict() for r in rows]}, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
@@ -455,6 +462,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lra", action="store_true", help="Long Range Arena layout: fwd+bwd at 1K-4K")
     p.add_argument("--json", default=None, help="write every figure to FILE.json")
     p.add_argument("--plot", default=None, help="log-log plot of time and memory vs length (FILE.png)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="call sa.keep_freed_memory() first (glibc: no page faults for tensors freed and "
+                        "allocated again; helps from N ~ 16384 on)")
     _add_common(p)
     return ap
 

@@ -149,6 +149,23 @@ def test_bench_times_module_mechanisms(tmp_path):
         assert rows[("linformer", n)]["max_rel_error"] is None and rows[("reformer", n)]["max_rel_error"] is None
 
 
+def test_bench_keep_freed_memory_flag(tmp_path, monkeypatch):
+    """--keep-freed-memory calls sa.keep_freed_memory() once before timing (stubbed here: the real call is
+    process-wide and cannot be undone; tests/test_allocator.py checks it in fresh processes) and records
+    whether it took effect."""
+    import sparse_attention.allocator as allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--mechanisms", "sliding_window", "--seq-lens", "64", "--heads", "1", "--dim", "8",
+            "--repeats", "1", "--json", str(out)]
+    assert cli.main(args) == 0 and not calls
+    assert json.loads(out.read_text())["config"]["keep_freed_memory"] is False
+    assert cli.main(args + ["--keep-freed-memory"]) == 0 and calls == [1]
+    assert json.loads(out.read_text())["config"]["keep_freed_memory"] is True
+
+
 def test_cost_refuses_content_based_mechanisms():
     r = run_cli("cost", "topk", "--seq-len", "64")
     assert r.returncode == 2 and "depends on the data" in r.stderr
