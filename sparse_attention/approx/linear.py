@@ -449,10 +449,16 @@ def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x if keep is None else x * keep
 
 
-def _with_ones(v: torch.Tensor) -> torch.Tensor:
+def _with_ones(v: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """[v, 1] (…, S, Dv + 1): one matmul then yields the numerator and, in the last column, the
-    denominator (φ(K)ᵀ1 = Σ φ(k_j))."""
-    return F.pad(v, (0, 1), value=1.0)
+    denominator (φ(K)ᵀ1 = Σ φ(k_j)). ``buffer``: a 1-D tensor of at least that many elements to build it
+    in (reused block after block: F.pad would fill a fresh tensor with ones, then copy v over it)."""
+    if buffer is None:
+        return F.pad(v, (0, 1), value=1.0)
+    out = buffer[: v.numel() // max(v.shape[-1], 1) * (v.shape[-1] + 1)].view(*v.shape[:-1], v.shape[-1] + 1)
+    out[..., :-1].copy_(v)
+    out[..., -1] = 1.0
+    return out
 
 
 class _NonCausal(torch.autograd.Function):
@@ -510,6 +516,11 @@ class _NonCausal(torch.autograd.Function):
         return gq, gk, gv, None, None, None, None
 
 
+def _ones_buffer(blocks, Dv: int, like: torch.Tensor) -> torch.Tensor:
+    """Room for the largest block's [v, 1] (see _with_ones)."""
+    return like.new_empty(max((h.stop - h.start) * (r.stop - r.start) for h, r in blocks) * (Dv + 1))
+
+
 class _Causal(torch.autograd.Function):
     """Chunked causal linear attention.  q, k (BH, L, D), v (BH, L, Dv), keep (BH, L, 1) or None,
     L a multiple of the chunk size C -> (BH, L, Dv).
@@ -521,13 +532,14 @@ class _Causal(torch.autograd.Function):
     """
 
     @staticmethod
-    def _block(fq, fk, v, state, C):
-        """A block's per-chunk matrices ((heads·m, C, ·)) of φ(q), φ(k) and [v, 1], the per-chunk start
-        states st (heads·m, F, Dv + 1), the masked scores, and the state after the block.
-        fq, fk (heads, rows, F) with padded keys' rows 0; v (heads, rows, Dv); state (heads, 1, F, Dv + 1)."""
+    def _block(fq, fk, v, state, C, ones_buffer):
+        """A block's per-chunk matrices ((heads·m, C, ·)) of φ(q), φ(k) and [v, 1] (built in ones_buffer),
+        the per-chunk start states st (heads·m, F, Dv + 1), the masked scores, and the state after the
+        block. fq, fk (heads, rows, F) with padded keys' rows 0; v (heads, rows, Dv); state (heads, 1, F,
+        Dv + 1)."""
         hb, Lb, _ = fq.shape
         fq, fk = fq.reshape(-1, C, fq.shape[-1]), fk.reshape(-1, C, fk.shape[-1])
-        v1 = _with_ones(v).view(-1, C, state.shape[-1])
+        v1 = _with_ones(v, ones_buffer).view(-1, C, state.shape[-1])
         kv = torch.bmm(fk.transpose(1, 2), v1).view(hb, Lb // C, *state.shape[-2:])
         # the state each chunk starts from: state + Σ_{c' < c} kv_c', one product with a strictly lower
         # triangle of ones (an exclusive prefix sum without the concatenation)
@@ -545,16 +557,19 @@ class _Causal(torch.autograd.Function):
         kept = [] if backward_follows else None  # each block's (st, scores), for the backward
         keep_features = kept is not None and _keep_features(q, k, 2 * BH * L * Fd)
         state = None
-        for h, r in _blocks(BH, L, max(Fd, C), q.element_size(), unit=C, share=_CAUSAL_SHARE):
+        blocks = list(_blocks(BH, L, max(Fd, C), q.element_size(), unit=C, share=_CAUSAL_SHARE))
+        ones = _ones_buffer(blocks, Dv, q)
+        for h, r in blocks:
             if r.start == 0:
                 state = q.new_zeros(h.stop - h.start, 1, Fd, Dv + 1)
             starts.append(state)
             fq_raw, fk_raw = fm.query(q[h, r]), fm.key(k[h, r])
             fk = _masked(fk_raw, None if keep is None else keep[h, r])
-            fq, _, v1, st, scores, state = _Causal._block(fq_raw, fk, v[h, r], state, C)
+            fq, _, v1, st, scores, state = _Causal._block(fq_raw, fk, v[h, r], state, C, ones)
             if kept is not None:
                 kept.append((st, scores) + ((fq_raw, fk_raw) if keep_features else ()))
-            res = torch.baddbmm(torch.bmm(scores, v1), fq, st).view(-1, r.stop - r.start, Dv + 1)
+            # (bmm then baddbmm_ in place: baddbmm would first copy its input into a new tensor)
+            res = torch.bmm(scores, v1).baddbmm_(fq, st).view(-1, r.stop - r.start, Dv + 1)
             _divide(res, eps, out[h, r], den[h, r])
         ctx.fm, ctx.C, ctx.starts, ctx.kept = fm, C, starts, kept
         ctx.save_for_backward(q, k, v, keep, out, den)
@@ -568,6 +583,7 @@ class _Causal(torch.autograd.Function):
         Fd = fm.num_features(q.shape[-1])
         gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         blocks = list(_blocks(BH, L, max(Fd, C), q.element_size(), unit=C, share=_CAUSAL_SHARE))
+        ones = _ones_buffer(blocks, Dv, q)
         gstate = None  # ∂L/∂(state after the block), from the later blocks of the same heads
         for i, ((h, r), start) in reversed(list(enumerate(zip(blocks, ctx.starts, strict=True)))):
             if r.stop == L:
@@ -577,7 +593,7 @@ class _Causal(torch.autograd.Function):
             st, scores, *features = ctx.kept[i]  # (the backward runs only when some input needs a gradient)
             fq_raw, fk_raw = features if features else (fm.query(q[h, r]), fm.key(k[h, r]))
             fq, fk = fq_raw.view(-1, C, Fd), _masked(fk_raw, kp).view(-1, C, Fd)
-            v1 = _with_ones(v[h, r]).view(-1, C, Dv + 1)
+            v1 = _with_ones(v[h, r], ones).view(-1, C, Dv + 1)
             gres = _grad_res(g[h, r].reshape(-1, C, Dv), out[h, r].reshape(-1, C, Dv),
                              den[h, r].reshape(-1, C, 1))
             gst = torch.bmm(fq.transpose(1, 2), gres).view(hb, Lb // C, Fd, Dv + 1)
@@ -587,12 +603,13 @@ class _Causal(torch.autograd.Function):
             gkv = _prefix(gst, upper=True).add_(gstate).view(-1, Fd, Dv + 1)
             gstate = gstate + gst.sum(1, keepdim=True)
             gscores = torch.bmm(gres, v1.transpose(1, 2)).tril_()
-            gfq = torch.baddbmm(torch.bmm(gscores, fk), gres, st.transpose(1, 2))
-            gfk = torch.baddbmm(torch.bmm(gscores.transpose(1, 2), fq), v1, gkv.transpose(1, 2))
-            gv1 = torch.baddbmm(torch.bmm(scores.transpose(1, 2), gres), fk, gkv)
+            gfq = torch.bmm(gscores, fk).baddbmm_(gres, st.transpose(1, 2))
+            gfk = torch.bmm(gscores.transpose(1, 2), fq).baddbmm_(v1, gkv.transpose(1, 2))
+            # ∂L/∂v: the first Dv columns of ∂L/∂[v, 1], written in place
+            gvb = torch.bmm(scores.transpose(1, 2), gres[..., :Dv], out=gv[h, r].view(-1, C, Dv))
+            gvb.baddbmm_(fk, gkv[..., :Dv])
             fm.query_vjp(q[h, r], fq_raw, gfq.view(hb, Lb, Fd), out=gq[h, r])
             fm.key_vjp(k[h, r], fk_raw, _masked(gfk.view(hb, Lb, Fd), kp), out=gk[h, r])
-            gv[h, r] = gv1.view(hb, Lb, Dv + 1)[..., :Dv]
         return gq, gk, gv, None, None, None, None, None
 
 
