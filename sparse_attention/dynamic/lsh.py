@@ -385,7 +385,8 @@ class _SortedChunks(torch.autograd.Function):
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # rows with no key: p = 0
         gq, gk, gv = _kernel_bwd(gsort.view(RBH, C, bs, E), qs, _windows(kk, ks).squeeze(1),
                                  _windows(vv, ks).squeeze(1), o, lse, 0.0, False, attn_mask=add, scale=ctx.scale)
-        dq = kernel_grad_select(gq, slot).view(R, B, Hq, N, E).sum(0)  # one slot per query and round
+        dq = kernel_grad_select(gq, slot).view(R, B, Hq, N, E)  # one slot per query and round
+        dq = dq[0] if R == 1 else dq.sum(0)  # (a sum over one round would copy)
         dk, dv = (_fold_windows(t, ks, kflat, B * Hkv * S).view(B, Hkv, S, E) for t in (gk, gv))
         return (dq[..., :D].to(q_dtype), dk[..., :D].to(k_dtype), dv[..., :Dv].to(v_dtype),
                 None, None, None, None, None, None)
