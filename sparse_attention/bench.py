@@ -8,7 +8,8 @@ mechanism cannot take) become rows that say so.
 
 Mechanisms of kind "module" (Performer, Linformer, ...) run as their head-split module,
 built for the benchmark's head dim and heads, in eval mode; a fixed-length one is built for
-the length being measured (its ``length_option`` set to N, unless given in ``options``).
+the length being measured (its ``length_option`` set to N, unless given in ``options``), and
+options sized by ``length_defaults`` (Routing: ⌈√N⌉ clusters) are taken unless given.
 Their density is left empty (they are not sparse), and so is the error of a ``learned``
 one (untrained, its distance from full attention means nothing) and of Reformer's (its keys
 are its queries, so it computes another attention than the reference).
@@ -239,6 +240,8 @@ def _module_call(mech, opts: dict, q: torch.Tensor) -> tuple[Callable, bool]:
     B, H, n, D = q.shape
     if mech.length_option is not None:
         opts = {mech.length_option: n, **opts}
+    if mech.length_defaults is not None:
+        opts = {**mech.length_defaults(n), **opts}
     module = mech.make(head_dim=D, num_heads=H, num_kv_heads=H, **opts).to(q.device, q.dtype).eval()
     if getattr(module, "shared_qk", False):  # Reformer: the queries are the keys
         return (lambda a, b, c: module(a, c)), False

@@ -34,10 +34,16 @@ Capabilities (``sa.mechanisms()``, ``sparse-attention list``):
   (Linformer's ``seq_len``, Synthesizer's ``max_len``); longer inputs raise ValueError.
 * ``self_only``: self-attention only (N == S; Sinkhorn's block sort, Reformer's shared
   query/key).
+
+``length_defaults(n)``, where set, gives options sized for sequences of length n, which tools that
+build one mechanism per length (``sparse-attention bench``) use unless told otherwise: Routing's
+``num_clusters`` defaults to a small 4 (pictures), but at length n it takes ⌈√n⌉ clusters, the
+Routing Transformer's choice (O(n^1.5) work; 4 clusters at n = 4096 would be slower than dense).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,6 +69,7 @@ class Mechanism:
     length_option: str | None = None  # fixed_length mechanisms: the option holding the maximum length
     causal_support: str = "strict"  # one of CAUSAL_SUPPORT, see the module docstring
     self_only: bool = False  # self-attention only (N == S)
+    length_defaults: Callable[[int], dict] | None = None  # options sized for length n (see the docstring)
 
     @property
     def fixed_length(self) -> bool:
@@ -196,7 +203,7 @@ _ENTRIES = (
     Mechanism("routing", _routing, "module", False, True,
               {"num_clusters": 4, "capacity": None, "decay": 0.999, "causal": False, "seed": 0},
               "Routing Transformer: k-means routing, centroids moved by EMA in training", learned=True,
-              causal_support="keys"),
+              causal_support="keys", length_defaults=lambda n: {"num_clusters": math.isqrt(max(n, 1) - 1) + 1}),
     Mechanism("sinkhorn", _sinkhorn, "module", False, False,
               {"block": 16, "n_iters": 8, "temperature": 0.75, "causal": False},
               "Sparse Sinkhorn: learned block sorting, then block-local attention", learned=True, self_only=True),

@@ -190,3 +190,19 @@ def test_sinkhorn_and_reformer_take_grouped_query_heads():
     torch.testing.assert_close(ref(q, v), ref(q, v.repeat_interleave(2, 1)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         sink(q, torch.cat([k, k[:, :1]], 1), v)  # 3 key heads for 4 query heads
+
+
+def test_routing_is_sized_for_the_length_by_the_bench(monkeypatch):
+    """Routing's registry default (4 clusters) is for pictures; at length n the bench builds ⌈√n⌉
+    clusters (the Routing Transformer's choice), unless the caller gives num_clusters."""
+    from sparse_attention.bench import _module_call
+
+    mech = registry.get("routing")
+    assert mech.defaults["num_clusters"] == 4
+    assert [mech.length_defaults(n)["num_clusters"] for n in (0, 1, 5, 1024, 1025, 4096)] == [1, 1, 3, 32, 33, 64]
+    built, real_make = [], registry.Mechanism.make
+    monkeypatch.setattr(registry.Mechanism, "make", lambda self, **o: built.append(o) or real_make(self, **o))
+    q = torch.randn(1, 2, 100, 8)
+    _module_call(mech, {}, q)
+    _module_call(mech, {"num_clusters": 7}, q)
+    assert [o["num_clusters"] for o in built] == [10, 7]
