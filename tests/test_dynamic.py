@@ -125,6 +125,15 @@ def test_top_k_selection_equals_torch_topk(S, k_top, data):
     assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all()), "an index is repeated"
 
 
+def test_top_k_on_strided_rows_and_k_zero():
+    s = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1))
+    t = s.t().contiguous().t()  # the same values, column-major
+    assert not t.is_contiguous()
+    torch.testing.assert_close(top_k(t, 20)[0].sort(-1).values, s.topk(20).values.sort(-1).values, rtol=0, atol=0)
+    values, idx = top_k(s, 0)
+    assert values.shape == idx.shape == (4, 0)
+
+
 def test_padded_pads_only_when_asked():
     """padded() is F.pad, except that padding by nothing returns the tensor itself (F.pad would copy it,
     and its backward would copy the gradient)."""

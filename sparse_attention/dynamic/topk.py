@@ -67,10 +67,10 @@ def top_k(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     S = s.shape[-1]
     g = 8 if S >= 32 * k else 4 if S >= 16 * k else 1
-    if g == 1:
+    if g == 1 or k == 0:
         return s.topk(k, dim=-1, sorted=False)
     lead, G = s.shape[:-1], S // g
-    body = s[..., : G * g].view(*lead, g, G)
+    body = s[..., : G * g].reshape(*lead, g, G)  # a view when s's rows are contiguous
     groups = body.amax(-2).topk(k, dim=-1, sorted=False).indices  # (..., k)
     cand = body.gather(-1, groups.unsqueeze(-2).expand(*lead, g, k)).view(*lead, g * k)  # column t·G + groups[j]
     if S > G * g:
