@@ -535,3 +535,21 @@ def test_routing_fused_kernel_path_equals_the_plain_path(shape, causal, masked, 
     monkeypatch.setattr(routing, "all_finite", lambda *t: False)  # the plain-op path
     for name, x, y in zip(("out", "dq", "dk", "dv"), fused, run_and_grad(run, q, k, v, g), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("lengths", [(0, 5), (5, 0), (0, 0)], ids=["no-queries", "no-keys", "empty"])
+@pytest.mark.parametrize("name", ["topk", "probsparse", "lsh", "routing"])
+def test_content_mechanisms_with_empty_lengths(name, lengths):
+    """No queries: an empty output; no keys: zeros; gradients zero, explain's pairs empty (GQA, Hkv = 1)."""
+    N, S = lengths
+    if name == "lsh" and N != S:
+        pytest.skip("LSH is self-attention")
+    mech = {"topk": TopK(3), "probsparse": ProbSparse(seed=0), "lsh": LSH(4),
+            "routing": Routing(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))}[name]
+    q, k, v = make_qkv(1, 2, 1, N, S, 8)
+    out = sa.attention(q, k, v, mech)
+    assert out.shape == (1, 2, N, 8) and torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    for grad_name, t in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert t is not None and torch.equal(t, torch.zeros_like(t)), f"{grad_name} should be zeros"
+    assert explain(q, k, mech).shape == (1, 2, N, S)

@@ -22,6 +22,8 @@ def explain(q: torch.Tensor, k: torch.Tensor, mechanism: Pattern | DynamicPatter
     B, Hq, _, N, S, _, _ = check_qkv(q, k, k)
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     if isinstance(mechanism, DynamicPattern):
+        if N == 0 or S == 0:  # as in sa.attention: no query or no key, so no pair (no selection runs)
+            return torch.zeros(B, Hq, N, S, dtype=torch.bool, device=q.device)
         return mechanism.kept(q, k, key_padding_mask=key_padding_mask, scale=scale)
     if mechanism is not None and not isinstance(mechanism, Pattern):
         raise TypeError(

@@ -102,7 +102,7 @@ class Routing(DynamicPattern):
             c = _normalize(c).to(xt.dtype).unsqueeze(0)  # (1, H or 1, K, D)
             idx = torch.empty(B * H, K, w, dtype=torch.long, device=x.device)
             step = min(K, score_rows(L))  # clusters per block
-            group = min(B * H, max(1, SIM_CHUNK_ELEMENTS // (step * L)))  # heads (of all B·H) per block
+            group = min(B * H, max(1, SIM_CHUNK_ELEMENTS // max(1, step * L)))  # heads (of all B·H) per block
             buf = torch.empty(group * step * L, dtype=xt.dtype, device=x.device)
             xt = xt.reshape(B * H, D, L)
             for g0 in range(0, B * H, group):
