@@ -19,7 +19,7 @@ from sparse_attention.dynamic import (
     sinkhorn_reference,
     update_centroids,
 )
-from sparse_attention.dynamic.base import padded
+from sparse_attention.dynamic.base import padded, query_heads
 from sparse_attention.dynamic.topk import top_k
 
 SHAPES = [  # B, Hq, Hkv, N, S, D
@@ -141,6 +141,17 @@ def test_padded_pads_only_when_asked():
     assert padded(x, (0, 0, 0, 0)) is x
     want = torch.nn.functional.pad(x, (0, 2, 0, 1), value=-1.0)
     torch.testing.assert_close(padded(x, (0, 2, 0, 1), value=-1.0), want, rtol=0, atol=0)
+
+
+def test_query_heads_repeats_only_for_grouped_heads():
+    """query_heads: query head h reads key/value head h // (Hq // Hkv) (repeat_interleave, not tile); the
+    tensor itself when Hq == Hkv."""
+    x = torch.randn(2, 2, 5, 3)
+    assert query_heads(x, 2) is x
+    y = query_heads(x, 6)
+    assert y.shape == (2, 6, 5, 3)
+    for h in range(6):
+        assert torch.equal(y[:, h], x[:, h // 3])
 
 
 def test_topk_with_restriction_keeps_fewer_when_fewer_allowed():
