@@ -449,13 +449,12 @@ def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x if keep is None else x * keep
 
 
-def _with_ones(v: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """[v, 1] (…, S, Dv + 1): one matmul then yields the numerator and, in the last column, the
-    denominator (φ(K)ᵀ1 = Σ φ(k_j)). ``buffer``: a 1-D tensor of at least that many elements to build it
-    in (reused block after block: F.pad would fill a fresh tensor with ones, then copy v over it)."""
-    if buffer is None:
-        return F.pad(v, (0, 1), value=1.0)
-    out = buffer[: v.numel() // max(v.shape[-1], 1) * (v.shape[-1] + 1)].view(*v.shape[:-1], v.shape[-1] + 1)
+def _with_ones(v: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """[v, 1] (…, S, Dv + 1), built in ``buffer`` (1-D, at least that many elements; see _ones_buffer): one
+    matmul then yields the numerator and, in the last column, the denominator (φ(K)ᵀ1 = Σ φ(k_j)). The
+    buffer is reused block after block (F.pad would fill a fresh tensor with ones, then copy v over it)."""
+    shape = (*v.shape[:-1], v.shape[-1] + 1)
+    out = buffer[: math.prod(shape)].view(shape)
     out[..., :-1].copy_(v)
     out[..., -1] = 1.0
     return out
