@@ -7,6 +7,7 @@ import torch
 from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad
 
 import sparse_attention as sa
+from sparse_attention import native
 from sparse_attention.dynamic import (
     LSH,
     ProbSparse,
@@ -55,7 +56,7 @@ def _compare_over_kept(mech, q, k, v, kpm=None, rows=None):
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("mech", [TopK(5), TopK(5) & sa.Causal(), TopK(3, chunk_size=7) & sa.SlidingWindow(6),
                                   TopK(1000)], ids=repr)
-def test_topk_equals_dense_attention_over_kept_pairs(mech, shape, dtype):
+def test_topk_equals_dense_attention_over_kept_pairs(mech, shape, dtype, top_k_path):
     B, Hq, Hkv, N, S, D = shape
     q, k, v = make_qkv(B, Hq, Hkv, N, S, D, dtype=dtype, seed=11)
     kpm = padding_mask(B, S, all_padded=1 if B > 1 else None)
@@ -96,13 +97,25 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
     assert bool((worst_kept >= best_dropped).all()), "a dropped key scores higher than a kept one"
 
 
+@pytest.fixture(params=["native", "torch"])
+def top_k_path(request, monkeypatch):
+    """top_k through the native kernel, or through torch.topk (the path without a compiler)."""
+    if request.param == "native":
+        if not native.available():
+            pytest.skip(f"native kernels unavailable: {native.status()}")
+    else:
+        monkeypatch.setattr(native, "topk_rows", lambda s, k: None)
+    return request.param
+
+
 @pytest.mark.parametrize("S", [16, 63, 64, 257, 1000, 4099])
 @pytest.mark.parametrize("k_top", [1, 3, 16, 40])
 @pytest.mark.parametrize("data", ["randn", "ties", "masked", "nan"])
-def test_top_k_selection_equals_torch_topk(S, k_top, data):
-    """top_k (one or two levels depending on S / k) returns torch.topk's values, at distinct indices that
-    hold them, including rows with many equal scores, rows with fewer than k finite entries, and NaN
-    scores (which torch.topk ranks above every number)."""
+def test_top_k_selection_equals_torch_topk(S, k_top, data, top_k_path):
+    """top_k (native, or torch.topk in one or two levels depending on S / k) returns torch.topk's values,
+    at distinct indices that hold them, including rows with many equal scores, rows with fewer than k
+    finite entries, and NaN scores (which torch.topk ranks above every number); by_column=True puts
+    each row in ascending column order."""
     if k_top > S:
         pytest.skip("k <= S")
     gen = torch.Generator().manual_seed(S * 100 + k_top)
@@ -123,9 +136,13 @@ def test_top_k_selection_equals_torch_topk(S, k_top, data):
     torch.testing.assert_close(s.gather(-1, idx), values, rtol=0, atol=0, equal_nan=True,
                                msg="indices do not hold the values")
     assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all()), "an index is repeated"
+    values_c, idx_c = top_k(s, k_top, by_column=True)
+    assert bool((idx_c.diff(dim=-1) > 0).all()), "by_column: not in ascending column order"
+    torch.testing.assert_close(s.gather(-1, idx_c), values_c, rtol=0, atol=0, equal_nan=True,
+                               msg="by_column: indices do not hold the values")
 
 
-def test_top_k_on_strided_rows_and_k_zero():
+def test_top_k_on_strided_rows_and_k_zero(top_k_path):
     s = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1))
     t = s.t().contiguous().t()  # the same values, column-major
     assert not t.is_contiguous()
@@ -357,7 +374,7 @@ def _centroids(shape, seed=0):
                                   lambda H, D: Routing(_centroids((H, 3, D)), causal=True),
                                   lambda H, D: Routing(_centroids((5, D)), capacity=20)],
                          ids=["shared-K4", "per-head-causal", "capacity20"])
-def test_routing_equals_dense_attention_over_cluster_pairs(make, shape, dtype):
+def test_routing_equals_dense_attention_over_cluster_pairs(make, shape, dtype, top_k_path):
     B, Hq, Hkv, N, S, D = shape
     q, k, v = make_qkv(B, Hq, Hkv, N, S, D, dtype=dtype, seed=23)
     mech = make(Hq, D)

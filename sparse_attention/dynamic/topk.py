@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from .. import native
 from .._checks import check_int
 from ..patterns.base import Pattern
 from ..reference import masked_softmax
@@ -54,17 +55,33 @@ def score_rows(per_row: int) -> int:
     return max(1, CHUNK_ELEMENTS // per_row, min(CHUNK_ROWS, MAX_CHUNK_ELEMENTS // per_row))
 
 
-def top_k(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row of s (..., S), k <= S, and their (distinct) indices, in no
-    particular order: the same values as ``torch.topk`` (which pair of equal values is kept may differ).
+def top_k(s: torch.Tensor, k: int, *, by_column: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of s (..., S), 0 <= k <= S, and their (distinct) columns
+    (..., k): the same values as ``torch.topk`` (which of several equal values is kept may differ),
+    in no particular order, or in ascending column order with ``by_column=True``.
 
-    When S >= 16k, in two levels: the columns form G = S // g strided groups (g = 8, or 4 below
-    S = 32k; group j holds columns j, j + G, j + 2G, ...); the k groups with the largest maxima,
-    plus the S mod g last columns, hold a top-k of the row. (A column outside them is at most its
-    group's maximum, which is at most the k-th largest group maximum, and those k maxima are
-    candidates.) torch.topk over G and k·g values took 0.5-0.8x its time over S here (S = 1024-16384,
-    k = 16-128).
+    CPU float32 rows go to the native kernel when it is available (``sparse_attention.native``:
+    ranked by value, NaN above every number, equal values by lower column; always in column order).
+    Otherwise, when S >= 16k, torch.topk runs in two levels: the columns form G = S // g strided
+    groups (g = 8, or 4 below S = 32k; group j holds columns j, j + G, j + 2G, ...); the k groups
+    with the largest maxima, plus the S mod g last columns, hold a top-k of the row. (A column
+    outside them is at most its group's maximum, which is at most the k-th largest group maximum,
+    and those k maxima are candidates.) torch.topk over G and k·g values took 0.5-0.8x its time
+    over S here (S = 1024-16384, k = 16-128).
     """
+    if k > 0:
+        found = native.topk_rows(s, k)
+        if found is not None:
+            return found
+    values, cols = _torch_top_k(s, k)
+    if by_column:
+        cols, order = cols.sort(-1)
+        values = values.gather(-1, order)
+    return values, cols
+
+
+def _torch_top_k(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_k with torch.topk, in no particular order."""
     S = s.shape[-1]
     g = 8 if S >= 32 * k else 4 if S >= 16 * k else 1
     if g == 1 or k == 0:
@@ -119,13 +136,13 @@ class TopK(DynamicPattern):
 
     def _select(self, q_c, k, q_idx, n_q, key_padding_mask, scale, buffer=None):
         """Scores of a query chunk (written into ``buffer`` if given, see grouped_scores), and the top-k
-        (values, indices, valid) among allowed keys, in no particular order within a row."""
+        (values, indices, valid) among allowed keys, each row in ascending key order (the CSR products want it)."""
         s = grouped_scores(q_c, k, scale, buffer)  # (B, H, C, S)
         allowed = allowed_mask(self, q_c.shape[0], q_c.shape[1], n_q, k.shape[2], q_idx, key_padding_mask,
                                q_c.device)
         if allowed is not None:
             s.masked_fill_(~allowed, float("-inf"))
-        values, idx = top_k(s, min(self.k, s.shape[-1]))
+        values, idx = top_k(s, min(self.k, s.shape[-1]), by_column=True)
         return s, values, idx, ~torch.isneginf(values)
 
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
@@ -201,8 +218,6 @@ class _TopKFunction(torch.autograd.Function):
         for a, b in chunks:
             q_idx = torch.arange(a, b, device=q.device)
             _, values, i_c, _ = mech._select(q[:, :, a:b], k, q_idx, N, key_padding_mask, scale, scores)
-            i_c, order = i_c.sort(-1)  # each row's keys in order (CSR wants it; dropout draws per slot)
-            values = values.gather(-1, order)
             w_c = masked_softmax(values)  # 0 where not allowed (-inf); NaN propagates
             idx[:, :, a:b], w[:, :, a:b] = i_c, w_c
             if not sparse:

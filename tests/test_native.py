@@ -1,0 +1,144 @@
+"""The native top-k kernel (sparse_attention/native): exact against a stable sort, and the fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sparse_attention import native
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.status()}")
+
+
+def _reference(s: torch.Tensor, k: int) -> torch.Tensor:
+    """The documented order, by a stable descending sort (NaN first, equal values by lower column):
+    the first k columns of each row, ascending."""
+    return s.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
+
+
+def _rows(kind: str, R: int, S: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    s = torch.randn(R, S, generator=gen)
+    if kind == "ties":  # a few distinct values, -0.0 and +0.0 among them
+        s = torch.randint(-2, 3, (R, S), generator=gen).float() * 0.5
+        s[s == 0] = torch.where(torch.rand(int((s == 0).sum()), generator=gen) < 0.5, -0.0, 0.0)
+    elif kind == "zeros":  # -0.0 and +0.0 (equal values, ranked by column) below a few ones
+        s = torch.where(torch.rand(R, S, generator=gen) < 0.5, -0.0, 0.0)
+        s[:, torch.randint(0, S, (3,), generator=gen)] = 1.0
+    elif kind == "masked":  # about half allowed
+        s.masked_fill_(torch.rand(R, S, generator=gen) < 0.5, float("-inf"))
+    elif kind == "causal":  # row r allows its first r + 1 columns: fewer than k finite values in early rows
+        s.masked_fill_(torch.ones(R, S, dtype=torch.bool).triu(1), float("-inf"))
+    elif kind == "empty":  # nothing allowed, and one row with a single +inf
+        s.fill_(float("-inf"))
+        s[0, S // 2] = float("inf")
+    elif kind == "nan":  # NaN of both signs in some rows
+        s[0, torch.randint(0, S, (3,), generator=gen)] = float("nan")
+        s[1, torch.randint(0, S, (2,), generator=gen)] = -float("nan")
+        s[2] = float("nan")
+    elif kind == "ascending":  # every column beats the ones before it
+        s = s.sort(-1).values
+    return s
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["randn", "ties", "zeros", "masked", "causal", "empty", "nan", "ascending"])
+@pytest.mark.parametrize("S, k", [(1, 1), (7, 7), (40, 9), (100, 25), (257, 64), (1000, 3), (4099, 64),
+                                  (16384, 128)])
+def test_native_top_k_is_the_stable_order(kind, S, k):
+    """Rows short enough to take every column (S <= 4k) and long ones (two passes), with ties, masks,
+    fewer than k finite values, NaN and sorted rows: exactly the first k columns in the documented order,
+    ascending, with their values."""
+    gen = torch.Generator().manual_seed(S * 7 + k)
+    s = _rows(kind, 12, S, k, gen)
+    values, cols = native.topk_rows(s, k)
+    want = _reference(s, k)
+    assert torch.equal(cols, want), f"{kind} S={S} k={k}: columns differ in rows " \
+                                    f"{(cols != want).any(-1).nonzero().flatten().tolist()}"
+    assert torch.equal(values.view(torch.int32), s.gather(-1, want).view(torch.int32)), "values are not the row's"
+
+
+@needs_native
+def test_native_top_k_layouts():
+    """Leading dimensions, rows that are not contiguous, and no rows at all."""
+    s = torch.randn(2, 3, 500, generator=torch.Generator().manual_seed(4))
+    for t in (s, s.transpose(0, 1), s[:, :, ::2], s.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        values, cols = native.topk_rows(t, 17)
+        assert values.shape == cols.shape == t.shape[:-1] + (17,)
+        assert torch.equal(cols, _reference(t, 17))
+    values, cols = native.topk_rows(torch.empty(0, 5, 30), 4)
+    assert values.shape == cols.shape == (0, 5, 4)
+
+
+@needs_native
+def test_native_top_k_declines_what_it_does_not_handle():
+    s = torch.randn(3, 50)
+    assert native.topk_rows(s.double(), 5) is None, "float64"
+    assert native.topk_rows(s, 0) is None and native.topk_rows(s, 51) is None, "k out of 1..S"
+    x = s.clone().requires_grad_()
+    assert native.topk_rows(x, 5) is None, "autograd would need the values' graph"
+    with torch.no_grad():
+        assert native.topk_rows(x, 5) is not None
+
+
+def test_native_kernels_build_where_a_compiler_is():
+    """On a machine with a C compiler (CI's included) the kernels must build: a failure is a bug, not a
+    reason to fall back silently."""
+    if native._compiler() is None or os.environ.get("SPARSE_ATTENTION_NATIVE") == "0":
+        pytest.skip("no C compiler, or disabled")
+    assert native.available(), native.status()
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+_PROBE = """
+    import warnings
+    warnings.simplefilter("always")
+    import torch, sparse_attention as sa
+    from sparse_attention import native
+    with warnings.catch_warnings(record=True) as caught:
+        ok = native.available()
+    q, k, v = (torch.randn(1, 2, 300, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    kept = sa.explain(q, k, sa.TopK(5))
+    out = sa.attention(q, k, v, sa.TopK(5))
+    ref = sa.reference_attention(q.double(), k.double(), v.double(), kept)
+    print(ok, int(kept.sum()), float((out.double() - ref).abs().max()) < 1e-5,
+          [str(w.category.__name__) for w in caught])
+    print(native.status())
+"""
+
+
+def test_disabled_or_failing_build_falls_back_to_torch(tmp_path):
+    """SPARSE_ATTENTION_NATIVE=0, and a compiler that fails (with a RuntimeWarning saying so): TopK still
+    keeps 5 keys per row and equals the reference."""
+    done = _run(_PROBE, {"SPARSE_ATTENTION_NATIVE": "0", "SPARSE_ATTENTION_CACHE": str(tmp_path)})
+    first, status = done.stdout.strip().splitlines()
+    assert first == "False 3000 True []", done.stdout + done.stderr
+    assert "SPARSE_ATTENTION_NATIVE=0" in status
+    done = _run(_PROBE, {"CC": "false", "SPARSE_ATTENTION_CACHE": str(tmp_path)})
+    first, *status = done.stdout.strip().splitlines()
+    assert first == "False 3000 True ['RuntimeWarning']", done.stdout + done.stderr
+    assert "failed" in status[0]
+    assert not list(tmp_path.iterdir()), "a failed build left files in the cache"
+
+
+def test_build_is_cached(tmp_path):
+    """The first process compiles into the cache; the next one loads that file."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    env = {"SPARSE_ATTENTION_CACHE": str(tmp_path)}
+    first = _run(_PROBE, env)
+    assert first.stdout.startswith("True 3000 True []"), first.stdout + first.stderr
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so", built
+    stamp = built[0].stat().st_mtime_ns
+    second = _run(_PROBE, env)
+    assert second.stdout.startswith("True 3000 True []"), second.stdout + second.stderr
+    assert str(built[0]) in second.stdout and built[0].stat().st_mtime_ns == stamp
