@@ -4,10 +4,12 @@ The only one so far is the row-wise top-k that TopK and Routing select with (``t
 vectorised passes over each row instead of ``torch.topk``'s per-element heap or quickselect.
 
 The source is compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
-``clang``), ``-O3 -march=native``, into ``$SPARSE_ATTENTION_CACHE`` (default
-``~/.cache/sparse_attention``), keyed by the source, the compiler command and the CPU's flags, and
-loaded with ctypes. Where there is no compiler, or it fails, or ``SPARSE_ATTENTION_NATIVE=0``, the
-callers use their PyTorch path: the same results, slower. ``status()`` says which and why.
+``clang``), ``-O3 -march=native -fopenmp`` (without ``-fopenmp`` if that fails), into
+``$SPARSE_ATTENTION_CACHE`` (default ``~/.cache/sparse_attention``), keyed by the source, the
+compiler command and the CPU's flags, and loaded with ctypes. Built with OpenMP, the kernels run on
+PyTorch's own OpenMP threads (see topk.c). Where there is no compiler, or it fails, or
+``SPARSE_ATTENTION_NATIVE=0``, the callers use their PyTorch path: the same results, slower.
+``status()`` says which and why.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch
 __all__ = ["available", "status", "topk_rows"]
 
 _SOURCE = Path(__file__).with_name("topk.c")
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+# OpenMP first: the kernels then run on PyTorch's own OpenMP threads (see topk.c); without it, on one thread
+_THREADING = (["-fopenmp"], [])
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None  # None: not tried yet
@@ -77,18 +81,23 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         except OSError:  # no writable cache: build for this process only
             where = Path(tempfile.mkdtemp(prefix="sparse_attention-"))
             target = where / target.name
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
-        os.close(fd)
-        cmd = cc + _FLAGS + ["-o", tmp, str(_SOURCE)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
+        errors = []
+        for extra in _THREADING:
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
+            os.close(fd)
+            cmd = cc + _FLAGS + extra + ["-o", tmp, str(_SOURCE)]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                error = None if done.returncode == 0 else f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}"
+            except (OSError, subprocess.TimeoutExpired) as e:
+                error = f"`{' '.join(cmd)}` could not run: {e}"
+            if error is None:
+                os.replace(tmp, target)  # atomic: a process building the same file at once reads a whole one
+                break
             os.unlink(tmp)
-            return None, f"`{' '.join(cmd)}` could not run: {e}"
-        if done.returncode != 0:
-            os.unlink(tmp)
-            return None, f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}"
-        os.replace(tmp, target)  # atomic: a process building the same file at once reads a whole one
+            errors.append(error)
+        else:
+            return None, "\n".join(errors)
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
@@ -97,7 +106,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    return lib, f"compiled kernels loaded from {target}"
+    threads = "PyTorch's OpenMP threads" if lib.sa_openmp() else "one thread (built without OpenMP)"
+    return lib, f"compiled kernels loaded from {target}, running on {threads}"
 
 
 def _load() -> ctypes.CDLL | None:

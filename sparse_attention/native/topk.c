@@ -1,6 +1,6 @@
 /* Row-wise top-k of a float32 matrix: the selection step of sparse_attention's TopK and Routing.
  *
- * Compiled on first use by sparse_attention/native/__init__.py (cc -O3 -march=native) and called
+ * Compiled on first use by sparse_attention/native/__init__.py (cc -O3 -march=native -fopenmp) and called
  * through ctypes; the package falls back to torch.topk where no compiler is found.
  *
  * Order. Entries rank by value (-0 = +0), NaN above every number, equal values by lower column.
@@ -26,7 +26,9 @@
 #include <immintrin.h>
 #endif
 #include <math.h>
-#include <pthread.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -167,51 +169,53 @@ static void top_row(const float *s, int64_t S, int64_t k, float *values, int64_t
     }
 }
 
-typedef struct {
-    const float *s;
-    int64_t row0, row1, S, row_stride, k;
-    float *values;
-    int64_t *cols;
-    int status;
-} job;
-
-static void *run_rows(void *arg) {
-    job *jb = (job *)arg;
-    int64_t S = jb->S, k = jb->k;
+static int run_rows(const float *s, int64_t row0, int64_t row1, int64_t S, int64_t row_stride, int64_t k,
+                    float *values, int64_t *cols) {
     scratch w = {malloc((size_t)(2 * k) * sizeof(float)), malloc((size_t)S * sizeof(uint32_t)),
                  malloc((size_t)S * sizeof(int64_t))};
-    if (!w.maxima || !w.keys || !w.cand) {
-        jb->status = -1;
-    } else {
-        for (int64_t r = jb->row0; r < jb->row1; r++)
-            top_row(jb->s + r * jb->row_stride, S, k, jb->values + r * k, jb->cols + r * k, &w);
-        jb->status = 0;
+    int status = -1;
+    if (w.maxima && w.keys && w.cand) {
+        for (int64_t r = row0; r < row1; r++)
+            top_row(s + r * row_stride, S, k, values + r * k, cols + r * k, &w);
+        status = 0;
     }
     free(w.maxima);
     free(w.keys);
     free(w.cand);
-    return NULL;
+    return status;
 }
 
-/* values, cols: (rows, k), contiguous. 0 < k <= S. Returns 0, or -1 when memory or a thread could
- * not be had (the outputs are then incomplete). */
+/* values, cols: (rows, k), contiguous. 0 < k <= S. Returns 0, or -1 when memory could not be had (the
+ * outputs are then incomplete).
+ *
+ * Threads: built with OpenMP (-fopenmp) and loaded into a process where PyTorch has loaded its
+ * libgomp.so.1, the rows run on PyTorch's own OpenMP threads. That matters: after each parallel
+ * PyTorch op its worker threads spin for a while, and threads of another pool would compete with them
+ * for the cores (measured here: 2 pthreads right after a bmm ran no faster than one). Without OpenMP
+ * the calling thread does every row. */
+/* 1 when built with OpenMP */
+int sa_openmp(void) {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int sa_topk_f32(const float *s, int64_t rows, int64_t S, int64_t row_stride, int64_t k, float *values,
                 int64_t *cols, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
-    job jobs[64];
-    pthread_t ids[64];
-    if (threads > 64) threads = 64;
-    for (int t = 0; t < threads; t++)
-        jobs[t] = (job){s, rows * t / threads, rows * (t + 1) / threads, S, row_stride, k, values, cols, -1};
-    int started[64] = {0};
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run_rows, &jobs[t]) == 0;
-    run_rows(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else run_rows(&jobs[t]); /* no thread: this one does the rows */
-        if (jobs[t].status) status = jobs[t].status;
+    if (threads < 1 || rows < 2) threads = 1;
+    if (threads > rows) threads = (int)rows;
+    int status = 0;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) reduction(| : status)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        status |= run_rows(s, rows * t / n, rows * (t + 1) / n, S, row_stride, k, values, cols);
     }
+#else
+    (void)threads;
+    status = run_rows(s, 0, rows, S, row_stride, k, values, cols);
+#endif
     return status;
 }
