@@ -21,7 +21,7 @@ from sparse_attention.dynamic import (
     update_centroids,
 )
 from sparse_attention.dynamic.base import padded, query_heads
-from sparse_attention.dynamic.topk import top_k
+from sparse_attention.dynamic.topk import key_window, top_k
 
 SHAPES = [  # B, Hq, Hkv, N, S, D
     (2, 4, 2, 37, 53, 8),
@@ -177,6 +177,42 @@ def test_topk_with_restriction_keeps_fewer_when_fewer_allowed():
     allowed = sa.Causal().mask(20, 20)
     assert not bool((kept & ~allowed).any()), "kept a pair outside the restriction"
     assert torch.equal(kept.sum(-1)[0, 0], allowed.sum(-1).clamp(max=6))
+
+
+@pytest.mark.parametrize("restrict, N, S", [(sa.Causal(), 70, 70), (sa.Causal(), 40, 90), (sa.Causal(), 90, 40),
+                                             (sa.SlidingWindow(6), 70, 70), (sa.SlidingWindow(3, causal=True), 50, 61)],
+                         ids=["causal", "causal-N40-S90", "causal-N90-S40", "window6", "causal-window3"])
+@pytest.mark.parametrize("chunk", [None, 1, 9])
+@pytest.mark.parametrize("padded", [False, True], ids=["", "padding"])
+def test_restricted_topk_keeps_the_best_allowed_keys(restrict, N, S, chunk, padded, top_k_path):
+    """TopK & pattern scores only a window of keys per chunk (key_window): every row still keeps its
+    min(k, allowed) best allowed keys, against dense scores masked by the restriction (random scores:
+    no ties)."""
+    q, k, _ = make_qkv(2, 2, 1, N, S, 8, seed=N + S, requires_grad=False)
+    kpm = padding_mask(2, S, all_padded=1) if padded else None
+    kept = explain(q, k, TopK(5, chunk_size=chunk) & restrict, key_padding_mask=kpm)
+    allowed = restrict.mask(N, S).view(1, 1, N, S).expand(2, 2, N, S)
+    if kpm is not None:
+        allowed = allowed & ~kpm.view(2, 1, 1, S)
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    best = scores.topk(5, dim=-1)
+    want = torch.zeros_like(kept).scatter_(-1, best.indices, ~torch.isneginf(best.values))
+    assert torch.equal(kept, want), f"rows differ: {(kept != want).any(-1).nonzero().tolist()[:5]}"
+
+
+def test_key_window():
+    """The keys a chunk scores: the allowed ones, widened to k, and the part that needs the mask."""
+    causal = sa.Causal().mask(8, 8)
+    assert key_window(causal[4:8], 2) == (0, 8, (5, 8))  # the docstring's picture
+    assert key_window(causal[0:2], 2) == (0, 2, (1, 2))
+    assert key_window(causal[0:2], 5) == (0, 5, (1, 5)), "widened to k keys"
+    assert key_window(torch.ones(3, 8, dtype=torch.bool), 4) == (0, 8, None), "nothing to mask"
+    assert key_window(torch.zeros(3, 8, dtype=torch.bool), 4) == (0, 4, (0, 4)), "nothing allowed"
+    band = torch.zeros(2, 10, dtype=torch.bool)
+    band[0, 6:9] = band[1, 7:10] = True
+    assert key_window(band, 2) == (6, 10, (6, 10))
+    assert key_window(band, 6) == (4, 10, (4, 10)), "widened towards the start at the end of the keys"
+    assert key_window(band.view(1, 1, 2, 10).expand(3, 2, 2, 10), 2) == (6, 10, (6, 10)), "batch and heads"
 
 
 def test_topk_large_k_equals_full_attention():

@@ -108,6 +108,31 @@ def grouped_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(B, Hq, C, -1)
 
 
+def key_window(allowed: torch.Tensor, k: int) -> tuple[int, int, tuple[int, int] | None]:
+    """The keys a chunk of queries must score, from its allowed pairs (..., C, S) bool, k <= S:
+    (lo, hi, masked). Every allowed key lies in [lo, hi), which is widened to at least k keys (so a row
+    still has k distinct candidates); ``masked`` = (a, b) is the part of [lo, hi) holding a pair that is
+    not allowed (None: every pair in the window is allowed).
+
+    Causal, query chunk 4..7 of 8 (N = S): lo = 0, hi = 8, masked = (5, 8)::
+
+        key    0 1 2 3 4 5 6 7
+        q 4    1 1 1 1 1 0 0 0
+        q 5    1 1 1 1 1 1 0 0
+        q 6    1 1 1 1 1 1 1 0
+        q 7    1 1 1 1 1 1 1 1
+    """
+    S = allowed.shape[-1]
+    rows = allowed.reshape(-1, S)
+    some = rows.any(0).nonzero()
+    lo, hi = (int(some[0]), int(some[-1]) + 1) if len(some) else (0, 0)
+    if hi - lo < k:
+        hi = min(S, lo + k)
+        lo = hi - k
+    part = (~rows[:, lo:hi].all(0)).nonzero()
+    return lo, hi, (lo + int(part[0]), lo + int(part[-1]) + 1) if len(part) else None
+
+
 class TopK(DynamicPattern):
     """Each query keeps its ``k`` highest-scoring keys (all of them when fewer are allowed).
 
@@ -135,15 +160,25 @@ class TopK(DynamicPattern):
         return [(i, min(N, i + c)) for i in range(0, N, c)]
 
     def _select(self, q_c, k, q_idx, n_q, key_padding_mask, scale, buffer=None):
-        """Scores of a query chunk (written into ``buffer`` if given, see grouped_scores), and the top-k
-        (values, indices, valid) among allowed keys, each row in ascending key order (the CSR products want it)."""
-        s = grouped_scores(q_c, k, scale, buffer)  # (B, H, C, S)
-        allowed = allowed_mask(self, q_c.shape[0], q_c.shape[1], n_q, k.shape[2], q_idx, key_padding_mask,
-                               q_c.device)
-        if allowed is not None:
-            s.masked_fill_(~allowed, float("-inf"))
-        values, idx = top_k(s, min(self.k, s.shape[-1]), by_column=True)
-        return s, values, idx, ~torch.isneginf(values)
+        """The top-k (values, indices, valid) of a query chunk among its allowed keys, each row in
+        ascending key order (the CSR products want it).
+
+        Only the keys in the chunk's window (see key_window) are scored (written into ``buffer`` if
+        given, see grouped_scores), and the mask is applied only where it removes a pair: with a causal
+        restriction a chunk scores the keys up to its last query and masks one diagonal block.
+        """
+        S = k.shape[2]
+        kk = min(self.k, S)
+        allowed = allowed_mask(self, q_c.shape[0], q_c.shape[1], n_q, S, q_idx, key_padding_mask, q_c.device)
+        lo, hi, masked = (0, S, None) if allowed is None else key_window(allowed, kk)
+        s = grouped_scores(q_c, k[:, :, lo:hi], scale, buffer)  # (B, H, C, hi - lo)
+        if masked is not None:
+            a, b = masked
+            s[..., a - lo:b - lo].masked_fill_(~allowed[..., a:b], float("-inf"))
+        values, idx = top_k(s, kk, by_column=True)
+        if lo:
+            idx += lo
+        return values, idx, ~torch.isneginf(values)
 
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
         B, H, N, D = q.shape
@@ -153,7 +188,7 @@ class TopK(DynamicPattern):
         with torch.no_grad():
             for a, b in self._chunks(B, H, N, S):
                 idx_q = torch.arange(a, b, device=q.device)
-                _, _, idx, valid = self._select(q[:, :, a:b], k, idx_q, N, key_padding_mask, scale)
+                _, idx, valid = self._select(q[:, :, a:b], k, idx_q, N, key_padding_mask, scale)
                 out[:, :, a:b].scatter_(-1, idx, valid)
         return out
 
@@ -217,7 +252,7 @@ class _TopKFunction(torch.autograd.Function):
         scores = _score_buffer(B, H, S, chunks, acc, q.device)
         for a, b in chunks:
             q_idx = torch.arange(a, b, device=q.device)
-            _, values, i_c, _ = mech._select(q[:, :, a:b], k, q_idx, N, key_padding_mask, scale, scores)
+            values, i_c, _ = mech._select(q[:, :, a:b], k, q_idx, N, key_padding_mask, scale, scores)
             w_c = masked_softmax(values)  # 0 where not allowed (-inf); NaN propagates
             idx[:, :, a:b], w[:, :, a:b] = i_c, w_c
             if not sparse:
