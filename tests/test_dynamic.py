@@ -332,6 +332,24 @@ def test_lsh_fused_kernel_path_equals_the_plain_path(shape, causal, exclude_self
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("kw", [{}, {"n_hashes": 3}, {"shared_qk": True}, {"causal": True, "n_buckets": 6}],
+                         ids=["one-round", "three-rounds", "shared-qk", "causal"])
+def test_lsh_native_hashing_equals_the_torch_path(kw, monkeypatch):
+    """Buckets and sort orders from sparse_attention.native equal those of the PyTorch ops it replaces
+    (abs().argmax(), torch.sort), with GQA and padding; the rest of LSH's tests then cover both."""
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    q, k, _ = make_qkv(2, 4, 2, 75, 75, 8, seed=3, requires_grad=False)
+    kpm = padding_mask(2, 75)
+    mech = LSH(bucket_size=8, seed=1, **kw)
+    fast = mech._chunks(q, k, kpm)
+    monkeypatch.setattr(native, "lsh_buckets", lambda p: None)
+    monkeypatch.setattr(native, "bucket_order", lambda b, values: None)
+    slow = mech._chunks(q, k, kpm)
+    for name, a, b in zip(("q_order", "k_order", "q_chunk", "k_chunk", "C", "ks"), fast, slow, strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), name
+
+
 def test_lsh_hashes_in_row_chunks(monkeypatch):
     """Hashing is chunked over rows (the default bucket count grows with L); any chunking gives the same ids."""
     from sparse_attention.dynamic import lsh

@@ -142,3 +142,53 @@ def test_build_is_cached(tmp_path):
     second = _run(_PROBE, env)
     assert second.stdout.startswith("True 3000 True []"), second.stdout + second.stderr
     assert str(built[0]) in second.stdout and built[0].stat().st_mtime_ns == stamp
+
+
+def _buckets_reference(p: torch.Tensor) -> torch.Tensor:
+    """LSH.hash's convention for argmax over [p, -p]: the column of the largest |p| (torch.argmax: the
+    first maximum, NaN highest), plus half when that entry is negative. (It differs from argmax of the
+    concatenation only on an exact tie between some p_i > 0 and p_j = -p_i with j < i.)"""
+    col = p.abs().argmax(-1, keepdim=True)
+    return (col + p.shape[-1] * (p.gather(-1, col) < 0)).squeeze(-1)
+
+
+@needs_native
+@pytest.mark.parametrize("half", [1, 7, 16, 17, 32, 256])
+@pytest.mark.parametrize("kind", ["randn", "ties", "zeros", "nan"])
+def test_native_lsh_buckets_equal_the_argmax(half, kind):
+    """Buckets from the projections as LSH.hash defines them: first column on ties, first NaN when
+    there is one."""
+    gen = torch.Generator().manual_seed(half)
+    p = torch.randn(300, half, generator=gen)
+    if kind == "ties":
+        p = torch.randint(-2, 3, (300, half), generator=gen).float()
+    elif kind == "zeros":
+        p = torch.where(torch.rand(300, half, generator=gen) < 0.5, -0.0, 0.0)
+    elif kind == "nan":
+        p[::3, torch.randint(0, half, (1,), generator=gen)] = float("nan")
+        p[1::3, half // 2:] = float("nan")
+    got = native.lsh_buckets(p)
+    assert torch.equal(got, _buckets_reference(p)), f"rows {(got != _buckets_reference(p)).nonzero().flatten()[:5]}"
+    t = p.t().contiguous().t()  # the same values, column-major
+    assert torch.equal(native.lsh_buckets(t), got), "strided rows"
+    assert native.lsh_buckets(p.view(3, 100, half)).shape == (3, 100)
+
+
+@needs_native
+@pytest.mark.parametrize("L, values", [(1, 1), (50, 1), (97, 6), (1000, 33), (4096, 129)])
+def test_native_bucket_order_is_the_stable_sort(L, values):
+    b = torch.randint(0, values, (2, 3, L), generator=torch.Generator().manual_seed(L))
+    want = torch.sort(b * L + torch.arange(L), dim=-1).indices
+    assert torch.equal(native.bucket_order(b, values), want)
+    assert torch.equal(native.bucket_order(b.transpose(0, 1), values), want.transpose(0, 1)), "strided rows"
+
+
+@needs_native
+def test_native_bucket_order_edges():
+    assert native.bucket_order(torch.empty(0, 5, dtype=torch.long), 3).shape == (0, 5)
+    assert native.bucket_order(torch.empty(4, 0, dtype=torch.long), 3).shape == (4, 0)
+    with pytest.raises(ValueError, match=r"\[0, 3\), got min 0, max 3"):
+        native.bucket_order(torch.tensor([[0, 3, 1]]), 3)
+    with pytest.raises(ValueError, match="got min -1"):
+        native.bucket_order(torch.tensor([[0, -1, 1]]), 3)
+    assert native.bucket_order(torch.zeros(3, 4), 3) is None, "float ids: not for the kernel"

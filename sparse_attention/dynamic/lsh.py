@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .. import native
 from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
@@ -124,8 +125,11 @@ class LSH(DynamicPattern):
         for r in range(R):
             for a in range(0, n, rows):
                 p = torch.mm(flat[a:a + rows], rot[r], out=buf[:min(rows, n - a)])
-                col = p.abs().argmax(-1, keepdim=True)
-                out[r, a:a + rows] = (col + half * (p.gather(1, col) < 0)).squeeze(1)
+                found = native.lsh_buckets(p)  # one pass (sparse_attention.native), else:
+                if found is None:
+                    col = p.abs().argmax(-1, keepdim=True)
+                    found = (col + half * (p.gather(1, col) < 0)).squeeze(1)
+                out[r, a:a + rows] = found
         return out.view(R, B, H, L)
 
     def _chunks(self, q, k, key_padding_mask=None):
@@ -151,8 +155,8 @@ class LSH(DynamicPattern):
                 if hq is not None and N == S:
                     hq = torch.where(pad, torch.full_like(hq, last), hq)
             # sort by bucket, then position (stable); shared_qk: the queries' order is the keys'
-            k_order = torch.sort(hk * S + torch.arange(S, device=q.device), dim=-1).indices
-            q_order = k_order if hq is None else torch.sort(hq * N + torch.arange(N, device=q.device), dim=-1).indices
+            k_order = _by_bucket(hk, rot.shape[-1] * 2 + 1)
+            q_order = k_order if hq is None else _by_bucket(hq, rot.shape[-1] * 2 + 1)
             C = math.ceil(N / self.bucket_size)
             ks = math.ceil(S / C)
             q_chunk = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(N, device=q.device).expand_as(
@@ -281,6 +285,16 @@ class LSH(DynamicPattern):
         total = torch.logsumexp(lse, 0)
         w = torch.exp(lse - torch.where(torch.isneginf(total), torch.zeros_like(total), total))
         return (o * w.unsqueeze(-1)).sum(0).to(q.dtype)
+
+
+def _by_bucket(h: torch.Tensor, values: int) -> torch.Tensor:
+    """Positions of bucket ids h (..., L) in [0, values) sorted by bucket, then by position: a counting
+    sort in sparse_attention.native, else torch.sort of h·L + position."""
+    order = native.bucket_order(h, values)
+    if order is None:
+        L = h.shape[-1]
+        order = torch.sort(h * L + torch.arange(L, device=h.device), dim=-1).indices
+    return order
 
 
 def _windows(x: torch.Tensor, ks: int) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Native (C) kernels for the steps PyTorch has no fast operator for, compiled on first use.
 
-The only one so far is the row-wise top-k that TopK and Routing select with (``topk.c``): two
-vectorised passes over each row instead of ``torch.topk``'s per-element heap or quickselect.
+- ``topk.c``: the row-wise top-k that TopK and Routing select with: two vectorised passes over each
+  row instead of ``torch.topk``'s per-element heap or quickselect;
+- ``lsh.c``: LSH's bucket of each row of projections (argmax over [xR, -xR]) and the stable order of
+  tokens by bucket (a counting sort instead of ``torch.sort``).
 
-The source is compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
+The sources are compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
 ``clang``), ``-O3 -march=native -fopenmp`` (without ``-fopenmp`` if that fails), into
 ``$SPARSE_ATTENTION_CACHE`` (default ``~/.cache/sparse_attention``), keyed by the source, the
 compiler command and the CPU's flags, and loaded with ctypes. Built with OpenMP, the kernels run on
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -28,9 +31,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "status", "topk_rows"]
+__all__ = ["available", "bucket_order", "lsh_buckets", "status", "topk_rows"]
 
-_SOURCE = Path(__file__).with_name("topk.c")
+_DIR = Path(__file__).parent
+_SOURCES = ["topk.c", "lsh.c"]
+_HEADERS = ["rows.h"]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 # OpenMP first: the kernels then run on PyTorch's own OpenMP threads (see topk.c); without it, on one thread
 _THREADING = (["-fopenmp"], [])
@@ -70,10 +75,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(cc + _FLAGS).encode(), platform.machine().encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"sa_topk-{key}.so"
+    texts = [(_DIR / name).read_bytes() for name in _SOURCES + _HEADERS]
+    key = hashlib.sha256(b"\0".join(texts + [" ".join(cc + _FLAGS).encode(), platform.machine().encode(),
+                                             _cpu_flags().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"sa_native-{key}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +90,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         for extra in _THREADING:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
             os.close(fd)
-            cmd = cc + _FLAGS + extra + ["-o", tmp, str(_SOURCE)]
+            cmd = cc + _FLAGS + extra + ["-o", tmp] + [str(_DIR / name) for name in _SOURCES]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
                 error = None if done.returncode == 0 else f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}"
@@ -102,10 +107,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         return None, f"{target} could not be loaded: {e}"
-    fn = lib.sa_topk_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name, args in (("sa_topk_f32", [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]),
+                       ("sa_lsh_buckets_f32", [ptr, i64, i64, i64, ptr, ctypes.c_int]),
+                       ("sa_bucket_order", [ptr, i64, i64, i64, ptr, ctypes.c_int])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, args
     threads = "PyTorch's OpenMP threads" if lib.sa_openmp() else "one thread (built without OpenMP)"
     return lib, f"compiled kernels loaded from {target}, running on {threads}"
 
@@ -133,28 +140,76 @@ def status() -> str:
     return _reason or ""
 
 
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[ctypes.CDLL, torch.Tensor] | None:
+    """The library and x as (rows, last) with unit column stride, when the kernels take x: a CPU tensor
+    of ``dtype`` that autograd does not track (they return plain results)."""
+    if x.device.type != "cpu" or x.dtype != dtype or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return lib, flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _threads(rows: int) -> int:
+    return max(1, min(torch.get_num_threads(), rows))
+
+
 def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The native top-k of each row of a CPU float32 tensor s (..., S), 0 < k <= S: (values, columns)
     (..., k), each row in ascending column order. Entries rank by value, NaN above every number,
     equal values by lower column; the first k in that order are kept. None when the kernels are not
     available or s does not qualify (other dtype or device, or autograd would need to track values).
     """
-    if s.device.type != "cpu" or s.dtype != torch.float32 or (s.requires_grad and torch.is_grad_enabled()):
-        return None
-    lib = _load()
     S = s.shape[-1]
-    if lib is None or not 0 < k <= S:
+    found = _rows(s, torch.float32) if 0 < k <= S else None
+    if found is None:
         return None
-    flat = s.reshape(-1, S)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
+    lib, flat = found
     rows = flat.shape[0]
     values = torch.empty(rows, k, dtype=torch.float32)
     cols = torch.empty(rows, k, dtype=torch.long)
     if rows:
         row_stride = flat.stride(0) if rows > 1 else S
-        threads = max(1, min(torch.get_num_threads(), rows))
-        if lib.sa_topk_f32(flat.data_ptr(), rows, S, row_stride, k, values.data_ptr(), cols.data_ptr(), threads):
-            raise MemoryError(f"native top-k: no memory for the scratch of {threads} thread(s), S={S}, k={k}")
-    lead = s.shape[:-1]
-    return values.view(*lead, k), cols.view(*lead, k)
+        if lib.sa_topk_f32(flat.data_ptr(), rows, S, row_stride, k, values.data_ptr(), cols.data_ptr(),
+                           _threads(rows)):
+            raise MemoryError(f"native top-k: no memory for the scratch of its threads, S={S}, k={k}")
+    return values.view(*s.shape[:-1], k), cols.view(*s.shape[:-1], k)
+
+
+def lsh_buckets(p: torch.Tensor) -> torch.Tensor | None:
+    """LSH buckets of projections p (..., half) float32 on CPU: argmax over [p, -p] along the last
+    dimension, i.e. the column of the largest |p| (the first on ties) plus half when that entry is
+    negative; a row holding NaN gives its first NaN's column (as torch.argmax). (...,) int64, or None
+    when the kernels are not available or p does not qualify."""
+    found = _rows(p, torch.float32) if p.shape[-1] > 0 else None
+    if found is None:
+        return None
+    lib, flat = found
+    rows = flat.shape[0]
+    out = torch.empty(rows, dtype=torch.long)
+    if rows:
+        lib.sa_lsh_buckets_f32(flat.data_ptr(), rows, flat.shape[1], flat.stride(0) if rows > 1 else flat.shape[1],
+                               out.data_ptr(), _threads(rows))
+    return out.view(p.shape[:-1])
+
+
+def bucket_order(b: torch.Tensor, values: int) -> torch.Tensor | None:
+    """The stable sort order of each row of bucket ids b (..., L) int64 on CPU, all in [0, values):
+    positions by ascending bucket, equal buckets by position (``torch.sort(b * L + arange(L)).indices``),
+    by a counting sort. None when the kernels are not available or b does not qualify."""
+    found = _rows(b, torch.long)
+    if found is None:
+        return None
+    lib, flat = found
+    flat = flat.contiguous()
+    rows, L = flat.shape
+    order = torch.empty(rows, L, dtype=torch.long)
+    if rows and L:
+        status = lib.sa_bucket_order(flat.data_ptr(), rows, L, values, order.data_ptr(), _threads(rows))
+        if status == -2:
+            raise ValueError(f"bucket ids must lie in [0, {values}), got min {int(b.min())}, max {int(b.max())}")
+        if status:
+            raise MemoryError("native bucket order: no memory for the counts")
+    return order.view(b.shape)

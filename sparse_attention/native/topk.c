@@ -26,12 +26,11 @@
 #include <immintrin.h>
 #endif
 #include <math.h>
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "rows.h"
 
 /* An order-preserving key: key(a) > key(b) exactly when a > b as floats, with -0 = +0, and NaN
  * (any sign or payload) above +inf. */
@@ -169,14 +168,22 @@ static void top_row(const float *s, int64_t S, int64_t k, float *values, int64_t
     }
 }
 
-static int run_rows(const float *s, int64_t row0, int64_t row1, int64_t S, int64_t row_stride, int64_t k,
-                    float *values, int64_t *cols) {
+typedef struct {
+    const float *s;
+    int64_t S, row_stride, k;
+    float *values;
+    int64_t *cols;
+} topk_job;
+
+static int topk_rows(void *arg, int64_t row0, int64_t row1) {
+    const topk_job *jb = arg;
+    int64_t S = jb->S, k = jb->k;
     scratch w = {malloc((size_t)(2 * k) * sizeof(float)), malloc((size_t)S * sizeof(uint32_t)),
                  malloc((size_t)S * sizeof(int64_t))};
     int status = -1;
     if (w.maxima && w.keys && w.cand) {
         for (int64_t r = row0; r < row1; r++)
-            top_row(s + r * row_stride, S, k, values + r * k, cols + r * k, &w);
+            top_row(jb->s + r * jb->row_stride, S, k, jb->values + r * k, jb->cols + r * k, &w);
         status = 0;
     }
     free(w.maxima);
@@ -186,36 +193,9 @@ static int run_rows(const float *s, int64_t row0, int64_t row1, int64_t S, int64
 }
 
 /* values, cols: (rows, k), contiguous. 0 < k <= S. Returns 0, or -1 when memory could not be had (the
- * outputs are then incomplete).
- *
- * Threads: built with OpenMP (-fopenmp) and loaded into a process where PyTorch has loaded its
- * libgomp.so.1, the rows run on PyTorch's own OpenMP threads. That matters: after each parallel
- * PyTorch op its worker threads spin for a while, and threads of another pool would compete with them
- * for the cores (measured here: 2 pthreads right after a bmm ran no faster than one). Without OpenMP
- * the calling thread does every row. */
-/* 1 when built with OpenMP */
-int sa_openmp(void) {
-#if defined(_OPENMP)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
+ * outputs are then incomplete). */
 int sa_topk_f32(const float *s, int64_t rows, int64_t S, int64_t row_stride, int64_t k, float *values,
                 int64_t *cols, int threads) {
-    if (threads < 1 || rows < 2) threads = 1;
-    if (threads > rows) threads = (int)rows;
-    int status = 0;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads) reduction(| : status)
-    {
-        int t = omp_get_thread_num(), n = omp_get_num_threads();
-        status |= run_rows(s, rows * t / n, rows * (t + 1) / n, S, row_stride, k, values, cols);
-    }
-#else
-    (void)threads;
-    status = run_rows(s, 0, rows, S, row_stride, k, values, cols);
-#endif
-    return status;
+    topk_job jb = {s, S, row_stride, k, values, cols};
+    return sa_parallel_rows(rows, threads, topk_rows, &jb);
 }
