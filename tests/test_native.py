@@ -192,3 +192,18 @@ def test_native_bucket_order_edges():
     with pytest.raises(ValueError, match="got min -1"):
         native.bucket_order(torch.tensor([[0, -1, 1]]), 3)
     assert native.bucket_order(torch.zeros(3, 4), 3) is None, "float ids: not for the kernel"
+
+
+def test_build_without_openmp_runs_on_one_thread(tmp_path):
+    """A compiler that rejects -fopenmp: the kernels are built without it and run on the calling thread."""
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec '
+                       + " ".join(cc) + ' "$@"\n')
+    wrapper.chmod(0o755)
+    done = _run(_PROBE, {"CC": str(wrapper), "SPARSE_ATTENTION_CACHE": str(tmp_path / "cache")})
+    first, status = done.stdout.strip().splitlines()
+    assert first == "True 3000 True []", done.stdout + done.stderr
+    assert "one thread (built without OpenMP)" in status

@@ -6,7 +6,7 @@
   tokens by bucket (a counting sort instead of ``torch.sort``).
 
 The sources are compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
-``clang``), ``-O3 -march=native -fopenmp`` (without ``-fopenmp`` if that fails), into
+``clang``), ``-O3 -march=native -fopenmp`` (then without either flag where that fails), into
 ``$SPARSE_ATTENTION_CACHE`` (default ``~/.cache/sparse_attention``), keyed by the source, the
 compiler command and the CPU's flags, and loaded with ctypes. Built with OpenMP, the kernels run on
 PyTorch's own OpenMP threads (see topk.c). Where there is no compiler, or it fails, or
@@ -36,9 +36,10 @@ __all__ = ["available", "bucket_order", "lsh_buckets", "status", "topk_rows"]
 _DIR = Path(__file__).parent
 _SOURCES = ["topk.c", "lsh.c"]
 _HEADERS = ["rows.h"]
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
-# OpenMP first: the kernels then run on PyTorch's own OpenMP threads (see topk.c); without it, on one thread
-_THREADING = (["-fopenmp"], [])
+_FLAGS = ["-O3", "-shared", "-fPIC"]
+# Tried in order. With OpenMP the kernels run on PyTorch's own OpenMP threads (see rows.h), without it
+# on the calling thread; -march=native lets the compiler use every vector instruction of this CPU.
+_ATTEMPTS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None  # None: not tried yet
@@ -76,7 +77,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
     texts = [(_DIR / name).read_bytes() for name in _SOURCES + _HEADERS]
-    key = hashlib.sha256(b"\0".join(texts + [" ".join(cc + _FLAGS).encode(), platform.machine().encode(),
+    command = " ".join(cc + _FLAGS + [" ".join(a) for a in _ATTEMPTS])
+    key = hashlib.sha256(b"\0".join(texts + [command.encode(), platform.machine().encode(),
                                              _cpu_flags().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"sa_native-{key}.so"
     if not target.exists():
@@ -87,7 +89,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             where = Path(tempfile.mkdtemp(prefix="sparse_attention-"))
             target = where / target.name
         errors = []
-        for extra in _THREADING:
+        for extra in _ATTEMPTS:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
             os.close(fd)
             cmd = cc + _FLAGS + extra + ["-o", tmp] + [str(_DIR / name) for name in _SOURCES]
