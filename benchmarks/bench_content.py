@@ -11,7 +11,8 @@ one pass) are timed alternately inside each repeat (order reversed every other r
 is the best of the repeats, and every ratio is formed from figures of one group in one run. Each
 group holds our mechanism, its selection step alone, dense SDPA and, with --peers, the peer
 implementations of the same mechanism together with our like-for-like configuration of it (the
-same projections, the same shared-QK and bucket count where the peer fixes them).
+same projections, the same shared-QK and bucket count where the peer fixes them). TopK's group also
+holds TopK & Causal() and dense SDPA with is_causal=True (reported, no target).
 
 Memory: forward+backward peak resident memory above the inputs, each point in a fresh subprocess
 (sparse_attention.bench.PeakMemory: malloc_trim, then the kernel's high-water mark reset), and the
@@ -172,9 +173,17 @@ def ours_topk(n, args):
         scores = _score_buffer(B, H, S, chunks, q.dtype, q.device)  # as the forward does
         for a, b in chunks:
             mech._select(q[:, :, a:b], k, torch.arange(a, b), N, None, D**-0.5, scores)
+    causal = mech & sa.Causal()
+    ours_causal, sdpa_causal = f"ours: TopK({args.topk_k}) & Causal()", "dense SDPA (is_causal=True)"
     return Setup(f"TopK({args.topk_k})", Contender(lambda q, k, v: sa.attention(q, k, v, mech)),
                  Contender(select, grad=False),
-                 "scores of every pair + top-k, chunk by chunk (TopK._select; the selection is the scoring)")
+                 "scores of every pair + top-k, chunk by chunk (TopK._select; the selection is the scoring)",
+                 contenders={ours_causal: Contender(lambda q, k, v: sa.attention(q, k, v, causal)),
+                             sdpa_causal: Contender(lambda q, k, v: F.scaled_dot_product_attention(q, k, v,
+                                                                                                 is_causal=True))},
+                 pairs=[Pair(sdpa_causal, ours_causal)],
+                 notes=[f"causal: {ours_causal} against {sdpa_causal}; its 'peer / ours' column is their time "
+                        "ratio (the issue sets no causal target)"])
 
 
 def ours_probsparse(n, args):
@@ -456,6 +465,9 @@ def targets(args, results):
         if name == "topk":
             rows.append([name, n, mode, "time <= 1.5x dense SDPA", f"{t_o / t_d:.2f}x",
                          "MET" if t_o / t_d <= 1.5 else "NOT MET"])
+            for p in r["pairs"]:  # causal: reported, no target
+                rows.append([name, n, mode, f"({p['ours']}: time / {p['peer']}; no target)",
+                             f"{best[p['ours']] / best[p['peer']]:.2f}x", "-"])
             continue
         if n >= 16384:
             rows.append([name, n, mode, "faster than dense SDPA", f"SDPA / ours {t_d / t_o:.2f}x",
