@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparse_attention import native
 
@@ -207,3 +209,22 @@ def test_build_without_openmp_runs_on_one_thread(tmp_path):
     first, status = done.stdout.strip().splitlines()
     assert first == "True 3000 True []", done.stdout + done.stderr
     assert "one thread (built without OpenMP)" in status
+
+
+@needs_native
+@settings(max_examples=150, deadline=None)
+@given(S=st.integers(1, 600), k_frac=st.floats(0.0, 1.0), data=st.data())
+def test_native_top_k_property(S, k_frac, data):
+    """Random lengths and k, rows drawn from a small alphabet of values (ties, ±0, ±inf, NaN) or
+    random normal values: always the documented stable order."""
+    k = max(1, min(S, round(k_frac * S) if data.draw(st.booleans()) else round(k_frac * 20)))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    if data.draw(st.booleans()):
+        alphabet = torch.tensor([float("-inf"), -1.0, -0.0, 0.0, 0.5, 1.0, float("inf"), float("nan")])
+        s = alphabet[torch.randint(0, len(alphabet), (4, S), generator=gen)]
+    else:
+        s = torch.randn(4, S, generator=gen)
+    values, cols = native.topk_rows(s, k)
+    assert torch.equal(cols, _reference(s, k))
+    assert torch.equal(values.view(torch.int32), s.gather(-1, cols).view(torch.int32))
