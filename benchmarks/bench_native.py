@@ -77,6 +77,17 @@ def chunks_contenders(mech, q, k) -> dict:
     return {"native": lambda: mech._chunks(q, k), "torch": off}
 
 
+def native_vs_torch(fns: dict, repeats: int, what: str) -> str:
+    """Checks that fns["native"] and fns["torch"] return equal results, times both; the table cells
+    'native ms | PyTorch ms | ratio'."""
+    a, b = fns["native"](), fns["torch"]()
+    pairs = zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]
+    if not all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in pairs):
+        raise SystemExit(f"{what}: the native and PyTorch results differ")
+    t = best_times(fns, repeats)
+    return f"{ms(t['native'])} | {ms(t['torch'])} | {t['torch'] / t['native']:.1f}x"
+
+
 def ms(t: float) -> str:
     return f"{t * 1e3:.2f}"
 
@@ -112,20 +123,12 @@ def main() -> None:
     for rows, half in [(16384, 64), (4096, 256), (1024, 1024)]:  # one LSH.hash block each (N = 4096, 16384, 65536)
         p = torch.randn(rows, half, generator=gen)
         fns = {"native": lambda p=p: native.lsh_buckets(p), "torch": lambda p=p: torch_buckets(p)}
-        if not torch.equal(fns["native"](), fns["torch"]()):
-            raise SystemExit(f"buckets differ at half={half}")
-        t = best_times(fns, args.repeats)
-        print(f"| buckets | ({rows}, {half}) | {ms(t['native'])} | {ms(t['torch'])} | "
-              f"{t['torch'] / t['native']:.1f}x |")
+        print(f"| buckets | ({rows}, {half}) | {native_vs_torch(fns, args.repeats, f'buckets, half={half}')} |")
     for L in [4096, 16384, 65536]:
         nb = 2 * round(L / 64)
         b = torch.randint(0, nb + 1, (8, L), generator=gen)
         fns = {"native": lambda b=b, nb=nb: native.bucket_order(b, nb + 1), "torch": lambda b=b: torch_order(b)}
-        if not torch.equal(fns["native"](), fns["torch"]()):
-            raise SystemExit(f"orders differ at L={L}")
-        t = best_times(fns, args.repeats)
-        print(f"| order | (8, {L}), {nb + 1} ids | {ms(t['native'])} | {ms(t['torch'])} | "
-              f"{t['torch'] / t['native']:.1f}x |")
+        print(f"| order | (8, {L}), {nb + 1} ids | {native_vs_torch(fns, args.repeats, f'order, L={L}')} |")
 
     print("\nc. LSH._chunks (hash q and k, order, chunk ids), B=1, H=8, D=64, bucket 64\n")
     print("| N | native ms | PyTorch ms | PyTorch / native |")
@@ -133,12 +136,7 @@ def main() -> None:
     mech = sa.LSH(bucket_size=64, seed=0)
     for N in [4096, 16384]:
         q, k = (torch.randn(1, 8, N, 64, generator=gen) for _ in range(2))
-        fns = chunks_contenders(mech, q, k)
-        if not all(torch.equal(torch.as_tensor(a), torch.as_tensor(b))
-                   for a, b in zip(fns["native"](), fns["torch"](), strict=True)):
-            raise SystemExit(f"LSH._chunks differs at N={N}")
-        t = best_times(fns, args.repeats)
-        print(f"| {N} | {ms(t['native'])} | {ms(t['torch'])} | {t['torch'] / t['native']:.1f}x |")
+        print(f"| {N} | {native_vs_torch(chunks_contenders(mech, q, k), args.repeats, f'LSH._chunks, N={N}')} |")
     print(f"\nload average at end {os.getloadavg()}")
 
 
