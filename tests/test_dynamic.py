@@ -99,12 +99,15 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
 
 @pytest.fixture(params=["native", "torch"])
 def top_k_path(request, monkeypatch):
-    """top_k through the native kernel, or through torch.topk (the path without a compiler)."""
+    """The selections through the native kernels, or through PyTorch ops (the path without a compiler):
+    top_k, the stable orders and LSH's buckets."""
     if request.param == "native":
         if not native.available():
             pytest.skip(f"native kernels unavailable: {native.status()}")
     else:
         monkeypatch.setattr(native, "topk_rows", lambda s, k: None)
+        monkeypatch.setattr(native, "bucket_order", lambda ids, values: None)
+        monkeypatch.setattr(native, "lsh_buckets", lambda p: None)
     return request.param
 
 

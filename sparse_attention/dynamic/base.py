@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from ..patterns.base import Pattern
 
 
@@ -99,3 +100,11 @@ def allowed_mask(mech: DynamicPattern, B: int, H: int, n_q: int, n_k: int, q_idx
         keep = ~key_padding_mask[:, None, None, :]
         m = keep if m is None else m & keep
     return m
+
+
+def stable_order(ids: torch.Tensor, values: int) -> torch.Tensor:
+    """The stable sort order of integer ids (..., L), all in [0, values): positions by ascending id,
+    equal ids by position (``torch.sort(ids, stable=True).indices``). A counting sort in
+    sparse_attention.native on CPU (O(L + values) per row), else torch.sort."""
+    order = native.bucket_order(ids, values)
+    return torch.sort(ids, dim=-1, stable=True).indices if order is None else order

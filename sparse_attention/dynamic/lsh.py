@@ -41,7 +41,7 @@ from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite, kernel_grad_select
-from .base import DynamicPattern, flat_rows, query_heads
+from .base import DynamicPattern, flat_rows, query_heads, stable_order
 
 HASH_CHUNK_ELEMENTS = 1 << 20  # projections computed at once by LSH.hash (4 MB in float32)
 
@@ -155,8 +155,8 @@ class LSH(DynamicPattern):
                 if hq is not None and N == S:
                     hq = torch.where(pad, torch.full_like(hq, last), hq)
             # sort by bucket, then position (stable); shared_qk: the queries' order is the keys'
-            k_order = _by_bucket(hk, rot.shape[-1] * 2 + 1)
-            q_order = k_order if hq is None else _by_bucket(hq, rot.shape[-1] * 2 + 1)
+            k_order = stable_order(hk, rot.shape[-1] * 2 + 1)
+            q_order = k_order if hq is None else stable_order(hq, rot.shape[-1] * 2 + 1)
             C = math.ceil(N / self.bucket_size)
             ks = math.ceil(S / C)
             q_chunk = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(N, device=q.device).expand_as(
@@ -285,16 +285,6 @@ class LSH(DynamicPattern):
         total = torch.logsumexp(lse, 0)
         w = torch.exp(lse - torch.where(torch.isneginf(total), torch.zeros_like(total), total))
         return (o * w.unsqueeze(-1)).sum(0).to(q.dtype)
-
-
-def _by_bucket(h: torch.Tensor, values: int) -> torch.Tensor:
-    """Positions of bucket ids h (..., L) in [0, values) sorted by bucket, then by position: a counting
-    sort in sparse_attention.native, else torch.sort of h·L + position."""
-    order = native.bucket_order(h, values)
-    if order is None:
-        L = h.shape[-1]
-        order = torch.sort(h * L + torch.arange(L, device=h.device), dim=-1).indices
-    return order
 
 
 def _windows(x: torch.Tensor, ks: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite, kernel_grad_rows
-from .base import DynamicPattern, gather_rows, padded, query_heads
+from .base import DynamicPattern, gather_rows, padded, query_heads, stable_order
 from .topk import score_rows, top_k
 
 SIM_CHUNK_ELEMENTS = 1 << 22  # token-to-centroid similarities (and one-hot rows) built at once (16 MB in float32)
@@ -208,7 +208,7 @@ def _member_lists(idx: torch.Tensor, L: int) -> torch.Tensor:
     (m: the most clusters any token is in). O(L·m) instead of an L x K membership."""
     B, H, K, w = idx.shape
     tok = idx.flatten(2)  # entry e is token tok[e] in cluster e // w
-    order = torch.sort(tok, dim=-1, stable=True).indices  # by token, clusters ascending within a token
+    order = stable_order(tok, L)  # by token, clusters ascending within a token
     tok_sorted = tok.gather(-1, order)
     count = torch.zeros(B, H, L, dtype=torch.long, device=idx.device).scatter_add_(-1, tok, torch.ones_like(tok))
     m = max(1, int(count.max()))
