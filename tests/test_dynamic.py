@@ -99,8 +99,8 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
 
 @pytest.fixture(params=["native", "torch"])
 def top_k_path(request, monkeypatch):
-    """The selections through the native kernels, or through PyTorch ops (the path without a compiler):
-    top_k, the stable orders and LSH's buckets."""
+    """The native kernels, or the PyTorch ops they replace (the path without a compiler): top_k, the
+    stable orders, LSH's buckets and TopK's value mixing."""
     if request.param == "native":
         if not native.available():
             pytest.skip(f"native kernels unavailable: {native.status()}")
@@ -108,6 +108,7 @@ def top_k_path(request, monkeypatch):
         monkeypatch.setattr(native, "topk_rows", lambda s, k: None)
         monkeypatch.setattr(native, "bucket_order", lambda ids, values: None)
         monkeypatch.setattr(native, "lsh_buckets", lambda p: None)
+        monkeypatch.setattr(native, "mix_rows", lambda w, cols, v: None)
     return request.param
 
 

@@ -228,3 +228,22 @@ def test_native_top_k_property(S, k_frac, data):
     values, cols = native.topk_rows(s, k)
     assert torch.equal(cols, _reference(s, k))
     assert torch.equal(values.view(torch.int32), s.gather(-1, cols).view(torch.int32))
+
+
+@needs_native
+def test_native_mix_rows_is_the_weighted_sum_of_gathered_rows():
+    """out[r] = sum_j w[r, j] v[cols[r, j]], zero weights summed too (a NaN behind one propagates, as in
+    the CSR product it replaces)."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(50, 24, generator=gen)
+    cols = torch.randint(0, 50, (3, 7, 5), generator=gen)
+    w = torch.rand(3, 7, 5, generator=gen)
+    w[0, 0] = 0.0
+    want = torch.einsum("abj,abje->abe", w.double(), v.double()[cols])
+    torch.testing.assert_close(native.mix_rows(w, cols, v).double(), want, rtol=1e-6, atol=1e-6)
+    v[cols[1, 2, 3]] = float("nan")
+    w[1, 2, 3] = 0.0
+    out = native.mix_rows(w, cols, v)
+    assert bool(out[1, 2].isnan().all()), "a NaN behind a zero weight must propagate"
+    assert native.mix_rows(w.double(), cols, v.double()) is None, "float64: not for the kernel"
+    assert native.mix_rows(torch.empty(0, 5), torch.empty(0, 5, dtype=torch.long), v).shape == (0, 24)

@@ -3,7 +3,8 @@
 - ``topk.c``: the row-wise top-k that TopK and Routing select with: two vectorised passes over each
   row instead of ``torch.topk``'s per-element heap or quickselect;
 - ``lsh.c``: LSH's bucket of each row of projections (argmax over [xR, -xR]) and the stable order of
-  tokens by bucket (a counting sort instead of ``torch.sort``).
+  tokens by bucket (a counting sort instead of ``torch.sort``; also routing's member lists);
+- ``mix.c``: TopK's value mixing, weighted sums of gathered value rows (instead of a CSR product).
 
 The sources are compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
 ``clang``), ``-O3 -march=native -fopenmp`` (then without either flag where that fails), into
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "bucket_order", "lsh_buckets", "status", "topk_rows"]
+__all__ = ["available", "bucket_order", "lsh_buckets", "mix_rows", "status", "topk_rows"]
 
 _DIR = Path(__file__).parent
-_SOURCES = ["topk.c", "lsh.c"]
+_SOURCES = ["topk.c", "lsh.c", "mix.c"]
 _HEADERS = ["rows.h"]
 _FLAGS = ["-O3", "-shared", "-fPIC"]
 # Tried in order. With OpenMP the kernels run on PyTorch's own OpenMP threads (see rows.h), without it
@@ -112,7 +113,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name, args in (("sa_topk_f32", [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]),
                        ("sa_lsh_buckets_f32", [ptr, i64, i64, i64, ptr, ctypes.c_int]),
-                       ("sa_bucket_order", [ptr, i64, i64, i64, ptr, ctypes.c_int])):
+                       ("sa_bucket_order", [ptr, i64, i64, i64, ptr, ctypes.c_int]),
+                       ("sa_mix_rows_f32", [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = ctypes.c_int, args
     threads = "PyTorch's OpenMP threads" if lib.sa_openmp() else "one thread (built without OpenMP)"
@@ -215,3 +217,24 @@ def bucket_order(b: torch.Tensor, values: int) -> torch.Tensor | None:
         if status:
             raise MemoryError("native bucket order: no memory for the counts")
     return order.view(b.shape)
+
+
+def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Weighted sums of gathered rows: out[..., r, :] = sum_j w[..., r, j] * v[cols[..., r, j], :] for CPU
+    float32 w (..., k) and v (R, E), int64 cols (..., k) in [0, R) (not checked: the caller's own
+    indices). Every slot is summed, zero weights included. (..., E), or None when the kernels are not
+    available or the inputs do not qualify."""
+    found = _rows(w, torch.float32)
+    if found is None or cols.dtype != torch.long or v.dtype != torch.float32 or v.device.type != "cpu" or (
+            v.requires_grad and torch.is_grad_enabled()):
+        return None
+    lib, flat_w = found
+    flat_w = flat_w.contiguous()
+    flat_c = cols.reshape(flat_w.shape).contiguous()
+    v = v.contiguous()
+    rows, k = flat_w.shape
+    out = torch.empty(rows, v.shape[1], dtype=torch.float32)
+    if rows:
+        lib.sa_mix_rows_f32(flat_w.data_ptr(), flat_c.data_ptr(), rows, k, v.data_ptr(), v.shape[1], out.data_ptr(),
+                            _threads(rows))
+    return out.view(*w.shape[:-1], v.shape[1])
