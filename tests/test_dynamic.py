@@ -86,6 +86,30 @@ def test_topk_sparse_products_equal_the_row_gathers(mech, dropout_p, monkeypatch
     assert not [w for w in recwarn if "sparse" in str(w.message).lower()], "the CSR beta warning leaked"
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["", "dropout"])
+@pytest.mark.parametrize("mech", [TopK(5), TopK(4, chunk_size=9) & sa.Causal()], ids=repr)
+def test_topk_native_backward_equals_the_csr_products(mech, dropout_p, monkeypatch):
+    """In float32 the native backward (sparse_attention/native/mix.c) gives the CSR products' output and
+    gradients up to float32 rounding, with GQA, padding and dropout (same seed)."""
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    from sparse_attention.dynamic import topk
+
+    q, k, v = make_qkv(2, 4, 2, 37, 53, 8, 6, seed=15)
+    kpm = padding_mask(2, 53, all_padded=1)
+    g = torch.randn(2, 4, 37, 6, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        torch.manual_seed(5)  # the dropout mask
+        return run_and_grad(lambda a, b, c: sa.attention(a, b, c, mech, key_padding_mask=kpm, dropout_p=dropout_p),
+                            q, k, v, g)
+
+    fast = run()
+    monkeypatch.setattr(topk, "_native_backward", lambda *a: None)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), fast, run(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("k_top", [1, 4, 17])
 def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
     q, k, _ = make_qkv(2, 2, 2, 33, 29, 8, seed=2, requires_grad=False)
@@ -100,7 +124,7 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
 @pytest.fixture(params=["native", "torch"])
 def top_k_path(request, monkeypatch):
     """The native kernels, or the PyTorch ops they replace (the path without a compiler): top_k, the
-    stable orders, LSH's buckets and TopK's value mixing."""
+    stable orders, LSH's buckets, and TopK's value mixing and backward."""
     if request.param == "native":
         if not native.available():
             pytest.skip(f"native kernels unavailable: {native.status()}")
@@ -109,6 +133,7 @@ def top_k_path(request, monkeypatch):
         monkeypatch.setattr(native, "bucket_order", lambda ids, values: None)
         monkeypatch.setattr(native, "lsh_buckets", lambda p: None)
         monkeypatch.setattr(native, "mix_rows", lambda w, cols, v: None)
+        monkeypatch.setattr(native, "dot_rows", lambda a, cols, b: None)
     return request.param
 
 

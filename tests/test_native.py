@@ -247,3 +247,23 @@ def test_native_mix_rows_is_the_weighted_sum_of_gathered_rows():
     assert bool(out[1, 2].isnan().all()), "a NaN behind a zero weight must propagate"
     assert native.mix_rows(w.double(), cols, v.double()) is None, "float64: not for the kernel"
     assert native.mix_rows(torch.empty(0, 5), torch.empty(0, 5, dtype=torch.long), v).shape == (0, 24)
+
+
+@needs_native
+def test_native_dot_rows_and_scatter_groups():
+    """dW's dot products with gathered rows, and dV/dK's scatter-adds by groups of rows that own their
+    output rows, against einsum and index_add_ references."""
+    gen = torch.Generator().manual_seed(1)
+    groups, rows_per, keys_per, k, E = 3, 10, 7, 4, 20
+    a = torch.randn(groups * rows_per, E, generator=gen)
+    b = torch.randn(groups * keys_per, E, generator=gen)
+    group_of_row = torch.arange(groups * rows_per) // rows_per
+    cols = torch.randint(0, keys_per, (groups * rows_per, k), generator=gen) + (group_of_row * keys_per)[:, None]
+    want = torch.einsum("re,rje->rj", a.double(), b.double()[cols])
+    torch.testing.assert_close(native.dot_rows(a, cols, b).double(), want, rtol=1e-6, atol=1e-6)
+    w = torch.rand(groups * rows_per, k, generator=gen)
+    want = torch.zeros(groups * keys_per, E, dtype=torch.float64).index_add_(
+        0, cols.flatten(), (w.double()[..., None] * a.double()[:, None, :]).reshape(-1, E))
+    got = native.scatter_groups(w, cols, a, groups, keys_per)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert native.dot_rows(a.double(), cols, b.double()) is None, "float64: not for the kernel"

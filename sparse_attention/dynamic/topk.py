@@ -275,7 +275,10 @@ class _TopKFunction(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, idx, w, keep = ctx.saved_tensors
         if ctx.sparse:
-            return _sparse_backward(q, k, v, idx, w, keep, grad, ctx.scale, ctx.dropout_p) + (None,) * 4
+            grads = _native_backward(q, k, v, idx, w, keep, grad, ctx.scale, ctx.dropout_p)
+            if grads is None:
+                grads = _sparse_backward(q, k, v, idx, w, keep, grad, ctx.scale, ctx.dropout_p)
+            return grads + (None,) * 4
         scale, p_drop = ctx.scale, ctx.dropout_p
         acc = w.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -291,10 +294,10 @@ class _TopKFunction(torch.autograd.Function):
             _scatter_rows(dv, i_c, w_used.unsqueeze(-1) * g.unsqueeze(-2))
             vs = gather_rows(v_acc, i_c)[0]
             dw = torch.einsum("bhcd,bhckd->bhck", g, vs) * drop
-            ds = w_c * (dw - (w_c * dw).sum(-1, keepdim=True))  # softmax backward; 0 where w is 0
+            ds = _softmax_grad(w_c, dw, scale)
             ks = gather_rows(k_acc, i_c)[0]
-            dq[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", ds, ks) * scale
-            _scatter_rows(dk, i_c, (ds * scale).unsqueeze(-1) * q[:, :, a:b].to(acc).unsqueeze(-2))
+            dq[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", ds, ks)
+            _scatter_rows(dk, i_c, ds.unsqueeze(-1) * q[:, :, a:b].to(acc).unsqueeze(-2))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
@@ -325,6 +328,36 @@ def _sparse_csr(crow, cols, vals, size) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, cols, vals, size=size, check_invariants=False)
 
 
+def _softmax_grad(w: torch.Tensor, dw: torch.Tensor, scale: float) -> torch.Tensor:
+    """The scores' gradient from the weights' w (..., k) and theirs dw: softmax backward (0 where w is 0),
+    times the scale."""
+    return w * (dw - (w * dw).sum(-1, keepdim=True)) * scale
+
+
+def _native_backward(q, k, v, idx, w, keep, grad, scale, p_drop):
+    """The products of _sparse_backward on the native kernels (sparse_attention/native/mix.c), for float32;
+    None where they are not available. dW are dot products with gathered value rows, dQ weighted sums of
+    gathered key rows, and dV, dK scatter-adds (in parallel over batch entries and key heads, which share
+    no key row), so no CSR matrix is built."""
+    if w.dtype != torch.float32 or not native.available():
+        return None
+    B, H, N, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    K = idx.shape[-1]
+    drop = 1.0 if keep is None else _drop_scale(keep, p_drop, w)
+    g = grad.to(w.dtype).reshape(-1, Dv)  # (B·H·N, Dv)
+    rows = flat_rows(idx, Hkv, S).reshape(-1, K)  # each pair's key row among the B·Hkv·S
+    dw = native.dot_rows(g, rows, v.to(w.dtype).reshape(-1, Dv))
+    if dw is None:
+        return None
+    ds = _softmax_grad(w, dw.view(w.shape) * drop, scale)
+    dq = native.mix_rows(ds.reshape(-1, K), rows, k.to(w.dtype).reshape(-1, D))
+    # a batch entry's key head and its query heads form a group: their pairs touch only its S key rows
+    dv = native.scatter_groups((w * drop).reshape(-1, K), rows, g, B * Hkv, S)
+    dk = native.scatter_groups(ds.reshape(-1, K), rows, q.to(w.dtype).reshape(-1, D), B * Hkv, S)
+    return dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)
+
+
 def _sparse_backward(q, k, v, idx, w, keep, grad, scale, p_drop):
     """The backward of _TopKFunction as sparse products over all N·k pairs at once (see its docstring)."""
     B, H, N, D = q.shape
@@ -339,7 +372,7 @@ def _sparse_backward(q, k, v, idx, w, keep, grad, scale, p_drop):
     P = _csr(idx, w_used, Hkv, S, cols)
     dw = torch.sparse.sampled_addmm(P, g, v.to(acc).reshape(-1, Dv).t(), beta=0.0).values().view(w.shape) * drop
     del P
-    ds = w * (dw - (w * dw).sum(-1, keepdim=True)) * scale  # softmax backward (0 where w is 0), scaled
+    ds = _softmax_grad(w, dw, scale)
     del dw
     dq = _csr(idx, ds, Hkv, S, cols) @ k.to(acc).reshape(-1, D)
     # P^T: rows are the key rows, columns the query rows; one ordering serves dV and dK

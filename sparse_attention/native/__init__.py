@@ -4,7 +4,9 @@
   row instead of ``torch.topk``'s per-element heap or quickselect;
 - ``lsh.c``: LSH's bucket of each row of projections (argmax over [xR, -xR]) and the stable order of
   tokens by bucket (a counting sort instead of ``torch.sort``; also routing's member lists);
-- ``mix.c``: TopK's value mixing, weighted sums of gathered value rows (instead of a CSR product).
+- ``mix.c``: TopK's products over its selected pairs: the value mixing and dQ (weighted sums of
+  gathered rows), dW (dot products with gathered rows) and dV, dK (scatter-adds, in parallel over
+  groups of rows that share no output row), instead of CSR products.
 
 The sources are compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
 ``clang``), ``-O3 -march=native -fopenmp`` (then without either flag where that fails), into
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "bucket_order", "lsh_buckets", "mix_rows", "status", "topk_rows"]
+__all__ = ["available", "bucket_order", "dot_rows", "lsh_buckets", "mix_rows", "scatter_groups", "status", "topk_rows"]
 
 _DIR = Path(__file__).parent
 _SOURCES = ["topk.c", "lsh.c", "mix.c"]
@@ -114,7 +116,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     for name, args in (("sa_topk_f32", [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]),
                        ("sa_lsh_buckets_f32", [ptr, i64, i64, i64, ptr, ctypes.c_int]),
                        ("sa_bucket_order", [ptr, i64, i64, i64, ptr, ctypes.c_int]),
-                       ("sa_mix_rows_f32", [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int])):
+                       ("sa_mix_rows_f32", [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
+                       ("sa_dot_rows_f32", [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
+                       ("sa_scatter_groups_f32", [ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, ctypes.c_int])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = ctypes.c_int, args
     threads = "PyTorch's OpenMP threads" if lib.sa_openmp() else "one thread (built without OpenMP)"
@@ -238,3 +242,43 @@ def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tens
         lib.sa_mix_rows_f32(flat_w.data_ptr(), flat_c.data_ptr(), rows, k, v.data_ptr(), v.shape[1], out.data_ptr(),
                             _threads(rows))
     return out.view(*w.shape[:-1], v.shape[1])
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """CPU tensors autograd does not track (the kernels return plain results)."""
+    return all(t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()) for t in tensors)
+
+
+def dot_rows(a: torch.Tensor, cols: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """out[r, j] = a[r] . b[cols[r, j]] for float32 a (R, E), b (R', E) and int64 cols (R, k) in
+    [0, R') (not checked: the caller's own indices): (R, k), or None when not available."""
+    lib = _load()
+    if lib is None or not _plain(a, b, cols) or a.dtype != torch.float32 or b.dtype != torch.float32 or \
+            cols.dtype != torch.long:
+        return None
+    a, b, cols = a.contiguous(), b.contiguous(), cols.contiguous()
+    rows, k = cols.shape
+    out = torch.empty(rows, k, dtype=torch.float32)
+    if rows and k:
+        lib.sa_dot_rows_f32(a.data_ptr(), cols.data_ptr(), rows, k, b.data_ptr(), a.shape[1], out.data_ptr(),
+                            _threads(rows))
+    return out
+
+
+def scatter_groups(w: torch.Tensor, cols: torch.Tensor, src: torch.Tensor, groups: int, keys_per_group: int) -> \
+        torch.Tensor | None:
+    """out[cols[r, j]] += w[r, j] * src[r] over every pair, for float32 w (R, k), src (R, E) and int64 cols
+    (R, k): (groups · keys_per_group, E). The R rows form ``groups`` equal groups whose columns all lie in
+    the group's own keys_per_group output rows (not checked: the caller's own indices); the groups run
+    in parallel. None when not available."""
+    lib = _load()
+    if lib is None or not _plain(w, cols, src) or w.dtype != torch.float32 or src.dtype != torch.float32 or \
+            cols.dtype != torch.long:
+        return None
+    w, cols, src = w.contiguous(), cols.contiguous(), src.contiguous()
+    rows, k = cols.shape
+    out = torch.empty(groups * keys_per_group, src.shape[1], dtype=torch.float32)
+    if groups:
+        lib.sa_scatter_groups_f32(w.data_ptr(), cols.data_ptr(), groups, rows // groups, keys_per_group, k,
+                                  src.data_ptr(), src.shape[1], out.data_ptr(), _threads(groups))
+    return out
