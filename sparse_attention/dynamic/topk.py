@@ -227,11 +227,13 @@ class _TopKFunction(torch.autograd.Function):
     only those k pairs per row: dV, dK, dQ and the weights' gradient, so it costs
     O(N * k * D) instead of recomputing the N x S scores.
 
-    On CPU the selected pairs form a CSR matrix P (rows: queries, columns: the flattened key rows)
-    and every product is a sparse one: out = P V, dW = (dO V^T) sampled at P (sampled_addmm),
-    dQ = dS K, and dV = P^T dO, dK = dS^T Q through the transposed matrix built once. These run
-    several times faster than gathering k rows per query and scatter-adding them back (the
-    gathered (rows, k, D) tensors are tens of MB per chunk). Other devices use the gathers.
+    On CPU, in float32, the products over the selected pairs run on the native kernels
+    (sparse_attention/native/mix.c): out = P V and dQ = dS K as weighted sums of gathered rows,
+    dW = dO V^T at the pairs as gathered dot products, dV = P^T dO and dK = dS^T Q as scatter-adds.
+    Without them (or in float64) the pairs form a CSR matrix P (rows: queries, columns: the flattened
+    key rows) and every product is a sparse one (dW by sampled_addmm, the transposed products through
+    the transposed matrix built once). Both run several times faster than gathering k rows per query
+    into (rows, k, D) tensors, tens of MB per chunk, which other devices use.
     """
 
     @staticmethod
