@@ -223,40 +223,42 @@ def bucket_order(b: torch.Tensor, values: int) -> torch.Tensor | None:
     return order.view(b.shape)
 
 
+def _pair_args(cols: torch.Tensor, *floats: torch.Tensor):
+    """The library and contiguous copies (when needed) of int64 cols and float32 operands, when the pair
+    kernels take them (CPU tensors autograd does not track); else None."""
+    lib = _load()
+    tensors = (cols, *floats)
+    if lib is None or cols.dtype != torch.long or any(x.dtype != torch.float32 for x in floats) or any(
+            x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) for x in tensors):
+        return None
+    return lib, [x.contiguous() for x in tensors]
+
+
 def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """Weighted sums of gathered rows: out[..., r, :] = sum_j w[..., r, j] * v[cols[..., r, j], :] for CPU
     float32 w (..., k) and v (R, E), int64 cols (..., k) in [0, R) (not checked: the caller's own
     indices). Every slot is summed, zero weights included. (..., E), or None when the kernels are not
     available or the inputs do not qualify."""
-    found = _rows(w, torch.float32)
-    if found is None or cols.dtype != torch.long or v.dtype != torch.float32 or v.device.type != "cpu" or (
-            v.requires_grad and torch.is_grad_enabled()):
+    found = _pair_args(cols, w, v)
+    if found is None:
         return None
-    lib, flat_w = found
-    flat_w = flat_w.contiguous()
-    flat_c = cols.reshape(flat_w.shape).contiguous()
-    v = v.contiguous()
-    rows, k = flat_w.shape
+    lib, (cols_c, w_c, v) = found
+    k = w.shape[-1]
+    rows = w_c.numel() // k if k else math.prod(w.shape[:-1])
     out = torch.empty(rows, v.shape[1], dtype=torch.float32)
     if rows:
-        lib.sa_mix_rows_f32(flat_w.data_ptr(), flat_c.data_ptr(), rows, k, v.data_ptr(), v.shape[1], out.data_ptr(),
+        lib.sa_mix_rows_f32(w_c.data_ptr(), cols_c.data_ptr(), rows, k, v.data_ptr(), v.shape[1], out.data_ptr(),
                             _threads(rows))
     return out.view(*w.shape[:-1], v.shape[1])
-
-
-def _plain(*tensors: torch.Tensor) -> bool:
-    """CPU tensors autograd does not track (the kernels return plain results)."""
-    return all(t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()) for t in tensors)
 
 
 def dot_rows(a: torch.Tensor, cols: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """out[r, j] = a[r] . b[cols[r, j]] for float32 a (R, E), b (R', E) and int64 cols (R, k) in
     [0, R') (not checked: the caller's own indices): (R, k), or None when not available."""
-    lib = _load()
-    if lib is None or not _plain(a, b, cols) or a.dtype != torch.float32 or b.dtype != torch.float32 or \
-            cols.dtype != torch.long:
+    found = _pair_args(cols, a, b)
+    if found is None:
         return None
-    a, b, cols = a.contiguous(), b.contiguous(), cols.contiguous()
+    lib, (cols, a, b) = found
     rows, k = cols.shape
     out = torch.empty(rows, k, dtype=torch.float32)
     if rows and k:
@@ -271,11 +273,10 @@ def scatter_groups(w: torch.Tensor, cols: torch.Tensor, src: torch.Tensor, group
     (R, k): (groups · keys_per_group, E). The R rows form ``groups`` equal groups whose columns all lie in
     the group's own keys_per_group output rows (not checked: the caller's own indices); the groups run
     in parallel. None when not available."""
-    lib = _load()
-    if lib is None or not _plain(w, cols, src) or w.dtype != torch.float32 or src.dtype != torch.float32 or \
-            cols.dtype != torch.long:
+    found = _pair_args(cols, w, src)
+    if found is None:
         return None
-    w, cols, src = w.contiguous(), cols.contiguous(), src.contiguous()
+    lib, (cols, w, src) = found
     rows, k = cols.shape
     out = torch.empty(groups * keys_per_group, src.shape[1], dtype=torch.float32)
     if groups:

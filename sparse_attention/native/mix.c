@@ -15,34 +15,38 @@
 
 #include "rows.h"
 
+/* One job for the three kernels: every pair (r, j) joins row r (of w, a, out) to row cols[r, j] (of v
+ * or of out). */
 typedef struct {
-    const float *w, *v;
-    const int64_t *cols;
-    int64_t k, E;
+    const float *w;      /* (rows, k): the pairs' weights (mixing, scatter) */
+    const float *a;      /* (rows, E): the rows' own operand (dot, scatter) */
+    const float *v;      /* (value rows, E): the gathered operand (mixing, dot) */
+    const int64_t *cols; /* (rows, k) */
+    int64_t k, E, rows_per_group, keys_per_group;
     float *out;
-} mix_job;
+} pairs;
+
+/* o += w * x over E entries */
+static inline void axpy(float *o, float w, const float *x, int64_t E) {
+    for (int64_t e = 0; e < E; e++) o[e] += w * x[e];
+}
 
 static int mix_rows(void *arg, int64_t row0, int64_t row1) {
-    const mix_job *jb = arg;
-    int64_t k = jb->k, E = jb->E;
+    const pairs *p = arg;
     for (int64_t r = row0; r < row1; r++) {
-        float *o = jb->out + r * E;
-        memset(o, 0, (size_t)E * sizeof(float));
-        for (int64_t j = 0; j < k; j++) {
-            float wj = jb->w[r * k + j];
-            const float *x = jb->v + jb->cols[r * k + j] * E;
-            for (int64_t e = 0; e < E; e++) o[e] += wj * x[e];
-        }
+        float *o = p->out + r * p->E;
+        memset(o, 0, (size_t)p->E * sizeof(float));
+        for (int64_t j = 0; j < p->k; j++) axpy(o, p->w[r * p->k + j], p->v + p->cols[r * p->k + j] * p->E, p->E);
     }
     return 0;
 }
 
-/* w, cols: (rows, k) contiguous; v: (value rows, E) contiguous, every cols entry a row of it;
- * out: (rows, E) contiguous. */
+/* out[r] = sum_j w[r, j] * v[cols[r, j]]; w, cols: (rows, k), v: (value rows, E), out: (rows, E); all
+ * contiguous. */
 int sa_mix_rows_f32(const float *w, const int64_t *cols, int64_t rows, int64_t k, const float *v, int64_t E,
                     float *out, int threads) {
-    mix_job jb = {w, v, cols, k, E, out};
-    return sa_parallel_rows(rows, threads, mix_rows, &jb);
+    pairs p = {.w = w, .v = v, .cols = cols, .k = k, .E = E, .out = out};
+    return sa_parallel_rows(rows, threads, mix_rows, &p);
 }
 
 /* 16-lane dot product: a fixed summation order the compiler vectorises without reassociating */
@@ -57,48 +61,28 @@ static float dot(const float *x, const float *y, int64_t E) {
     return lane[0];
 }
 
-typedef struct {
-    const float *a, *b;
-    const int64_t *cols;
-    int64_t k, E;
-    float *out;
-} dot_job;
-
 static int dot_rows(void *arg, int64_t row0, int64_t row1) {
-    const dot_job *jb = arg;
+    const pairs *p = arg;
     for (int64_t r = row0; r < row1; r++)
-        for (int64_t j = 0; j < jb->k; j++)
-            jb->out[r * jb->k + j] = dot(jb->a + r * jb->E, jb->b + jb->cols[r * jb->k + j] * jb->E, jb->E);
+        for (int64_t j = 0; j < p->k; j++)
+            p->out[r * p->k + j] = dot(p->a + r * p->E, p->v + p->cols[r * p->k + j] * p->E, p->E);
     return 0;
 }
 
 /* dW: out[r, j] = a[r] . b[cols[r, j]] for a (rows, E), b (value rows, E), cols (rows, k); all contiguous. */
 int sa_dot_rows_f32(const float *a, const int64_t *cols, int64_t rows, int64_t k, const float *b, int64_t E,
                     float *out, int threads) {
-    dot_job jb = {a, b, cols, k, E, out};
-    return sa_parallel_rows(rows, threads, dot_rows, &jb);
+    pairs p = {.a = a, .v = b, .cols = cols, .k = k, .E = E, .out = out};
+    return sa_parallel_rows(rows, threads, dot_rows, &p);
 }
 
-typedef struct {
-    const float *w, *src;
-    const int64_t *cols;
-    int64_t rows_per_group, keys_per_group, k, E;
-    float *out;
-} scatter_job;
-
 static int scatter_groups(void *arg, int64_t g0, int64_t g1) {
-    const scatter_job *jb = arg;
-    int64_t k = jb->k, E = jb->E;
+    const pairs *p = arg;
     for (int64_t g = g0; g < g1; g++) {
-        memset(jb->out + g * jb->keys_per_group * E, 0, (size_t)(jb->keys_per_group * E) * sizeof(float));
-        for (int64_t r = g * jb->rows_per_group; r < (g + 1) * jb->rows_per_group; r++) {
-            const float *x = jb->src + r * E;
-            for (int64_t j = 0; j < k; j++) {
-                float wj = jb->w[r * k + j];
-                float *o = jb->out + jb->cols[r * k + j] * E;
-                for (int64_t e = 0; e < E; e++) o[e] += wj * x[e];
-            }
-        }
+        memset(p->out + g * p->keys_per_group * p->E, 0, (size_t)(p->keys_per_group * p->E) * sizeof(float));
+        for (int64_t r = g * p->rows_per_group; r < (g + 1) * p->rows_per_group; r++)
+            for (int64_t j = 0; j < p->k; j++)
+                axpy(p->out + p->cols[r * p->k + j] * p->E, p->w[r * p->k + j], p->a + r * p->E, p->E);
     }
     return 0;
 }
@@ -110,6 +94,7 @@ static int scatter_groups(void *arg, int64_t g0, int64_t g1) {
  * (groups * keys_per_group, E). */
 int sa_scatter_groups_f32(const float *w, const int64_t *cols, int64_t groups, int64_t rows_per_group,
                           int64_t keys_per_group, int64_t k, const float *src, int64_t E, float *out, int threads) {
-    scatter_job jb = {w, src, cols, rows_per_group, keys_per_group, k, E, out};
-    return sa_parallel_rows(groups, threads, scatter_groups, &jb);
+    pairs p = {.w = w, .a = src, .cols = cols, .k = k, .E = E, .rows_per_group = rows_per_group,
+               .keys_per_group = keys_per_group, .out = out};
+    return sa_parallel_rows(groups, threads, scatter_groups, &p);
 }
