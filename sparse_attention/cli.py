@@ -305,6 +305,10 @@ def cmd_bench(args, extra) -> int:
         kept = allocator.keep_freed_memory()
         print("keep_freed_memory: " + ("on (glibc malloc keeps freed memory)" if kept
                                        else "not available (the C library is not glibc); nothing changed"))
+    from . import native
+
+    native_status = native.status()
+    print(f"native kernels: {native_status}")
     total = len(lengths) * (len(names) + 1)
     progress, close = _progress(total)
     try:
@@ -321,7 +325,7 @@ def cmd_bench(args, extra) -> int:
             json.dump({"config": {"mechanisms": names, "seq_lens": lengths, "heads": args.heads, "dim": args.dim,
                                   "batch": args.batch, "dtype": str(args.dtype), "device": args.device,
                                   "mode": "fwd+bwd" if backward else "fwd", "repeats": args.repeats,
-                                  "keep_freed_memory": kept, "torch": torch.__version__},
+                                  "keep_freed_memory": kept, "native": native_status, "torch": torch.__version__},
                        "rows": [r.as_dict() for r in rows]}, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:

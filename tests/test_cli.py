@@ -166,6 +166,17 @@ def test_bench_keep_freed_memory_flag(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["config"]["keep_freed_memory"] is True
 
 
+def test_bench_reports_the_native_kernels(tmp_path, capsys):
+    """bench says whether the native kernels are in use (their status), on screen and in the JSON."""
+    from sparse_attention import native
+
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--mechanisms", "topk", "--seq-lens", "64", "--heads", "1", "--dim", "8",
+                     "--repeats", "1", "--json", str(out)]) == 0
+    assert f"native kernels: {native.status()}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["config"]["native"] == native.status()
+
+
 def test_cost_refuses_content_based_mechanisms():
     r = run_cli("cost", "topk", "--seq-len", "64")
     assert r.returncode == 2 and "depends on the data" in r.stderr
