@@ -132,7 +132,8 @@ def test_disabled_or_failing_build_falls_back_to_torch(tmp_path):
 
 
 def test_build_is_cached(tmp_path):
-    """The first process compiles into the cache; the next one loads that file."""
+    """The first process compiles into the cache; the next one loads that file; a damaged file is built
+    again."""
     if native._compiler() is None:
         pytest.skip("no C compiler")
     env = {"SPARSE_ATTENTION_CACHE": str(tmp_path)}
@@ -144,6 +145,10 @@ def test_build_is_cached(tmp_path):
     second = _run(_PROBE, env)
     assert second.stdout.startswith("True 3000 True []"), second.stdout + second.stderr
     assert str(built[0]) in second.stdout and built[0].stat().st_mtime_ns == stamp
+    built[0].write_bytes(b"not a shared library")  # a damaged cached build is built again
+    third = _run(_PROBE, env)
+    assert third.stdout.startswith("True 3000 True []"), third.stdout + third.stderr
+    assert not built[0].read_bytes().startswith(b"not a shared library"), "the damaged file is still there"
 
 
 def _buckets_reference(p: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@
 
 The sources are compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
 ``clang``), ``-O3 -march=native -fopenmp`` (then without either flag where that fails), into
-``$SPARSE_ATTENTION_CACHE`` (default ``~/.cache/sparse_attention``), keyed by the source, the
+``$SPARSE_ATTENTION_CACHE`` (default ``~/.cache/sparse_attention``), keyed by the sources, the
 compiler command and the CPU's flags, and loaded with ctypes. Built with OpenMP, the kernels run on
-PyTorch's own OpenMP threads (see topk.c). Where there is no compiler, or it fails, or
+PyTorch's own OpenMP threads (see rows.h). Where there is no compiler, or it fails, or
 ``SPARSE_ATTENTION_NATIVE=0``, the callers use their PyTorch path: the same results, slower.
 ``status()`` says which and why.
 """
@@ -73,6 +73,50 @@ def _cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "sparse_attention"
 
 
+_SIGNATURES = {  # every exported kernel: argument types (all return an int status)
+    "sa_topk_f32": "p i i i i p p t",
+    "sa_lsh_buckets_f32": "p i i i p t",
+    "sa_bucket_order": "p i i i p t",
+    "sa_mix_rows_f32": "p p i i p i p t",
+    "sa_dot_rows_f32": "p p i i p i p t",
+    "sa_scatter_groups_f32": "p p i i i i p i p t",
+    "sa_openmp": "",
+}
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "t": ctypes.c_int}
+
+
+def _compile(cc: list[str], target: Path) -> str | None:
+    """Builds the library into target (atomically), trying _ATTEMPTS in order; None, or why it failed."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"no cache directory {target.parent}: {e}"
+    errors = []
+    for extra in _ATTEMPTS:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = cc + _FLAGS + extra + ["-o", tmp] + [str(_DIR / name) for name in _SOURCES]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            error = None if done.returncode == 0 else f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}"
+        except (OSError, subprocess.TimeoutExpired) as e:
+            error = f"`{' '.join(cmd)}` could not run: {e}"
+        if error is None:
+            os.replace(tmp, target)  # atomic: a process building the same file at once reads a whole one
+            return None
+        os.unlink(tmp)
+        errors.append(error)
+    return "\n".join(errors)
+
+
+def _open(target: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(target))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, [_CTYPES[a] for a in args.split()]
+    return lib
+
+
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("SPARSE_ATTENTION_NATIVE", "1") == "0":
         return None, "disabled by SPARSE_ATTENTION_NATIVE=0"
@@ -83,44 +127,29 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     command = " ".join(cc + _FLAGS + [" ".join(a) for a in _ATTEMPTS])
     key = hashlib.sha256(b"\0".join(texts + [command.encode(), platform.machine().encode(),
                                              _cpu_flags().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"sa_native-{key}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            where = target.parent
-        except OSError:  # no writable cache: build for this process only
-            where = Path(tempfile.mkdtemp(prefix="sparse_attention-"))
-            target = where / target.name
-        errors = []
-        for extra in _ATTEMPTS:
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
-            os.close(fd)
-            cmd = cc + _FLAGS + extra + ["-o", tmp] + [str(_DIR / name) for name in _SOURCES]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                error = None if done.returncode == 0 else f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}"
-            except (OSError, subprocess.TimeoutExpired) as e:
-                error = f"`{' '.join(cmd)}` could not run: {e}"
-            if error is None:
-                os.replace(tmp, target)  # atomic: a process building the same file at once reads a whole one
-                break
-            os.unlink(tmp)
-            errors.append(error)
-        else:
-            return None, "\n".join(errors)
+    name = f"sa_native-{key}.so"
+    target = _cache_dir() / name
+    fresh = not target.exists()
+    if fresh:
+        error = _compile(cc, target)
+        if error is not None and error.startswith("no cache directory"):  # build for this process only
+            target = Path(tempfile.mkdtemp(prefix="sparse_attention-")) / name
+            error = _compile(cc, target)
+        if error is not None:
+            return None, error
     try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as e:
-        return None, f"{target} could not be loaded: {e}"
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name, args in (("sa_topk_f32", [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]),
-                       ("sa_lsh_buckets_f32", [ptr, i64, i64, i64, ptr, ctypes.c_int]),
-                       ("sa_bucket_order", [ptr, i64, i64, i64, ptr, ctypes.c_int]),
-                       ("sa_mix_rows_f32", [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
-                       ("sa_dot_rows_f32", [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]),
-                       ("sa_scatter_groups_f32", [ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, ctypes.c_int])):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = ctypes.c_int, args
+        lib = _open(target)
+    except (OSError, AttributeError) as e:
+        if fresh:
+            return None, f"{target} could not be loaded: {e}"
+        target.unlink(missing_ok=True)  # a damaged cached build: build it again, once
+        error = _compile(cc, target)
+        if error is not None:
+            return None, error
+        try:
+            lib = _open(target)
+        except (OSError, AttributeError) as e2:
+            return None, f"{target} could not be loaded: {e2}"
     threads = "PyTorch's OpenMP threads" if lib.sa_openmp() else "one thread (built without OpenMP)"
     return lib, f"compiled kernels loaded from {target}, running on {threads}"
 
