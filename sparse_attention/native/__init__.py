@@ -130,26 +130,22 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     name = f"sa_native-{key}.so"
     target = _cache_dir() / name
     fresh = not target.exists()
-    if fresh:
-        error = _compile(cc, target)
-        if error is not None and error.startswith("no cache directory"):  # build for this process only
-            target = Path(tempfile.mkdtemp(prefix="sparse_attention-")) / name
-            error = _compile(cc, target)
-        if error is not None:
-            return None, error
-    try:
-        lib = _open(target)
-    except (OSError, AttributeError) as e:
+    while True:
         if fresh:
-            return None, f"{target} could not be loaded: {e}"
-        target.unlink(missing_ok=True)  # a damaged cached build: build it again, once
-        error = _compile(cc, target)
-        if error is not None:
-            return None, error
+            error = _compile(cc, target)
+            if error is not None and error.startswith("no cache directory"):  # build for this process only
+                target = Path(tempfile.mkdtemp(prefix="sparse_attention-")) / name
+                error = _compile(cc, target)
+            if error is not None:
+                return None, error
         try:
             lib = _open(target)
-        except (OSError, AttributeError) as e2:
-            return None, f"{target} could not be loaded: {e2}"
+            break
+        except (OSError, AttributeError) as e:
+            if fresh:
+                return None, f"{target} could not be loaded: {e}"
+            target.unlink(missing_ok=True)  # a damaged cached build: build it again, once
+            fresh = True
     threads = "PyTorch's OpenMP threads" if lib.sa_openmp() else "one thread (built without OpenMP)"
     return lib, f"compiled kernels loaded from {target}, running on {threads}"
 
