@@ -124,7 +124,7 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
 @pytest.fixture(params=["native", "torch"])
 def top_k_path(request, monkeypatch):
     """The native kernels, or the PyTorch ops they replace (the path without a compiler): top_k, the
-    stable orders, LSH's buckets, and TopK's value mixing and backward."""
+    stable orders, LSH's buckets, TopK's value mixing and backward, and routing's pair counts."""
     if request.param == "native":
         if not native.available():
             pytest.skip(f"native kernels unavailable: {native.status()}")
@@ -134,6 +134,7 @@ def top_k_path(request, monkeypatch):
         monkeypatch.setattr(native, "lsh_buckets", lambda p: None)
         monkeypatch.setattr(native, "mix_rows", lambda w, cols, v: None)
         monkeypatch.setattr(native, "dot_rows", lambda a, cols, b: None)
+        monkeypatch.setattr(native, "pair_counts", lambda qi, ki, N, S: None)
     return request.param
 
 

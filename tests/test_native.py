@@ -272,3 +272,22 @@ def test_native_dot_rows_and_scatter_groups():
     got = native.scatter_groups(w, cols, a, groups, keys_per)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     assert native.dot_rows(a.double(), cols, b.double()) is None, "float64: not for the kernel"
+
+
+@needs_native
+@pytest.mark.parametrize("K", [1, 7, 64, 70, 130])
+def test_native_pair_counts_count_the_shared_clusters(K):
+    """For every cluster and (query slot, key slot) pair: the number of clusters holding both tokens,
+    against a brute-force count over membership tables (K across 64-bit words)."""
+    gen = torch.Generator().manual_seed(K)
+    B, H, N, S, wq, wk = 2, 2, 40, 33, 6, 5
+    qi = torch.stack([torch.randperm(N, generator=gen)[:wq] for _ in range(B * H * K)]).view(B, H, K, wq)
+    ki = torch.stack([torch.randperm(S, generator=gen)[:wk] for _ in range(B * H * K)]).view(B, H, K, wk)
+    in_q = torch.zeros(B, H, N, K).scatter_(2, qi.transpose(2, 3), 1.0)  # token x cluster membership
+    in_k = torch.zeros(B, H, S, K).scatter_(2, ki.transpose(2, 3), 1.0)
+    shared = in_q @ in_k.transpose(-1, -2)  # (B, H, N, S) clusters both tokens are in
+    want = torch.stack([shared[b, h][qi[b, h, c]][:, ki[b, h, c]] for b in range(B) for h in range(H)
+                        for c in range(K)]).view(B, H, K, wq, wk)
+    assert torch.equal(native.pair_counts(qi, ki, N, S), want)
+    with pytest.raises(ValueError, match=r"\[0, 40\)"):
+        native.pair_counts(qi + N, ki, N, S)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .. import native
 from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
@@ -226,6 +227,10 @@ def _pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, dtype: torc
     time (about SIM_CHUNK_ELEMENTS), and a row product counts the clusters both tokens are in. Memory
     stays O((N + S)·m + block), however many clusters there are.
     """
+    if dtype == torch.float32:  # popcounts of bit sets (sparse_attention.native), exact alike
+        counts = native.pair_counts(qi, ki, N, S)
+        if counts is not None:
+            return counts
     B, H, K, wq = qi.shape
     wk = ki.shape[-1]
     lq, lk = _member_lists(qi, N), _member_lists(ki, S)

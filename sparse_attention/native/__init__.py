@@ -6,7 +6,9 @@
   tokens by bucket (a counting sort instead of ``torch.sort``; also routing's member lists);
 - ``mix.c``: TopK's products over its selected pairs: the value mixing and dQ (weighted sums of
   gathered rows), dW (dot products with gathered rows) and dV, dK (scatter-adds, in parallel over
-  groups of rows that share no output row), instead of CSR products.
+  groups of rows that share no output row), instead of CSR products;
+- ``routing.c``: routing's pair counts (the clusters two tokens share) by popcounts of bit sets,
+  instead of one-hot rows and their matrix product.
 
 The sources are compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
 ``clang``), ``-O3 -march=native -fopenmp`` (then without either flag where that fails), into
@@ -34,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "bucket_order", "dot_rows", "lsh_buckets", "mix_rows", "scatter_groups", "status", "topk_rows"]
+__all__ = ["available", "bucket_order", "dot_rows", "lsh_buckets", "mix_rows", "pair_counts", "scatter_groups",
+           "status", "topk_rows"]
 
 _DIR = Path(__file__).parent
-_SOURCES = ["topk.c", "lsh.c", "mix.c"]
+_SOURCES = ["topk.c", "lsh.c", "mix.c", "routing.c"]
 _HEADERS = ["rows.h"]
 _FLAGS = ["-O3", "-shared", "-fPIC"]
 # Tried in order. With OpenMP the kernels run on PyTorch's own OpenMP threads (see rows.h), without it
@@ -80,6 +83,8 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_mix_rows_f32": "p p i i p i p t",
     "sa_dot_rows_f32": "p p i i p i p t",
     "sa_scatter_groups_f32": "p p i i i i p i p t",
+    "sa_member_bits": "p i i i i p t",
+    "sa_pair_counts": "p p i i i i p p i i p t",
     "sa_openmp": "",
 }
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "t": ctypes.c_int}
@@ -307,4 +312,30 @@ def scatter_groups(w: torch.Tensor, cols: torch.Tensor, src: torch.Tensor, group
     if groups:
         lib.sa_scatter_groups_f32(w.data_ptr(), cols.data_ptr(), groups, rows // groups, keys_per_group, k,
                                   src.data_ptr(), src.shape[1], out.data_ptr(), _threads(groups))
+    return out
+
+
+def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int) -> torch.Tensor | None:
+    """Routing's pair counts: for cluster members qi (B, H, K, wq) in [0, N) and ki (B, H, K, wk) in
+    [0, S) (int64, CPU; each cluster's members distinct), in how many clusters each (query slot, key
+    slot) pair of every cluster meets, (B, H, K, wq, wk) float32. None when not available."""
+    lib = _load()
+    if lib is None or qi.dtype != torch.long or ki.dtype != torch.long or qi.device.type != "cpu" or \
+            ki.device.type != "cpu":
+        return None
+    B, H, K, wq = qi.shape
+    wk = ki.shape[-1]
+    qi, ki = qi.contiguous(), ki.contiguous()
+    words = (K + 63) // 64
+    sets = []
+    for idx, L in ((qi, N), (ki, S)):
+        bits = torch.empty(B * H, L, words, dtype=torch.int64)  # uint64 bit sets, stored as int64
+        if B * H and lib.sa_member_bits(idx.data_ptr(), B * H, K, idx.shape[-1], L, bits.data_ptr(),
+                                        _threads(B * H)):
+            raise ValueError(f"cluster members must lie in [0, {L}), got min {int(idx.min())}, max {int(idx.max())}")
+        sets.append(bits)
+    out = torch.empty(B, H, K, wq, wk, dtype=torch.float32)
+    if out.numel():
+        lib.sa_pair_counts(qi.data_ptr(), ki.data_ptr(), B * H, K, wq, wk, sets[0].data_ptr(), sets[1].data_ptr(),
+                           N, S, out.data_ptr(), _threads(B * H * K))
     return out
