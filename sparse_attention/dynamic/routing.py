@@ -169,11 +169,19 @@ class Routing(DynamicPattern):
         # pairs shared by several clusters: count them once (each cluster lowers its copy by log(count))
         with torch.no_grad():
             shared = _pair_counts(qi, ki, N, S, acc)
-            allowed = self._allowed(qi, ki, N, S, key_padding_mask)
+            allowed = self._allowed(qi, ki, N, S, key_padding_mask) if self.causal or key_padding_mask is not None \
+                else None  # None: every pair of a cluster is allowed
         if dropout_p == 0 and q.device.type == "cpu" and all_finite(q, k, v):
-            bias = torch.where(allowed, -torch.log(shared.clamp(min=1)), float("-inf"))  # (B, H, K, wq, wk)
-            return _RoutedItems.apply(q.to(acc), kx.to(acc), vx.to(acc), qi, ki, bias, allowed.any(-1),
-                                      scale).to(q.dtype)
+            with torch.no_grad():  # -log(count), in place (a count is at least 1); -inf where not allowed
+                bias = shared.clamp_(min=1).log_().neg_()  # (B, H, K, wq, wk)
+                if allowed is None:
+                    has_key = torch.ones(qi.shape, dtype=torch.bool, device=q.device)
+                else:
+                    bias.masked_fill_(~allowed, float("-inf"))
+                    has_key = allowed.any(-1)
+            return _RoutedItems.apply(q.to(acc), kx.to(acc), vx.to(acc), qi, ki, bias, has_key, scale).to(q.dtype)
+        if allowed is None:
+            allowed = self._allowed(qi, ki, N, S, key_padding_mask)
         qs, ks, vs = take(q.to(acc), qi), take(kx.to(acc), ki), take(vx.to(acc), ki)
         s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # (B, H, K, wq, wk)
         s = s - torch.log(shared.clamp(min=1))
