@@ -155,8 +155,9 @@ class LSH(DynamicPattern):
                 if hq is not None and N == S:
                     hq = torch.where(pad, torch.full_like(hq, last), hq)
             # sort by bucket, then position (stable); shared_qk: the queries' order is the keys'
-            k_order = stable_order(hk, rot.shape[-1] * 2 + 1)
-            q_order = k_order if hq is None else stable_order(hq, rot.shape[-1] * 2 + 1)
+            ids = rot.shape[-1] * 2 + 1  # the buckets and the padding's
+            k_order = stable_order(hk, ids)
+            q_order = k_order if hq is None else stable_order(hq, ids)
             C = math.ceil(N / self.bucket_size)
             ks = math.ceil(S / C)
             q_chunk = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(N, device=q.device).expand_as(

@@ -130,14 +130,15 @@ class Routing(DynamicPattern):
         return qi, ki, kx
 
     def _allowed(self, qi, ki, n_q, n_k, key_padding_mask):
-        """(B, H, K, wq, wk) bool for the cluster slots."""
-        m = torch.ones(qi.shape + ki.shape[-1:], dtype=torch.bool, device=qi.device)
+        """(B, H, K, wq or 1, wk) bool for the cluster slots, or None when every pair of a cluster is
+        allowed (no causal masking, no padding)."""
+        m = None
         if self.causal:
-            m = m & (ki.unsqueeze(-2) <= (qi + (n_k - n_q)).unsqueeze(-1))
+            m = ki.unsqueeze(-2) <= (qi + (n_k - n_q)).unsqueeze(-1)
         if key_padding_mask is not None:
             B, H, K, wk = ki.shape
-            pad = key_padding_mask[:, None, None, :].expand(B, H, K, -1).gather(-1, ki)
-            m = m & ~pad.unsqueeze(-2)
+            keep = ~key_padding_mask[:, None, None, :].expand(B, H, K, -1).gather(-1, ki).unsqueeze(-2)
+            m = keep if m is None else m & keep
         return m
 
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
@@ -169,8 +170,7 @@ class Routing(DynamicPattern):
         # pairs shared by several clusters: count them once (each cluster lowers its copy by log(count))
         with torch.no_grad():
             shared = _pair_counts(qi, ki, N, S, acc)
-            allowed = self._allowed(qi, ki, N, S, key_padding_mask) if self.causal or key_padding_mask is not None \
-                else None  # None: every pair of a cluster is allowed
+            allowed = self._allowed(qi, ki, N, S, key_padding_mask)  # None: all allowed
         if dropout_p == 0 and q.device.type == "cpu" and all_finite(q, k, v):
             with torch.no_grad():  # -log(count), in place (a count is at least 1); -inf where not allowed
                 bias = shared.clamp_(min=1).log_().neg_()  # (B, H, K, wq, wk)
@@ -178,14 +178,13 @@ class Routing(DynamicPattern):
                     has_key = torch.ones(qi.shape, dtype=torch.bool, device=q.device)
                 else:
                     bias.masked_fill_(~allowed, float("-inf"))
-                    has_key = allowed.any(-1)
+                    has_key = allowed.expand_as(bias).any(-1)
             return _RoutedItems.apply(q.to(acc), kx.to(acc), vx.to(acc), qi, ki, bias, has_key, scale).to(q.dtype)
-        if allowed is None:
-            allowed = self._allowed(qi, ki, N, S, key_padding_mask)
         qs, ks, vs = take(q.to(acc), qi), take(kx.to(acc), ki), take(vx.to(acc), ki)
         s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # (B, H, K, wq, wk)
         s = s - torch.log(shared.clamp(min=1))
-        s = s.masked_fill(~allowed, float("-inf"))
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
         lse = torch.logsumexp(s, -1)  # (B, H, K, wq)
         p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
         if dropout_p > 0:

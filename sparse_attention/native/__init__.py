@@ -253,13 +253,13 @@ def bucket_order(b: torch.Tensor, values: int) -> torch.Tensor | None:
     return order.view(b.shape)
 
 
-def _pair_args(cols: torch.Tensor, *floats: torch.Tensor):
-    """The library and contiguous copies (when needed) of int64 cols and float32 operands, when the pair
+def _args(ints: tuple[torch.Tensor, ...], floats: tuple[torch.Tensor, ...] = ()):
+    """The library and contiguous copies (when needed) of int64 ``ints`` and float32 ``floats``, when the
     kernels take them (CPU tensors autograd does not track); else None."""
     lib = _load()
-    tensors = (cols, *floats)
-    if lib is None or cols.dtype != torch.long or any(x.dtype != torch.float32 for x in floats) or any(
-            x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) for x in tensors):
+    tensors = (*ints, *floats)
+    if lib is None or any(x.dtype != torch.long for x in ints) or any(x.dtype != torch.float32 for x in floats) or \
+            any(x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) for x in tensors):
         return None
     return lib, [x.contiguous() for x in tensors]
 
@@ -269,7 +269,7 @@ def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tens
     float32 w (..., k) and v (R, E), int64 cols (..., k) in [0, R) (not checked: the caller's own
     indices). Every slot is summed, zero weights included. (..., E), or None when the kernels are not
     available or the inputs do not qualify."""
-    found = _pair_args(cols, w, v)
+    found = _args((cols,), (w, v))
     if found is None:
         return None
     lib, (cols_c, w_c, v) = found
@@ -285,7 +285,7 @@ def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tens
 def dot_rows(a: torch.Tensor, cols: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """out[r, j] = a[r] . b[cols[r, j]] for float32 a (R, E), b (R', E) and int64 cols (R, k) in
     [0, R') (not checked: the caller's own indices): (R, k), or None when not available."""
-    found = _pair_args(cols, a, b)
+    found = _args((cols,), (a, b))
     if found is None:
         return None
     lib, (cols, a, b) = found
@@ -303,7 +303,7 @@ def scatter_groups(w: torch.Tensor, cols: torch.Tensor, src: torch.Tensor, group
     (R, k): (groups · keys_per_group, E). The R rows form ``groups`` equal groups whose columns all lie in
     the group's own keys_per_group output rows (not checked: the caller's own indices); the groups run
     in parallel. None when not available."""
-    found = _pair_args(cols, w, src)
+    found = _args((cols,), (w, src))
     if found is None:
         return None
     lib, (cols, w, src) = found
@@ -319,13 +319,12 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int) -> torch.Ten
     """Routing's pair counts: for cluster members qi (B, H, K, wq) in [0, N) and ki (B, H, K, wk) in
     [0, S) (int64, CPU; each cluster's members distinct), in how many clusters each (query slot, key
     slot) pair of every cluster meets, (B, H, K, wq, wk) float32. None when not available."""
-    lib = _load()
-    if lib is None or qi.dtype != torch.long or ki.dtype != torch.long or qi.device.type != "cpu" or \
-            ki.device.type != "cpu":
+    found = _args((qi, ki))
+    if found is None:
         return None
+    lib, (qi, ki) = found
     B, H, K, wq = qi.shape
     wk = ki.shape[-1]
-    qi, ki = qi.contiguous(), ki.contiguous()
     words = (K + 63) // 64
     sets = []
     for idx, L in ((qi, N), (ki, S)):
