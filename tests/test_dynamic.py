@@ -113,6 +113,17 @@ def test_topk_native_backward_within_the_csr_baseline(mech, dropout_p, monkeypat
         assert_within_baseline(name, x, lp, gold, grad=True, min_len=37)
 
 
+def test_topk_double_backward_takes_the_differentiable_path():
+    """With create_graph=True the backward must stay differentiable: the native kernels (plain results)
+    step aside, whichever inputs require grad (only q and k here once crashed the native backward)."""
+    q, k, v = make_qkv(1, 2, 2, 50, 50, 8, seed=3, requires_grad=False)
+    q.requires_grad_(), k.requires_grad_()
+    gq, = torch.autograd.grad(sa.attention(q, k, v, TopK(5)).sum(), q, create_graph=True)
+    assert gq.requires_grad and bool(torch.isfinite(gq).all())
+    dk, = torch.autograd.grad(gq.square().sum(), k)  # the second order reaches k
+    assert bool(torch.isfinite(dk).all()) and bool(dk.abs().sum() > 0)
+
+
 @pytest.mark.parametrize("k_top", [1, 4, 17])
 def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
     q, k, _ = make_qkv(2, 2, 2, 33, 29, 8, seed=2, requires_grad=False)

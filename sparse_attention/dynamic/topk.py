@@ -30,7 +30,8 @@ CHUNK_ELEMENTS = 1 << 22
 # one buffer per call (a fresh 64 MB result took twice as long as the matmul writing into a reused one).
 CHUNK_ROWS = 128
 MAX_CHUNK_ELEMENTS = 1 << 24
-# On CPU, mix the values and run the backward as sparse (CSR) products (False: row gathers everywhere)
+# On CPU, mix the values and run the backward as products over the pairs (native kernels, else CSR
+# products; False: row gathers everywhere)
 SPARSE_PRODUCTS = True
 
 
@@ -341,8 +342,8 @@ def _native_backward(q, k, v, idx, w, keep, grad, scale, p_drop):
     None where they are not available. dW are dot products with gathered value rows, dQ weighted sums of
     gathered key rows, and dV, dK scatter-adds (in parallel over batch entries and key heads, which share
     no key row), so no CSR matrix is built."""
-    if w.dtype != torch.float32 or not native.available():
-        return None
+    if w.dtype != torch.float32 or torch.is_grad_enabled() or not native.available():
+        return None  # (grad enabled: a double backward, which the kernels' plain results cannot carry)
     B, H, N, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     K = idx.shape[-1]
@@ -350,7 +351,7 @@ def _native_backward(q, k, v, idx, w, keep, grad, scale, p_drop):
     g = grad.to(w.dtype).reshape(-1, Dv)  # (B·H·N, Dv)
     rows = flat_rows(idx, Hkv, S).reshape(-1, K)  # each pair's key row among the B·Hkv·S
     dw = native.dot_rows(g, rows, v.to(w.dtype).reshape(-1, Dv))
-    if dw is None:
+    if dw is None:  # the kernels declined (the others take the same kind of inputs)
         return None
     ds = _softmax_grad(w, dw.view(w.shape) * drop, scale)
     dq = native.mix_rows(ds.reshape(-1, K), rows, k.to(w.dtype).reshape(-1, D))
