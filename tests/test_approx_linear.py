@@ -9,6 +9,7 @@ import torch
 from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad
 
 import sparse_attention as sa
+from sparse_attention import native
 from sparse_attention.approx import FavorPlus, linear, reference_linear_attention
 
 SHAPES = [  # B, Hq, Hkv, N, S, D, Dv
@@ -16,6 +17,7 @@ SHAPES = [  # B, Hq, Hkv, N, S, D, Dv
     (2, 4, 2, 37, 37, 7, 5),
     (1, 3, 1, 97, 61, 16, 16),
     (2, 2, 2, 130, 130, 8, 3),
+    (1, 2, 1, 150, 530, 16, 9),  # several row chunks of the native states: S = 530 keys, G·N = 300 query rows
 ]
 
 
@@ -25,6 +27,24 @@ def _id(s):
 
 def _fmap(name, D):
     return FavorPlus(D, 32, seed=1) if name == "favor+" else name
+
+
+@pytest.fixture(params=["native", "torch"])
+def linear_path(request, monkeypatch):
+    """The native cores (float32 on CPU, elu/relu/callable maps: sparse_attention/native/linear.c), or the
+    PyTorch cores they replace (the path without a compiler, and for float64 and FAVOR+)."""
+    if request.param == "native":
+        if not native.available():
+            pytest.skip(f"native kernels unavailable: {native.status()}")
+    else:
+        monkeypatch.setattr(linear, "_native_kind", lambda fm, x: None)
+    return request.param
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Tests of the PyTorch cores' own blocking and memory: the native cores stepped aside."""
+    monkeypatch.setattr(linear, "_native_kind", lambda fm, x: None)
 
 
 @pytest.fixture
@@ -37,7 +57,7 @@ def small_segments(monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
-def test_matches_quadratic_form(shape, causal, fmap, masked, small_segments):
+def test_matches_quadratic_form(shape, causal, fmap, masked, small_segments, linear_path):
     B, Hq, Hkv, N, S, D, Dv = shape
     if causal and N != S:
         pytest.skip("causal needs N == S")
@@ -61,7 +81,7 @@ def test_matches_quadratic_form(shape, causal, fmap, masked, small_segments):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("fmap", ["elu", "relu", "favor+"])
-def test_fully_padded_rows_are_zero(causal, fmap):
+def test_fully_padded_rows_are_zero(causal, fmap, linear_path):
     B, H, N, D = 2, 2, 11, 4
     q, k, v = make_qkv(B, H, H, N, N, D)
     kpm = torch.zeros(B, N, dtype=torch.bool)
@@ -76,14 +96,14 @@ def test_fully_padded_rows_are_zero(causal, fmap):
     assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
 
 
-def test_relu_all_zero_features_give_zero():
+def test_relu_all_zero_features_give_zero(linear_path):
     q = -torch.rand(1, 1, 3, 4)  # relu(q) == 0 everywhere
     k, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 2)
     assert torch.equal(sa.linear_attention(q, k, v, feature_map="relu"), torch.zeros(1, 1, 3, 2))
 
 
 @pytest.mark.parametrize("fmap", ["elu", "relu", "favor+"])
-def test_causal_never_reads_future_keys(fmap, small_segments):
+def test_causal_never_reads_future_keys(fmap, small_segments, linear_path):
     B, H, N, D, t = 2, 3, 50, 8, 23
     q, k, v = make_qkv(B, H, H, N, N, D, requires_grad=False)
     fm = _fmap(fmap, D)
@@ -112,7 +132,7 @@ def test_gradcheck(causal, fmap, small_segments):
 @pytest.mark.parametrize("fmap", ["elu", "favor+", "callable"])
 @pytest.mark.parametrize("budget", ["head-groups", "row-blocks", "tiny"])
 @pytest.mark.parametrize("keep", ["keep-features", "recompute"])
-def test_blocking_does_not_change_results(causal, fmap, budget, keep, monkeypatch):
+def test_blocking_does_not_change_results(causal, fmap, budget, keep, monkeypatch, torch_path):
     """The cores work block by block (groups of whole heads, or runs of rows of one head); any blocking
     gives the single-block result and gradients up to rounding, whether the backward reuses the forward's
     features or recomputes them (over _KEEP_FEATURES_BYTES)."""
@@ -140,13 +160,17 @@ def test_blocking_does_not_change_results(causal, fmap, budget, keep, monkeypatc
 @pytest.mark.parametrize("m", [1, 2, 5, 12, 16, 63, 64])
 @pytest.mark.parametrize("upper", [False, True], ids=["prefix", "suffix"])
 def test_chunk_prefix_sums(m, upper):
-    """The causal core's exclusive prefix (suffix) sums over chunks, in one or two levels of triangles of
-    ones depending on m's divisors, equal the sums of the earlier (later) items."""
+    """The causal core's exclusive prefix (suffix) sums over chunks equal the sums of the earlier (later)
+    items; a NaN item reaches only the sums that include it."""
     x = torch.randn(3, m, 4, 5, dtype=torch.float64)
+    bad = m // 2
+    x[1, bad, 2, 3] = float("nan")
     got = linear._prefix(x, upper=upper)
     for c in range(m):
         want = x[:, c + 1:].sum(1) if upper else x[:, :c].sum(1)
-        torch.testing.assert_close(got[:, c], want, rtol=1e-12, atol=1e-12, msg=lambda s, c=c: f"chunk {c}: {s}")
+        torch.testing.assert_close(got[:, c], want, rtol=1e-12, atol=1e-12, equal_nan=True,
+                                   msg=lambda s, c=c: f"chunk {c}: {s}")
+        assert bool(got[1, c].isnan().any()) == (c < bad if upper else c > bad), f"chunk {c}"
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -166,7 +190,7 @@ def test_favor_closed_form_gradients_with_shift(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_bf16_smoke(causal):
+def test_bf16_smoke(causal, linear_path):
     q, k, v = make_qkv(2, 4, 2, 70, 70, 16, dtype=torch.bfloat16)
     out = sa.linear_attention(q, k, v, causal=causal)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
@@ -175,6 +199,70 @@ def test_bf16_smoke(causal):
     assert_within_baseline("out", out.detach(), ref_lp.detach(), golden.detach())
     out.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("fmap", ["elu", "relu"])
+def test_native_cores_equal_the_torch_cores(causal, fmap, monkeypatch):
+    """Both cores in float32 on the same inputs: equal up to float32 rounding of their different summation
+    orders (the tolerance rule, with the PyTorch core as the same-dtype baseline against float64), in
+    output and every gradient; with GQA, padding, lengths that are not multiples of the native blocks
+    (4 rows) and several row chunks of the non-causal states."""
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    B, Hq, Hkv, N, D, Dv = 2, 6, 2, 301, 20, 33
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, Dv, seed=4)
+    kpm = padding_mask(B, N, all_padded=1)
+    g = torch.randn(B, Hq, N, Dv, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    fn = lambda a, b, c: sa.linear_attention(a, b, c, feature_map=fmap, causal=causal,  # noqa: E731
+                                            key_padding_mask=kpm)
+    fast = run_and_grad(fn, q, k, v, g.float())
+    golden = run_and_grad(fn, q.double(), k.double(), v.double(), g)  # float64 runs the PyTorch core
+    monkeypatch.setattr(linear, "_native_kind", lambda fm, x: None)
+    slow = run_and_grad(fn, q, k, v, g.float())
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert not torch.equal(fast[i], slow[i]), f"{name}: the native core did not run"
+        assert_within_baseline(name, fast[i], slow[i], golden[i], grad=i > 0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_native_cores_do_not_depend_on_threads(causal):
+    """The native non-causal states are summed over a fixed number of row chunks, in order, and the causal
+    recurrence runs one key head per thread: one thread and two give identical bits."""
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    q, k, v = make_qkv(1, 4, 2, 1100, 1100, 16, seed=5)
+    g = torch.randn(1, 4, 1100, 16, generator=torch.Generator().manual_seed(1))
+    fn = lambda a, b, c: sa.linear_attention(a, b, c, causal=causal)  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run_and_grad(fn, q, k, v, g)
+        torch.set_num_threads(1)
+        one = run_and_grad(fn, q, k, v, g)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), one, two, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("fmap", ["elu", "relu"])
+def test_non_finite_inputs_propagate_alike(causal, fmap, linear_path):
+    """A NaN in a query row makes that row's output NaN (elu(NaN) + 1 and relu(NaN) are NaN); a NaN in a
+    key makes every output that sums over it NaN (all rows, or causal rows from that key on); -inf in a
+    query is a feature of 0 and an output of 0. Both cores agree."""
+    q, k, v = make_qkv(1, 2, 2, 13, 13, 5, requires_grad=False)
+    q[0, 0, 3, 1] = float("nan")
+    q[0, 0, 4, :] = float("-inf")
+    k[0, 1, 6, 2] = float("nan")
+    out = sa.linear_attention(q, k, v, feature_map=fmap, causal=causal)
+    bad = out.isnan().any(-1)[0]  # (H, N)
+    want = torch.zeros(2, 13, dtype=torch.bool)
+    want[0, 3] = True
+    want[1, 6 if causal else 0:] = True
+    assert torch.equal(bad, want), bad
+    assert float(out[0, 0, 4].abs().max()) < 1e-20  # features ~0 (native elu: e^-87): output ~0, not NaN
 
 
 def test_empty_lengths():
@@ -280,7 +368,7 @@ def test_bad_tensors_and_causal_lengths():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_nothing_kept_for_a_backward_under_no_grad(causal, monkeypatch):
+def test_nothing_kept_for_a_backward_under_no_grad(causal, monkeypatch, torch_path):
     """Inputs that require grad, called under torch.no_grad: no backward can follow, so the cores keep no
     features or chunk states (they are only consulted about it when one can)."""
     calls = []

@@ -8,7 +8,10 @@
   gathered rows), dW (dot products with gathered rows) and dV, dK (scatter-adds, in parallel over
   groups of rows that share no output row), instead of CSR products;
 - ``routing.c``: routing's pair counts (the clusters two tokens share) by popcounts of bit sets,
-  instead of one-hot rows and their matrix product.
+  instead of one-hot rows and their matrix product;
+- ``linear.c``: linear attention's cores (non-causal and causal, forward and backward) for the
+  elementwise feature maps (elu+1, relu, or features computed beforehand): one pass over the rows per
+  step instead of a dozen PyTorch passes.
 
 The sources are compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
 ``clang``), ``-O3 -march=native -fopenmp`` (then without either flag where that fails), into
@@ -36,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "bucket_order", "dot_rows", "lsh_buckets", "mix_rows", "pair_counts", "scatter_groups",
-           "status", "topk_rows"]
+__all__ = ["available", "bucket_order", "dot_rows", "linear_backward", "linear_forward", "linear_map", "lsh_buckets",
+           "mix_rows", "pair_counts", "scatter_groups", "status", "topk_rows"]
 
 _DIR = Path(__file__).parent
-_SOURCES = ["topk.c", "lsh.c", "mix.c", "routing.c"]
+_SOURCES = ["topk.c", "lsh.c", "mix.c", "routing.c", "linear.c"]
 _HEADERS = ["rows.h"]
 _FLAGS = ["-O3", "-shared", "-fPIC"]
 # Tried in order. With OpenMP the kernels run on PyTorch's own OpenMP threads (see rows.h), without it
@@ -85,9 +88,14 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_scatter_groups_f32": "p p i i i i p i p t",
     "sa_member_bits": "p i i i i p t",
     "sa_pair_counts": "p p i i i i p p i i p t",
+    "sa_linear_fwd_f32": "p p p p i i i i i i d p p p t",
+    "sa_linear_bwd_f32": "p p p p p p p p i i i i i i p p p t",
+    "sa_linear_causal_fwd_f32": "p p p p i i i i i i d p p t",
+    "sa_linear_causal_bwd_f32": "p p p p p p p i i i i i i p p p t",
+    "sa_linear_vector_bytes": "",
     "sa_openmp": "",
 }
-_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "t": ctypes.c_int}
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "t": ctypes.c_int, "d": ctypes.c_double}
 
 
 def _compile(cc: list[str], target: Path) -> str | None:
@@ -338,3 +346,79 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int) -> torch.Ten
         lib.sa_pair_counts(qi.data_ptr(), ki.data_ptr(), B * H, K, wq, wk, sets[0].data_ptr(), sets[1].data_ptr(),
                            N, S, out.data_ptr(), _threads(B * H * K))
     return out
+
+
+#: linear attention's feature maps the kernels apply themselves (identity: features computed beforehand)
+_LINEAR_MAPS = {"identity": 0, "elu": 1, "relu": 2}
+
+
+def linear_map(name: str, x: torch.Tensor) -> int | None:
+    """The kernels' code for feature map ``name`` when they can run linear attention on x (float32 on CPU,
+    kernels built with vectors of 32 bytes or more; :func:`linear_forward` then runs inside an autograd
+    Function), else None."""
+    if name not in _LINEAR_MAPS or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    lib = _load()
+    # built for 16-byte vectors only (no AVX), the kernels were slower than PyTorch's cores
+    return _LINEAR_MAPS[name] if lib is not None and lib.sa_linear_vector_bytes() >= 32 else None
+
+
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, kind: int,
+                   eps: float, group: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """Linear attention's forward for float32 CPU tensors q (H·G, R, F), k (H, S, F), v (H, S, Dv) and keep
+    (H, S) (1 real key, 0 padding) or None; ``kind`` from :func:`linear_map`. Non-causal when group is
+    None (grouped query heads folded into R); else causal (R == S) with ``group`` query heads per key head.
+    Returns out (H·G, R, Dv), den (H·G, R) and, non-causal, the states [Σ φ(k) vᵀ | Σ φ(k)] (H, F, Dv + 1);
+    None when the kernels do not take these tensors."""
+    found = _args((), (q, k, v) + (() if keep is None else (keep,)))
+    if found is None:
+        return None
+    lib, (q, k, v, *keep_c) = found
+    keep = keep_c[0] if keep_c else None
+    H, S, F = k.shape
+    R, Dv = q.shape[1], v.shape[2]
+    out = q.new_empty(q.shape[0], R, Dv)
+    den = q.new_empty(q.shape[0], R)
+    if group is None:
+        kvz = q.new_empty(H, F, Dv + 1)
+        status = lib.sa_linear_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), H, R, S, F, Dv, kind,
+                                       eps, out.data_ptr(), den.data_ptr(), kvz.data_ptr(), _threads(H * 8))
+    else:
+        kvz = None
+        status = lib.sa_linear_causal_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), H, group, S, F,
+                                              Dv, kind, eps, out.data_ptr(), den.data_ptr(), _threads(H))
+    if status:
+        raise MemoryError("native linear attention: no memory for its states")
+    return out, den, kvz
+
+
+def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, kind: int,
+                    group: int | None, kvz: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor,
+                    den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The gradients (dq, dk, dv) of :func:`linear_forward` given g = ∂L/∂out and the forward's out, den
+    and kvz; None when the kernels do not take these tensors."""
+    extra = () if kvz is None else (kvz,)
+    found = _args((), (q, k, v, g, out, den) + extra + (() if keep is None else (keep,)))
+    if found is None:
+        return None
+    lib, (q, k, v, g, out, den, *rest) = found
+    kvz = rest.pop(0) if extra else None
+    keep = rest[0] if rest else None
+    H, S, F = k.shape
+    R, Dv = q.shape[1], v.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if group is None:
+        status = lib.sa_linear_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), kvz.data_ptr(),
+                                       g.data_ptr(), out.data_ptr(), den.data_ptr(), H, R, S, F, Dv, kind,
+                                       dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(H * 8))
+    else:
+        status = lib.sa_linear_causal_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), g.data_ptr(),
+                                              out.data_ptr(), den.data_ptr(), H, group, S, F, Dv, kind,
+                                              dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(H))
+    if status:
+        raise MemoryError("native linear attention: no memory for its states")
+    return dq, dk, dv

@@ -1,0 +1,694 @@
+/* Linear attention's cores (sparse_attention/approx/linear.py) for the elementwise feature maps (elu+1,
+ * relu, or features computed beforehand), forward and backward, non-causal and causal.
+ *
+ *   out_i = φ(q_i) S / (φ(q_i) · z + eps),   S = Σ_j φ(k_j) v_jᵀ (F × Dv),   z = Σ_j φ(k_j)
+ *
+ * (causal: S and z over j <= i). PyTorch needs about a dozen passes over the (rows, D) tensors for this
+ * (features, their masking, the products, the normaliser, each again in the backward); here every row
+ * is read once per pass and its features never leave the cache.
+ *
+ * Rows go in blocks of BLOCK: the products are block-of-rows times a state matrix (times_rows) and rank
+ * updates of a state by a block (rank_rows), with the state streamed once per block instead of once per
+ * row. Every row is first copied into a 64-byte aligned slot padded with zeros to whole 16-lane vectors
+ * (F to Fp, Dv to Dvp), so the products run on whole vectors; the padding lanes stay 0.
+ *
+ * The causal form is exact: a block's rows see the state of every earlier block plus the earlier rows
+ * of their own block (a BLOCK × BLOCK triangle of dot products); the backward runs the same recurrence
+ * forward (dQ, from the key states) and backward (dK and dV, from the states of later queries). With
+ * grouped queries (group query heads per key head) the key states are shared and a block's query rows
+ * are those of every query head of the group.
+ *
+ * Non-causal states are summed in a fixed number of row chunks per head (at most MAX_CHUNKS, from the
+ * length alone), chunk by chunk in order: the result does not depend on the number of threads. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rows.h"
+
+enum { MAP_IDENTITY = 0, MAP_ELU = 1, MAP_RELU = 2 };
+enum { BLOCK = 4, LANES = 16, MAX_CHUNKS = 8, CHUNK_ROWS = 256 };
+
+/* the widest vector of the target (a wider vector type would be expanded element by element) */
+#if defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define VECTOR_BYTES 32
+#else
+#define VECTOR_BYTES 16
+#endif
+typedef float vf __attribute__((vector_size(VECTOR_BYTES)));
+typedef int32_t vi __attribute__((vector_size(VECTOR_BYTES)));
+#define VL ((int64_t)(sizeof(vf) / sizeof(float))) /* divides LANES: rows padded to LANES are whole vectors */
+
+/* the vector width this build uses, in bytes: the Python side prefers these kernels to PyTorch's from 32 on
+ * (with 16-byte vectors they were slower here: 14 against 9 ms for a forward at N = 4096) */
+int sa_linear_vector_bytes(void) { return VECTOR_BYTES; }
+
+static inline int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+static float *aligned_floats(int64_t n) {
+    size_t bytes = ((size_t)n * sizeof(float) + 63) / 64 * 64;
+    float *p = aligned_alloc(64, bytes ? bytes : 64);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
+static inline vf splat(float x) { return (vf){0} + x; }
+
+/* where mask (lanes of -1 or 0, from a comparison): a, else b (vector ?: is C++ only) */
+static inline vf pick(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* e^x lane by lane for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r,
+ * times 2^n); x below -87 gives e^-87 (~1.6e-38, not 0), NaN gives NaN */
+static inline vf exp_nonpositive(vf x) {
+    x = pick(x < -87.0f, splat(-87.0f), x);
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)bits;
+}
+
+/* n floats from x (all VL when n >= VL, none when n <= 0), zeros in the other lanes; inline moves, no
+ * library call (a memcpy call per row took a fifth of the causal backward) */
+static inline vf load_part(const float *restrict x, int64_t n) {
+    vf a = {0};
+    if (n >= VL)
+        memcpy(&a, x, sizeof a); /* a constant size: one unaligned load */
+    else
+        for (int64_t l = 0; l < n; l++) a[l] = x[l];
+    return a;
+}
+
+static inline void store_part(float *restrict x, vf a, int64_t n) {
+    if (n >= VL)
+        memcpy(x, &a, sizeof a);
+    else
+        for (int64_t l = 0; l < n; l++) x[l] = a[l];
+}
+
+/* a row of n floats into an aligned slot padded with zeros to np */
+static inline void load_row(float *restrict slot, const float *restrict x, int64_t n, int64_t np) {
+    for (int64_t i = 0; i < np; i += VL) *(vf *)(slot + i) = load_part(x + i, n - i);
+}
+
+/* the first n floats of an aligned slot into x */
+static inline void store_row(float *restrict x, const float *restrict slot, int64_t n) {
+    for (int64_t i = 0; i < n; i += VL) store_part(x + i, *(const vf *)(slot + i), n - i);
+}
+
+static inline void zero_row(float *slot, int64_t np) {
+    for (int64_t i = 0; i < np; i += VL) *(vf *)(slot + i) = (vf){0};
+}
+
+/* y = scale * φ(x) over F entries (0 beyond, up to Fp) and, when d is given, d = φ'(x); y and d aligned
+ * slots. NaN stays NaN (elu(NaN) + 1 and relu(NaN) are NaN in PyTorch too). elu: φ = x + 1 (x > 0), e^x
+ * (x <= 0), so φ' = min(φ, 1); relu: φ' = 1 where x > 0, else 0 (PyTorch's choice at 0). */
+static void features(const float *restrict x, int64_t F, int64_t Fp, int map, float scale, float *restrict y,
+                     float *restrict d) {
+    for (int64_t i = 0; i < Fp; i += VL) {
+        vf a = load_part(x + i, F - i), phi = a, dphi = splat(1.0f);
+        if (map == MAP_ELU) {
+            vi le = a <= 0.0f;
+            phi = pick(le, exp_nonpositive((vf)((vi)a & le)), a + 1.0f); /* e^min(a, 0) where a <= 0 */
+            dphi = pick(phi < 1.0f, phi, splat(1.0f));
+        } else if (map == MAP_RELU) {
+            phi = (vf)((vi)a & ~(a <= 0.0f));
+            dphi = (vf)((vi)splat(1.0f) & (a > 0.0f));
+        }
+        *(vf *)(y + i) = scale == 1.0f ? phi : phi * scale;
+        if (d) *(vf *)(d + i) = dphi;
+    }
+    for (int64_t f = F; f < Fp; f++) y[f] = 0.0f; /* φ(0) = 1 for elu: the padding back to 0 */
+    if (d)
+        for (int64_t f = F; f < Fp; f++) d[f] = 0.0f;
+}
+
+typedef float vf4 __attribute__((vector_size(16)));
+
+/* the sum of the lanes as a tree (a chain of dependent adds would take ~4x longer) */
+static inline float lane_sum(vf a) {
+    vf4 s = {0}, part;
+    for (int64_t i = 0; i < VL; i += 4) {
+        memcpy(&part, (char *)&a + i * sizeof(float), sizeof part);
+        s += part;
+    }
+    return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
+static inline float dot(const float *restrict x, const float *restrict y, int64_t np) {
+    vf acc = {0};
+    for (int64_t i = 0; i < np; i += VL) acc += *(const vf *)(x + i) * *(const vf *)(y + i);
+    return lane_sum(acc);
+}
+
+/* y += w * x over np entries (whole vectors) */
+static inline void axpy(float *restrict y, float w, const float *restrict x, int64_t np) {
+    for (int64_t i = 0; i < np; i += VL) *(vf *)(y + i) += w * *(const vf *)(x + i);
+}
+
+/* y[r] = Σ_k a[r][k] M[k, :] for the BLOCK rows: a[r] of K entries, M (K, W), W a multiple of LANES. Each
+ * strip of M one vector wide is read once for the whole block, the rows' sums stay in registers. */
+static void times_rows(float *const *a, const float *restrict M, int64_t K, int64_t W, float *const *y) {
+    for (int64_t c = 0; c < W; c += VL) {
+        vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (int64_t k = 0; k < K; k++) {
+            vf m = *(const vf *)(M + k * W + c);
+            s0 += a[0][k] * m;
+            s1 += a[1][k] * m;
+            s2 += a[2][k] * m;
+            s3 += a[3][k] * m;
+        }
+        *(vf *)(y[0] + c) = s0;
+        *(vf *)(y[1] + c) = s1;
+        *(vf *)(y[2] + c) = s2;
+        *(vf *)(y[3] + c) = s3;
+    }
+}
+
+/* M[k, :] += Σ_r a[r][k] b[r] for the BLOCK rows (a rank-BLOCK update): M (K, W), b[r] of W entries */
+static void rank_rows(float *restrict M, float *const *a, float *const *b, int64_t K, int64_t W) {
+    for (int64_t c = 0; c < W; c += VL) {
+        vf b0 = *(const vf *)(b[0] + c), b1 = *(const vf *)(b[1] + c), b2 = *(const vf *)(b[2] + c),
+           b3 = *(const vf *)(b[3] + c);
+        for (int64_t k = 0; k < K; k++) {
+            vf *m = (vf *)(M + k * W + c);
+            *m += a[0][k] * b0 + a[1][k] * b1 + a[2][k] * b2 + a[3][k] * b3;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- the job */
+
+typedef struct {
+    const float *q, *k, *v, *keep; /* q (heads·group, R, F), k (heads, S, F), v (heads, S, Dv), keep (heads, S) */
+    const float *g, *out, *den;    /* the backward's inputs: ∂L/∂out, out (·, R, Dv), den (·, R) */
+    const float *kvz;              /* non-causal backward: the forward's [S | z] (heads, F, Dv + 1) */
+    int64_t heads, group, R, S, F, Dv, Fp, Dvp, chunks;
+    int map;
+    float eps;
+    float *state;                  /* non-causal: (heads, chunks, state_size) partial states */
+    float *o_out, *o_den, *o_kvz;  /* forward results */
+    float *dq, *dk, *dv;           /* backward results */
+} lin_job;
+
+/* a non-causal partial state: M (Fp, Dvp) then z (Fp) */
+static inline int64_t state_size(const lin_job *p) { return p->Fp * p->Dvp + p->Fp; }
+
+static inline int64_t chunk_rows(const lin_job *p, int64_t rows) { return (rows + p->chunks - 1) / p->chunks; }
+
+/* per-thread scratch: `slots` aligned rows of max(Fp, Dvp) floats, plus one row of zeros at the end */
+typedef struct {
+    float *base;
+    int64_t width;
+} scratch;
+
+static int scratch_open(scratch *s, const lin_job *p, int64_t slots) {
+    s->width = p->Fp > p->Dvp ? p->Fp : p->Dvp;
+    s->base = aligned_floats((slots + 1) * s->width);
+    return s->base ? 0 : -1;
+}
+
+static inline float *slot(const scratch *s, int64_t i) { return s->base + i * s->width; }
+
+/* den = Σ + eps, replaced by 1 where <= 0 (every feature product 0: num is 0 too, the output 0) */
+static inline float guard(float sum, float eps) {
+    float d = sum + eps;
+    return d <= 0.0f ? 1.0f : d;
+}
+
+/* ------------------------------------------------------------------------ non-causal, forward */
+
+/* keys of (head, chunk) tasks into their partial states: M += φ(k_j) v_jᵀ, z += φ(k_j) */
+static int key_states(void *arg, int64_t t0, int64_t t1) {
+    const lin_job *p = arg;
+    scratch s;
+    if (scratch_open(&s, p, 2 * BLOCK)) return -1;
+    float *fk[BLOCK], *vb[BLOCK];
+    for (int r = 0; r < BLOCK; r++) fk[r] = slot(&s, r), vb[r] = slot(&s, BLOCK + r);
+    int64_t per = chunk_rows(p, p->S);
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t h = t / p->chunks, j0 = (t % p->chunks) * per, j1 = j0 + per < p->S ? j0 + per : p->S;
+        float *M = p->state + t * state_size(p), *z = M + p->Fp * p->Dvp;
+        for (int64_t j = j0; j < j1; j += BLOCK) {
+            for (int r = 0; r < BLOCK; r++) {
+                int64_t row = h * p->S + j + r;
+                if (j + r < j1) {
+                    features(p->k + row * p->F, p->F, p->Fp, p->map, p->keep ? p->keep[row] : 1.0f, fk[r], NULL);
+                    load_row(vb[r], p->v + row * p->Dv, p->Dv, p->Dvp);
+                } else {
+                    zero_row(fk[r], p->Fp);
+                }
+            }
+            rank_rows(M, fk, vb, p->Fp, p->Dvp);
+            for (int r = 0; r < BLOCK; r++) axpy(z, 1.0f, fk[r], p->Fp);
+        }
+    }
+    free(s.base);
+    return 0;
+}
+
+/* each head's chunks summed in order into chunk 0 */
+static int sum_chunks(void *arg, int64_t h0, int64_t h1) {
+    const lin_job *p = arg;
+    int64_t n = state_size(p);
+    for (int64_t h = h0; h < h1; h++) {
+        float *first = p->state + h * p->chunks * n;
+        for (int64_t c = 1; c < p->chunks; c++) axpy(first, 1.0f, first + c * n, n);
+    }
+    return 0;
+}
+
+/* rows [r0, r1) of (heads·R) as blocks of at most BLOCK rows of one head: fn(p, scratch, head, row, count) */
+typedef void (*block_fn)(const lin_job *p, const scratch *s, int64_t head, int64_t row, int count);
+
+static int row_blocks(const lin_job *p, int64_t r0, int64_t r1, int64_t slots, block_fn fn) {
+    scratch s;
+    if (scratch_open(&s, p, slots)) return -1;
+    for (int64_t r = r0; r < r1;) {
+        int64_t h = r / p->R, end = (h + 1) * p->R < r1 ? (h + 1) * p->R : r1;
+        int count = end - r < BLOCK ? (int)(end - r) : BLOCK;
+        fn(p, &s, h, r - h * p->R, count);
+        r += count;
+    }
+    free(s.base);
+    return 0;
+}
+
+/* rows beyond `count` point at the zero row: their products are computed and dropped */
+static void zero_rest(const scratch *s, float **rows, int count, int64_t slots) {
+    for (int r = count; r < BLOCK; r++) rows[r] = slot(s, slots);
+}
+
+static void query_block(const lin_job *p, const scratch *s, int64_t h, int64_t i, int count) {
+    const float *M = p->state + h * p->chunks * state_size(p), *z = M + p->Fp * p->Dvp;
+    float *fq[BLOCK], *num[BLOCK];
+    for (int r = 0; r < BLOCK; r++) fq[r] = slot(s, r), num[r] = slot(s, BLOCK + r);
+    zero_rest(s, fq, count, 2 * BLOCK);
+    for (int r = 0; r < count; r++)
+        features(p->q + (h * p->R + i + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], NULL);
+    times_rows(fq, M, p->Fp, p->Dvp, num);
+    for (int r = 0; r < count; r++) {
+        int64_t row = h * p->R + i + r;
+        float den = guard(dot(fq[r], z, p->Fp), p->eps);
+        p->o_den[row] = den;
+        for (int64_t d = 0; d < p->Dv; d++) p->o_out[row * p->Dv + d] = num[r][d] / den;
+    }
+}
+
+static int queries(void *arg, int64_t r0, int64_t r1) { return row_blocks(arg, r0, r1, 2 * BLOCK, query_block); }
+
+/* the summed states into PyTorch's layout [S | z] (heads, F, Dv + 1) */
+static int export_states(void *arg, int64_t h0, int64_t h1) {
+    const lin_job *p = arg;
+    for (int64_t h = h0; h < h1; h++) {
+        const float *M = p->state + h * p->chunks * state_size(p), *z = M + p->Fp * p->Dvp;
+        for (int64_t f = 0; f < p->F; f++) {
+            float *o = p->o_kvz + (h * p->F + f) * (p->Dv + 1);
+            memcpy(o, M + f * p->Dvp, (size_t)p->Dv * sizeof(float));
+            o[p->Dv] = z[f];
+        }
+    }
+    return 0;
+}
+
+static int64_t chunk_count(int64_t rows) {
+    int64_t c = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    return c < 1 ? 1 : c > MAX_CHUNKS ? MAX_CHUNKS : c;
+}
+
+static lin_job job(const float *q, const float *k, const float *v, const float *keep, int64_t heads, int64_t group,
+                   int64_t R, int64_t S, int64_t F, int64_t Dv, int64_t map, double eps) {
+    lin_job p = {.q = q, .k = k, .v = v, .keep = keep, .heads = heads, .group = group, .R = R, .S = S, .F = F,
+                 .Dv = Dv, .Fp = padded(F), .Dvp = padded(Dv), .map = (int)map, .eps = (float)eps};
+    return p;
+}
+
+/* Non-causal forward. q (heads, R, F) (grouped query heads folded into R), k (heads, S, F), v (heads, S, Dv),
+ * keep (heads, S) of 1 (real key) and 0 (padding), or NULL; all contiguous float32. Writes out (heads, R,
+ * Dv), den (heads, R) and the states kvz (heads, F, Dv + 1). 0, or -1 when out of memory. */
+int sa_linear_fwd_f32(const float *q, const float *k, const float *v, const float *keep, int64_t heads, int64_t R,
+                      int64_t S, int64_t F, int64_t Dv, int64_t map, double eps, float *out, float *den, float *kvz,
+                      int threads) {
+    lin_job p = job(q, k, v, keep, heads, 1, R, S, F, Dv, map, eps);
+    p.chunks = chunk_count(S);
+    p.o_out = out, p.o_den = den, p.o_kvz = kvz;
+    p.state = aligned_floats(heads * p.chunks * state_size(&p));
+    int status = p.state ? 0 : -1;
+    if (!status) status = sa_parallel_rows(heads * p.chunks, threads, key_states, &p);
+    if (!status) status = sa_parallel_rows(heads, threads, sum_chunks, &p);
+    if (!status) status = sa_parallel_rows(heads * R, threads, queries, &p);
+    if (!status) status = sa_parallel_rows(heads, threads, export_states, &p);
+    free(p.state);
+    return status;
+}
+
+/* ----------------------------------------------------------------------- non-causal, backward */
+/*
+ * With gnum = g / den and gden = -gnum · out per query row:
+ *   ∂L/∂φ(q_i) = S gnum_i + z gden_i,   ∂L/∂S = Σ_i φ(q_i) gnum_iᵀ,   ∂L/∂z = Σ_i φ(q_i) gden_i,
+ *   ∂L/∂φ(k_j) = (∂L/∂S) v_j + ∂L/∂z,  ∂L/∂v_j = (∂L/∂S)ᵀ φ(k_j)  (φ(k_j) with its keep factor).
+ * The backward's state per head: A = Sᵀ (Dvp, Fp) and z, read; then ∂L/∂S and its transpose, ∂L/∂z.
+ */
+
+typedef struct {
+    float *St, *z;    /* Sᵀ (Dvp, Fp) and z (Fp) */
+    float *G, *Gt, *gz; /* ∂L/∂S (Fp, Dvp), its transpose (Dvp, Fp), ∂L/∂z (Fp) */
+} grad_state;
+
+static inline int64_t grad_state_size(const lin_job *p) { return 3 * p->Fp * p->Dvp + 2 * p->Fp; }
+
+static grad_state grad_state_of(const lin_job *p, float *base) {
+    int64_t FD = p->Fp * p->Dvp;
+    grad_state st = {.St = base, .z = base + FD, .G = base + FD + p->Fp, .Gt = base + 2 * FD + p->Fp,
+                     .gz = base + 3 * FD + p->Fp};
+    return st;
+}
+
+/* the per-row gradients of the normalisation: gnum (a Dvp slot) = g / den; returns gden = -gnum · out */
+static float grad_rows(const lin_job *p, int64_t row, float *restrict gnum) {
+    const float *g = p->g + row * p->Dv, *o = p->out + row * p->Dv;
+    float den = p->den[row];
+    vf acc = {0};
+    for (int64_t i = 0; i < p->Dvp; i += VL) {
+        vf gn = load_part(g + i, p->Dv - i) / den;
+        *(vf *)(gnum + i) = gn;
+        acc += gn * load_part(o + i, p->Dv - i);
+    }
+    return -lane_sum(acc);
+}
+
+/* dq = φ'(q) ⊙ (Sᵀ-product + gden z) for a block of query rows; their rank update of the chunk's ∂L/∂S */
+static void query_grad_block(const lin_job *p, const float *St, const float *z, float *G, float *gz,
+                             const scratch *s, int64_t row0, int count) {
+    float *fq[BLOCK], *dphi[BLOCK], *gnum[BLOCK], *dfq[BLOCK], gden[BLOCK] = {0};
+    for (int r = 0; r < BLOCK; r++)
+        fq[r] = slot(s, r), dphi[r] = slot(s, BLOCK + r), gnum[r] = slot(s, 2 * BLOCK + r), dfq[r] = slot(s, 3 * BLOCK + r);
+    zero_rest(s, fq, count, 4 * BLOCK);
+    zero_rest(s, gnum, count, 4 * BLOCK);
+    for (int r = 0; r < count; r++) {
+        features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], dphi[r]);
+        gden[r] = grad_rows(p, row0 + r, gnum[r]);
+    }
+    times_rows(gnum, St, p->Dvp, p->Fp, dfq);
+    for (int r = 0; r < count; r++) {
+        axpy(dfq[r], gden[r], z, p->Fp);
+        float *dq = p->dq + (row0 + r) * p->F;
+        for (int64_t f = 0; f < p->F; f++) dq[f] = dfq[r][f] * dphi[r][f];
+    }
+    rank_rows(G, fq, gnum, p->Fp, p->Dvp);
+    for (int r = 0; r < count; r++) axpy(gz, gden[r], fq[r], p->Fp);
+}
+
+/* (head, chunk) tasks over the query rows: dq, and the chunk's partial ∂L/∂S, ∂L/∂z */
+static int query_grads(void *arg, int64_t t0, int64_t t1) {
+    const lin_job *p = arg;
+    scratch s;
+    if (scratch_open(&s, p, 4 * BLOCK)) return -1;
+    int64_t per = chunk_rows(p, p->R);
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t h = t / p->chunks, i0 = (t % p->chunks) * per, i1 = i0 + per < p->R ? i0 + per : p->R;
+        grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
+        float *G = p->state + t * grad_state_size(p), *gz = G + p->Fp * p->Dvp; /* this chunk's partial */
+        if (t % p->chunks == 0) G = st.G, gz = st.gz;
+        for (int64_t i = i0; i < i1; i += BLOCK)
+            query_grad_block(p, st.St, st.z, G, gz, &s, h * p->R + i, i1 - i < BLOCK ? (int)(i1 - i) : BLOCK);
+    }
+    free(s.base);
+    return 0;
+}
+
+/* per head: Sᵀ and z from PyTorch's [S | z] layout (before), or the partial gradients summed in order and
+ * transposed (after: the later chunks' partials live at the start of their own slots) */
+static int states_in(void *arg, int64_t h0, int64_t h1) {
+    const lin_job *p = arg;
+    for (int64_t h = h0; h < h1; h++) {
+        grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
+        for (int64_t f = 0; f < p->F; f++) {
+            const float *row = p->kvz + (h * p->F + f) * (p->Dv + 1);
+            for (int64_t d = 0; d < p->Dv; d++) st.St[d * p->Fp + f] = row[d];
+            st.z[f] = row[p->Dv];
+        }
+    }
+    return 0;
+}
+
+static int grads_summed(void *arg, int64_t h0, int64_t h1) {
+    const lin_job *p = arg;
+    for (int64_t h = h0; h < h1; h++) {
+        grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
+        for (int64_t c = 1; c < p->chunks; c++) {
+            const float *part = p->state + (h * p->chunks + c) * grad_state_size(p);
+            axpy(st.G, 1.0f, part, p->Fp * p->Dvp);
+            axpy(st.gz, 1.0f, part + p->Fp * p->Dvp, p->Fp);
+        }
+        for (int64_t f = 0; f < p->Fp; f++)
+            for (int64_t d = 0; d < p->Dvp; d++) st.Gt[d * p->Fp + f] = st.G[f * p->Dvp + d];
+    }
+    return 0;
+}
+
+/* dk = keep φ'(k) ⊙ (∂L/∂S v + ∂L/∂z), dv = (∂L/∂S)ᵀ (keep φ(k)) for a block of key rows */
+static void key_grad_block(const lin_job *p, const scratch *s, int64_t h, int64_t j, int count) {
+    grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
+    float *fk[BLOCK], *dphi[BLOCK], *vb[BLOCK], *dfk[BLOCK], *dvb[BLOCK], keep[BLOCK];
+    for (int r = 0; r < BLOCK; r++)
+        fk[r] = slot(s, r), dphi[r] = slot(s, BLOCK + r), vb[r] = slot(s, 2 * BLOCK + r), dfk[r] = slot(s, 3 * BLOCK + r),
+        dvb[r] = slot(s, 4 * BLOCK + r);
+    zero_rest(s, fk, count, 5 * BLOCK);
+    zero_rest(s, vb, count, 5 * BLOCK);
+    for (int r = 0; r < count; r++) {
+        int64_t row = h * p->S + j + r;
+        keep[r] = p->keep ? p->keep[row] : 1.0f;
+        features(p->k + row * p->F, p->F, p->Fp, p->map, keep[r], fk[r], dphi[r]);
+        load_row(vb[r], p->v + row * p->Dv, p->Dv, p->Dvp);
+    }
+    times_rows(vb, st.Gt, p->Dvp, p->Fp, dfk);
+    times_rows(fk, st.G, p->Fp, p->Dvp, dvb);
+    for (int r = 0; r < count; r++) {
+        int64_t row = h * p->S + j + r;
+        axpy(dfk[r], 1.0f, st.gz, p->Fp);
+        for (int64_t f = 0; f < p->F; f++) p->dk[row * p->F + f] = keep[r] * dfk[r][f] * dphi[r][f];
+        store_row(p->dv + row * p->Dv, dvb[r], p->Dv);
+    }
+}
+
+static int key_grads(void *arg, int64_t r0, int64_t r1) {
+    lin_job keys = *(const lin_job *)arg; /* row_blocks walks R rows per head: here the S key rows */
+    keys.R = keys.S;
+    return row_blocks(&keys, r0, r1, 5 * BLOCK, key_grad_block);
+}
+
+/* Non-causal backward: the forward's arguments, its kvz, out and den, and g = ∂L/∂out (heads, R, Dv); writes
+ * dq (heads, R, F), dk (heads, S, F), dv (heads, S, Dv). 0, or -1 when out of memory. */
+int sa_linear_bwd_f32(const float *q, const float *k, const float *v, const float *keep, const float *kvz,
+                      const float *g, const float *out, const float *den, int64_t heads, int64_t R, int64_t S,
+                      int64_t F, int64_t Dv, int64_t map, float *dq, float *dk, float *dv, int threads) {
+    lin_job p = job(q, k, v, keep, heads, 1, R, S, F, Dv, map, 0.0);
+    p.kvz = kvz, p.g = g, p.out = out, p.den = den, p.dq = dq, p.dk = dk, p.dv = dv;
+    p.chunks = chunk_count(R);
+    p.state = aligned_floats(heads * p.chunks * grad_state_size(&p));
+    int status = p.state ? 0 : -1;
+    if (!status) status = sa_parallel_rows(heads, threads, states_in, &p);
+    if (!status) status = sa_parallel_rows(heads * p.chunks, threads, query_grads, &p);
+    if (!status) status = sa_parallel_rows(heads, threads, grads_summed, &p);
+    if (!status) status = sa_parallel_rows(heads * S, threads, key_grads, &p);
+    free(p.state);
+    return status;
+}
+
+/* --------------------------------------------------------------------------------------- causal */
+/*
+ * One task per key head, its blocks in order (forward, and dq) or in reverse (dk, dv), the state of the
+ * rows before (after) the block carried along. Within a block of rows i0..i0+BLOCK-1, query row i sees
+ * the state of the earlier blocks and the keys i0..i of its own block:
+ *   forward:  num_i = φ(q_i) S + Σ_{i0 <= j <= i} (φ(q_i)·φ(k_j)) v_j,  den_i likewise with 1 for v_j;
+ *   dq:       ∂L/∂φ(q_i) = S gnum_i + z gden_i + Σ_{i0 <= j <= i} (v_j·gnum_i + gden_i) φ(k_j);
+ *   dk, dv:   with P = Σ_{later i} φ(q_i) gnum_iᵀ and p = Σ_{later i} φ(q_i) gden_i,
+ *             ∂L/∂φ(k_j) = P v_j + p + Σ_{j <= i < i0+BLOCK} (gnum_i·v_j + gden_i) φ(q_i),
+ *             ∂L/∂v_j = Pᵀ φ(k_j) + Σ_{j <= i < i0+BLOCK} (φ(q_i)·φ(k_j)) gnum_i.
+ * Here R = S = L; query head h·group + g reads key head h.
+ */
+
+/* a block's keys: keep·φ(k) (and φ'(k) when dphi is given) and v rows, zero rows beyond count */
+static void key_block(const lin_job *p, int64_t h, int64_t i0, int count, float **fk, float **dphi, float **vb,
+                      float *keep) {
+    for (int r = 0; r < BLOCK; r++) {
+        if (r >= count) {
+            zero_row(fk[r], p->Fp);
+            zero_row(vb[r], p->Dvp);
+            continue;
+        }
+        int64_t row = h * p->S + i0 + r;
+        keep[r] = p->keep ? p->keep[row] : 1.0f;
+        features(p->k + row * p->F, p->F, p->Fp, p->map, keep[r], fk[r], dphi ? dphi[r] : NULL);
+        load_row(vb[r], p->v + row * p->Dv, p->Dv, p->Dvp);
+    }
+}
+
+/* the first row of query head h·group + g's block */
+static inline int64_t query_row(const lin_job *p, int64_t h, int64_t g, int64_t i0) {
+    return (h * p->group + g) * p->R + i0;
+}
+
+static int causal_forward(void *arg, int64_t h0, int64_t h1) {
+    const lin_job *p = arg;
+    scratch s;
+    float *M = aligned_floats(p->Fp * p->Dvp + p->Fp);
+    if (!M || scratch_open(&s, p, 4 * BLOCK)) return free(M), -1;
+    float *z = M + p->Fp * p->Dvp, *fk[BLOCK], *vb[BLOCK], *fq[BLOCK], *num[BLOCK], keep[BLOCK];
+    for (int r = 0; r < BLOCK; r++)
+        fk[r] = slot(&s, r), vb[r] = slot(&s, BLOCK + r), fq[r] = slot(&s, 2 * BLOCK + r), num[r] = slot(&s, 3 * BLOCK + r);
+    for (int64_t h = h0; h < h1; h++) {
+        memset(M, 0, (size_t)(p->Fp * p->Dvp + p->Fp) * sizeof(float));
+        for (int64_t i0 = 0; i0 < p->R; i0 += BLOCK) {
+            int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
+            key_block(p, h, i0, count, fk, NULL, vb, keep);
+            for (int64_t g = 0; g < p->group; g++) {
+                int64_t row0 = query_row(p, h, g, i0);
+                for (int r = 0; r < BLOCK; r++)
+                    if (r < count) features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], NULL);
+                    else zero_row(fq[r], p->Fp);
+                times_rows(fq, M, p->Fp, p->Dvp, num);
+                for (int r = 0; r < count; r++) {
+                    float den = dot(fq[r], z, p->Fp);
+                    for (int j = 0; j <= r; j++) {
+                        float a = dot(fq[r], fk[j], p->Fp);
+                        axpy(num[r], a, vb[j], p->Dvp);
+                        den += a;
+                    }
+                    den = guard(den, p->eps);
+                    p->o_den[row0 + r] = den;
+                    for (int64_t d = 0; d < p->Dv; d++) p->o_out[(row0 + r) * p->Dv + d] = num[r][d] / den;
+                }
+            }
+            rank_rows(M, fk, vb, p->Fp, p->Dvp);
+            for (int r = 0; r < count; r++) axpy(z, 1.0f, fk[r], p->Fp);
+        }
+    }
+    free(s.base);
+    free(M);
+    return 0;
+}
+
+/* Causal forward. q (heads·group, L, F), k (heads, L, F), v (heads, L, Dv), keep (heads, L) or NULL; writes
+ * out (heads·group, L, Dv) and den (heads·group, L). 0, or -1 when out of memory. */
+int sa_linear_causal_fwd_f32(const float *q, const float *k, const float *v, const float *keep, int64_t heads,
+                             int64_t group, int64_t L, int64_t F, int64_t Dv, int64_t map, double eps, float *out,
+                             float *den, int threads) {
+    lin_job p = job(q, k, v, keep, heads, group, L, L, F, Dv, map, eps);
+    p.o_out = out, p.o_den = den;
+    return sa_parallel_rows(heads, threads, causal_forward, &p);
+}
+
+static int causal_dq(void *arg, int64_t h0, int64_t h1) {
+    const lin_job *p = arg;
+    scratch s;
+    float *St = aligned_floats(p->Fp * p->Dvp + p->Fp);
+    if (!St || scratch_open(&s, p, 6 * BLOCK)) return free(St), -1;
+    float *z = St + p->Fp * p->Dvp, *fk[BLOCK], *vb[BLOCK], *fq[BLOCK], *dphi[BLOCK], *gnum[BLOCK], *dfq[BLOCK];
+    float keep[BLOCK], gden[BLOCK];
+    for (int r = 0; r < BLOCK; r++)
+        fk[r] = slot(&s, r), vb[r] = slot(&s, BLOCK + r), fq[r] = slot(&s, 2 * BLOCK + r), dphi[r] = slot(&s, 3 * BLOCK + r),
+        gnum[r] = slot(&s, 4 * BLOCK + r), dfq[r] = slot(&s, 5 * BLOCK + r);
+    for (int64_t h = h0; h < h1; h++) {
+        memset(St, 0, (size_t)(p->Fp * p->Dvp + p->Fp) * sizeof(float));
+        for (int64_t i0 = 0; i0 < p->R; i0 += BLOCK) {
+            int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
+            key_block(p, h, i0, count, fk, NULL, vb, keep);
+            for (int64_t g = 0; g < p->group; g++) {
+                int64_t row0 = query_row(p, h, g, i0);
+                for (int r = 0; r < BLOCK; r++)
+                    if (r < count) {
+                        features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], dphi[r]);
+                        gden[r] = grad_rows(p, row0 + r, gnum[r]);
+                    } else {
+                        zero_row(gnum[r], p->Dvp);
+                    }
+                times_rows(gnum, St, p->Dvp, p->Fp, dfq);
+                for (int r = 0; r < count; r++) {
+                    axpy(dfq[r], gden[r], z, p->Fp);
+                    for (int j = 0; j <= r; j++) axpy(dfq[r], dot(vb[j], gnum[r], p->Dvp) + gden[r], fk[j], p->Fp);
+                    float *dq = p->dq + (row0 + r) * p->F;
+                    for (int64_t f = 0; f < p->F; f++) dq[f] = dfq[r][f] * dphi[r][f];
+                }
+            }
+            rank_rows(St, vb, fk, p->Dvp, p->Fp);
+            for (int r = 0; r < count; r++) axpy(z, 1.0f, fk[r], p->Fp);
+        }
+    }
+    free(s.base);
+    free(St);
+    return 0;
+}
+
+static int causal_dkv(void *arg, int64_t h0, int64_t h1) {
+    const lin_job *p = arg;
+    scratch s;
+    int64_t FD = p->Fp * p->Dvp;
+    float *P = aligned_floats(2 * FD + p->Fp);
+    if (!P || scratch_open(&s, p, 8 * BLOCK)) return free(P), -1;
+    float *Pt = P + FD, *pz = P + 2 * FD, keep[BLOCK], gden[BLOCK];
+    float *fk[BLOCK], *dphi[BLOCK], *vb[BLOCK], *dfk[BLOCK], *dvb[BLOCK], *fq[BLOCK], *gnum[BLOCK];
+    for (int r = 0; r < BLOCK; r++)
+        fk[r] = slot(&s, r), dphi[r] = slot(&s, BLOCK + r), vb[r] = slot(&s, 2 * BLOCK + r), dfk[r] = slot(&s, 3 * BLOCK + r),
+        dvb[r] = slot(&s, 4 * BLOCK + r), fq[r] = slot(&s, 5 * BLOCK + r), gnum[r] = slot(&s, 6 * BLOCK + r);
+    for (int64_t h = h0; h < h1; h++) {
+        memset(P, 0, (size_t)(2 * FD + p->Fp) * sizeof(float));
+        for (int64_t i0 = (p->R - 1) / BLOCK * BLOCK; i0 >= 0; i0 -= BLOCK) {
+            int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
+            key_block(p, h, i0, count, fk, dphi, vb, keep);
+            times_rows(vb, Pt, p->Dvp, p->Fp, dfk);
+            times_rows(fk, P, p->Fp, p->Dvp, dvb);
+            for (int j = 0; j < count; j++) axpy(dfk[j], 1.0f, pz, p->Fp);
+            for (int64_t g = 0; g < p->group; g++) {
+                int64_t row0 = query_row(p, h, g, i0);
+                for (int r = 0; r < BLOCK; r++)
+                    if (r < count) {
+                        features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], NULL);
+                        gden[r] = grad_rows(p, row0 + r, gnum[r]);
+                    } else {
+                        zero_row(fq[r], p->Fp);
+                        zero_row(gnum[r], p->Dvp);
+                        gden[r] = 0.0f;
+                    }
+                for (int j = 0; j < count; j++)
+                    for (int r = j; r < count; r++) {
+                        axpy(dfk[j], dot(gnum[r], vb[j], p->Dvp) + gden[r], fq[r], p->Fp);
+                        axpy(dvb[j], dot(fq[r], fk[j], p->Fp), gnum[r], p->Dvp);
+                    }
+                /* the later rows' states for the earlier blocks (this block's products are done) */
+                rank_rows(P, fq, gnum, p->Fp, p->Dvp);
+                rank_rows(Pt, gnum, fq, p->Dvp, p->Fp);
+                for (int r = 0; r < count; r++) axpy(pz, gden[r], fq[r], p->Fp);
+            }
+            for (int j = 0; j < count; j++) {
+                int64_t row = h * p->S + i0 + j;
+                for (int64_t f = 0; f < p->F; f++) p->dk[row * p->F + f] = keep[j] * dfk[j][f] * dphi[j][f];
+                store_row(p->dv + row * p->Dv, dvb[j], p->Dv);
+            }
+        }
+    }
+    free(s.base);
+    free(P);
+    return 0;
+}
+
+/* Causal backward: the forward's arguments, out and den, and g = ∂L/∂out (heads·group, L, Dv); writes dq
+ * (heads·group, L, F), dk (heads, L, F), dv (heads, L, Dv). 0, or -1 when out of memory. */
+int sa_linear_causal_bwd_f32(const float *q, const float *k, const float *v, const float *keep, const float *g,
+                             const float *out, const float *den, int64_t heads, int64_t group, int64_t L, int64_t F,
+                             int64_t Dv, int64_t map, float *dq, float *dk, float *dv, int threads) {
+    lin_job p = job(q, k, v, keep, heads, group, L, L, F, Dv, map, 0.0);
+    p.g = g, p.out = out, p.den = den, p.dq = dq, p.dk = dk, p.dv = dv;
+    int status = sa_parallel_rows(heads, threads, causal_dq, &p);
+    if (!status) status = sa_parallel_rows(heads, threads, causal_dkv, &p);
+    return status;
+}
