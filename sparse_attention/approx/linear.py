@@ -17,9 +17,9 @@ CPU, both modes run as C kernels (sparse_attention/native/linear.c) when they ar
 32 bytes or more: each step is one pass over the rows with the features computed in cache and never
 stored, and the causal mode is the exact recurrence over blocks of 4 rows (no chunk_size: it applies to
 the PyTorch cores only). Memory beyond q, k, v and the output: the denominators and F × (Dv + 1) states.
-At N=4096, B=1, H=8, D=64 (benchmarks/RESULTS.md) that took the elu forward from 8.8 to 4.5 ms and
-fwd+bwd from 22.8 to 13.7 ms; causal 15.3 to 4.8 ms and 39.4 to 24.3 ms. Elsewhere (FAVOR+, float64,
-no compiler, GPUs) the PyTorch cores below run.
+At N=4096, B=1, H=8, D=64 that took the elu forward from 9.1 to 4.3 ms and fwd+bwd from 25.5 to 12.8
+ms; causal 16.6 to 4.8 ms and 41.9 to 21.4 ms (benchmarks/RESULTS.md, table a). Elsewhere (FAVOR+,
+float64, no compiler, GPUs) the PyTorch cores below run.
 
 Execution, memory and gradients. Both modes run in blocks of rows (see "the cores" below): features
 are computed block by block; the backward, written by hand, reuses them while they fit a budget (always
