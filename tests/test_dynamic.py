@@ -138,7 +138,8 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
 @pytest.fixture(params=["native", "torch"])
 def top_k_path(request, monkeypatch):
     """The native kernels, or the PyTorch ops they replace (the path without a compiler): top_k, the
-    stable orders, LSH's buckets, TopK's value mixing and backward, and routing's pair counts."""
+    stable orders, LSH's buckets, TopK's value mixing and backward, and routing's pair counts and row
+    scatters."""
     if request.param == "native":
         if not native.available():
             pytest.skip(f"native kernels unavailable: {native.status()}")
@@ -149,6 +150,7 @@ def top_k_path(request, monkeypatch):
         monkeypatch.setattr(native, "mix_rows", lambda w, cols, v: None)
         monkeypatch.setattr(native, "dot_rows", lambda a, cols, b: None)
         monkeypatch.setattr(native, "pair_counts", lambda qi, ki, N, S: None)
+        monkeypatch.setattr(native, "scatter_groups", lambda w, cols, src, groups, keys: None)
     return request.param
 
 

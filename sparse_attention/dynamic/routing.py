@@ -257,6 +257,21 @@ def _pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, dtype: torc
     return out
 
 
+def _add_rows(src: torch.Tensor, idx: torch.Tensor, groups: int, rows: int,
+              w: torch.Tensor | None = None) -> torch.Tensor:
+    """out[idx[r]] += w[r] · src[r] (w = 1 when None) into zeros (groups · rows, E): src (R, E), idx (R,) whose
+    R rows form ``groups`` equal runs, run g's indices all in [g·rows, (g+1)·rows) (a batch entry and head's
+    slots and its tokens). On CPU in float32 the native scatter fills and adds each run in parallel (the
+    zero fill and index_add_ took ~2.5 ms per 8 MB gradient at N=4096); else zeros and index_add_."""
+    if src.dtype == torch.float32 and src.device.type == "cpu":
+        weights = torch.ones(src.shape[0], 1) if w is None else w
+        out = native.scatter_groups(weights, idx.view(-1, 1), src, groups, rows)
+        if out is not None:
+            return out
+    src = src if w is None else src * w
+    return torch.zeros(groups * rows, src.shape[-1], dtype=src.dtype, device=src.device).index_add_(0, idx, src)
+
+
 class _RoutedItems(torch.autograd.Function):
     """Routing attention on the fused CPU kernel: every cluster is an item (its wq queries against its wk
     keys, with the additive ``bias``: -log(pair count), -inf where not allowed); a query's clusters are
@@ -289,9 +304,7 @@ class _RoutedItems(torch.autograd.Function):
         total = torch.zeros_like(top).scatter_add(1, row, torch.exp(lse - top.gather(1, row)))
         LSE = torch.where(total > 0, top + torch.log(total), float("-inf"))  # (B·H, N)
         w = torch.exp(lse - torch.where(torch.isneginf(LSE), 0.0, LSE).gather(1, row))  # 0 where lse = -inf
-        out = torch.zeros(B * H * N, E, dtype=o.dtype).index_add_(0, qflat, (o.view(B * H, -1, E) * w.unsqueeze(-1))
-                                                                   .view(-1, E))
-        out = out.view(B, H, N, E)
+        out = _add_rows(o.reshape(-1, E), qflat, B * H, N, w.reshape(-1, 1)).view(B, H, N, E)
         ctx.save_for_backward(*items, add, out, LSE, qflat, kflat, row)
         ctx.scale, ctx.dims = scale, (D, Dv, S, q.dtype, k.dtype, v.dtype)
         return out[..., :Dv]
@@ -313,10 +326,9 @@ class _RoutedItems(torch.autograd.Function):
                                  attn_mask=add, scale=ctx.scale)
 
         def scatter(grad, flat, rows):  # the items' row gradients added to their tokens' rows
-            src, idx = kernel_grad_rows(grad, flat)
-            return torch.zeros(rows, E, dtype=grad.dtype).index_add_(0, idx, src)
+            return _add_rows(*kernel_grad_rows(grad, flat), B * H, rows)
 
-        dq, dk, dv = scatter(gq, qflat, B * H * N), scatter(gk, kflat, B * H * S), scatter(gv, kflat, B * H * S)
+        dq, dk, dv = scatter(gq, qflat, N), scatter(gk, kflat, S), scatter(gv, kflat, S)
         return (dq.view(B, H, N, E)[..., :D].to(q_dtype), dk.view(B, H, S, E)[..., :D].to(k_dtype),
                 dv.view(B, H, S, E)[..., :Dv].to(v_dtype), None, None, None, None, None)
 
