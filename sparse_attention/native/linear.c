@@ -204,7 +204,7 @@ static inline int64_t state_size(const lin_job *p) { return p->Fp * p->Dvp + p->
 
 static inline int64_t chunk_rows(const lin_job *p, int64_t rows) { return (rows + p->chunks - 1) / p->chunks; }
 
-/* per-thread scratch: `slots` aligned rows of max(Fp, Dvp) floats, plus one row of zeros at the end */
+/* per-thread scratch: `slots` aligned rows of max(Fp, Dvp) floats */
 typedef struct {
     float *base;
     int64_t width;
@@ -212,7 +212,7 @@ typedef struct {
 
 static int scratch_open(scratch *s, const lin_job *p, int64_t slots) {
     s->width = p->Fp > p->Dvp ? p->Fp : p->Dvp;
-    s->base = aligned_floats((slots + 1) * s->width);
+    s->base = aligned_floats(slots * s->width);
     return s->base ? 0 : -1;
 }
 
@@ -226,27 +226,64 @@ static inline float guard(float sum, float eps) {
 
 /* ------------------------------------------------------------------------ non-causal, forward */
 
+/* a block's keys (rows i0.. of key head h): keep·φ(k) (and φ'(k) when dphi is given) and the v rows;
+ * rows from `count` on are zero (their products are computed and dropped) */
+static void key_block(const lin_job *p, int64_t h, int64_t i0, int count, float **fk, float **dphi, float **vb,
+                      float *keep) {
+    for (int r = 0; r < BLOCK; r++) {
+        if (r >= count) {
+            zero_row(fk[r], p->Fp);
+            zero_row(vb[r], p->Dvp);
+            continue;
+        }
+        int64_t row = h * p->S + i0 + r;
+        keep[r] = p->keep ? p->keep[row] : 1.0f;
+        features(p->k + row * p->F, p->F, p->Fp, p->map, keep[r], fk[r], dphi ? dphi[r] : NULL);
+        load_row(vb[r], p->v + row * p->Dv, p->Dv, p->Dvp);
+    }
+}
+
+/* the per-row gradients of the normalisation: gnum (a Dvp slot) = g / den; returns gden = -gnum · out */
+static float grad_rows(const lin_job *p, int64_t row, float *restrict gnum) {
+    const float *g = p->g + row * p->Dv, *o = p->out + row * p->Dv;
+    float den = p->den[row];
+    vf acc = {0};
+    for (int64_t i = 0; i < p->Dvp; i += VL) {
+        vf gn = load_part(g + i, p->Dv - i) / den;
+        *(vf *)(gnum + i) = gn;
+        acc += gn * load_part(o + i, p->Dv - i);
+    }
+    return -lane_sum(acc);
+}
+
+/* a block's query rows (row0.. of the (·, R) rows): φ(q) (and φ'(q) when dphi is given) and, when gnum is
+ * given, the normalisation's gradients gnum and gden (see grad_rows); rows from `count` on are zero */
+static void query_block_rows(const lin_job *p, int64_t row0, int count, float **fq, float **dphi, float **gnum,
+                             float *gden) {
+    for (int r = 0; r < BLOCK; r++) {
+        if (r < count) {
+            features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], dphi ? dphi[r] : NULL);
+            if (gnum) gden[r] = grad_rows(p, row0 + r, gnum[r]);
+        } else {
+            zero_row(fq[r], p->Fp);
+            if (gnum) zero_row(gnum[r], p->Dvp), gden[r] = 0.0f;
+        }
+    }
+}
+
 /* keys of (head, chunk) tasks into their partial states: M += φ(k_j) v_jᵀ, z += φ(k_j) */
 static int key_states(void *arg, int64_t t0, int64_t t1) {
     const lin_job *p = arg;
     scratch s;
     if (scratch_open(&s, p, 2 * BLOCK)) return -1;
-    float *fk[BLOCK], *vb[BLOCK];
+    float *fk[BLOCK], *vb[BLOCK], keep[BLOCK];
     for (int r = 0; r < BLOCK; r++) fk[r] = slot(&s, r), vb[r] = slot(&s, BLOCK + r);
     int64_t per = chunk_rows(p, p->S);
     for (int64_t t = t0; t < t1; t++) {
         int64_t h = t / p->chunks, j0 = (t % p->chunks) * per, j1 = j0 + per < p->S ? j0 + per : p->S;
         float *M = p->state + t * state_size(p), *z = M + p->Fp * p->Dvp;
         for (int64_t j = j0; j < j1; j += BLOCK) {
-            for (int r = 0; r < BLOCK; r++) {
-                int64_t row = h * p->S + j + r;
-                if (j + r < j1) {
-                    features(p->k + row * p->F, p->F, p->Fp, p->map, p->keep ? p->keep[row] : 1.0f, fk[r], NULL);
-                    load_row(vb[r], p->v + row * p->Dv, p->Dv, p->Dvp);
-                } else {
-                    zero_row(fk[r], p->Fp);
-                }
-            }
+            key_block(p, h, j, j1 - j < BLOCK ? (int)(j1 - j) : BLOCK, fk, NULL, vb, keep);
             rank_rows(M, fk, vb, p->Fp, p->Dvp);
             for (int r = 0; r < BLOCK; r++) axpy(z, 1.0f, fk[r], p->Fp);
         }
@@ -282,18 +319,11 @@ static int row_blocks(const lin_job *p, int64_t r0, int64_t r1, int64_t slots, b
     return 0;
 }
 
-/* rows beyond `count` point at the zero row: their products are computed and dropped */
-static void zero_rest(const scratch *s, float **rows, int count, int64_t slots) {
-    for (int r = count; r < BLOCK; r++) rows[r] = slot(s, slots);
-}
-
 static void query_block(const lin_job *p, const scratch *s, int64_t h, int64_t i, int count) {
     const float *M = p->state + h * p->chunks * state_size(p), *z = M + p->Fp * p->Dvp;
     float *fq[BLOCK], *num[BLOCK];
     for (int r = 0; r < BLOCK; r++) fq[r] = slot(s, r), num[r] = slot(s, BLOCK + r);
-    zero_rest(s, fq, count, 2 * BLOCK);
-    for (int r = 0; r < count; r++)
-        features(p->q + (h * p->R + i + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], NULL);
+    query_block_rows(p, h * p->R + i, count, fq, NULL, NULL, NULL);
     times_rows(fq, M, p->Fp, p->Dvp, num);
     for (int r = 0; r < count; r++) {
         int64_t row = h * p->R + i + r;
@@ -372,18 +402,6 @@ static grad_state grad_state_of(const lin_job *p, float *base) {
     return st;
 }
 
-/* the per-row gradients of the normalisation: gnum (a Dvp slot) = g / den; returns gden = -gnum · out */
-static float grad_rows(const lin_job *p, int64_t row, float *restrict gnum) {
-    const float *g = p->g + row * p->Dv, *o = p->out + row * p->Dv;
-    float den = p->den[row];
-    vf acc = {0};
-    for (int64_t i = 0; i < p->Dvp; i += VL) {
-        vf gn = load_part(g + i, p->Dv - i) / den;
-        *(vf *)(gnum + i) = gn;
-        acc += gn * load_part(o + i, p->Dv - i);
-    }
-    return -lane_sum(acc);
-}
 
 /* dq = φ'(q) ⊙ (Sᵀ-product + gden z) for a block of query rows; their rank update of the chunk's ∂L/∂S */
 static void query_grad_block(const lin_job *p, const float *St, const float *z, float *G, float *gz,
@@ -391,12 +409,7 @@ static void query_grad_block(const lin_job *p, const float *St, const float *z, 
     float *fq[BLOCK], *dphi[BLOCK], *gnum[BLOCK], *dfq[BLOCK], gden[BLOCK] = {0};
     for (int r = 0; r < BLOCK; r++)
         fq[r] = slot(s, r), dphi[r] = slot(s, BLOCK + r), gnum[r] = slot(s, 2 * BLOCK + r), dfq[r] = slot(s, 3 * BLOCK + r);
-    zero_rest(s, fq, count, 4 * BLOCK);
-    zero_rest(s, gnum, count, 4 * BLOCK);
-    for (int r = 0; r < count; r++) {
-        features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], dphi[r]);
-        gden[r] = grad_rows(p, row0 + r, gnum[r]);
-    }
+    query_block_rows(p, row0, count, fq, dphi, gnum, gden);
     times_rows(gnum, St, p->Dvp, p->Fp, dfq);
     for (int r = 0; r < count; r++) {
         axpy(dfq[r], gden[r], z, p->Fp);
@@ -425,21 +438,27 @@ static int query_grads(void *arg, int64_t t0, int64_t t1) {
     return 0;
 }
 
-/* per head: Sᵀ and z from PyTorch's [S | z] layout (before), or the partial gradients summed in order and
- * transposed (after: the later chunks' partials live at the start of their own slots) */
+/* dst[c, r] = src[r, c] for r < rows, c < cols (row strides of src and dst given) */
+static void transpose(const float *restrict src, int64_t src_stride, int64_t rows, int64_t cols, float *restrict dst,
+                      int64_t dst_stride) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[c * dst_stride + r] = src[r * src_stride + c];
+}
+
+/* per head, before the query pass: Sᵀ and z from PyTorch's [S | z] layout */
 static int states_in(void *arg, int64_t h0, int64_t h1) {
     const lin_job *p = arg;
     for (int64_t h = h0; h < h1; h++) {
         grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
-        for (int64_t f = 0; f < p->F; f++) {
-            const float *row = p->kvz + (h * p->F + f) * (p->Dv + 1);
-            for (int64_t d = 0; d < p->Dv; d++) st.St[d * p->Fp + f] = row[d];
-            st.z[f] = row[p->Dv];
-        }
+        const float *kvz = p->kvz + h * p->F * (p->Dv + 1);
+        transpose(kvz, p->Dv + 1, p->F, p->Dv, st.St, p->Fp);
+        transpose(kvz + p->Dv, p->Dv + 1, p->F, 1, st.z, p->Fp); /* the last column */
     }
     return 0;
 }
 
+/* per head, after it: the chunks' partial gradients summed in order into the first (the later chunks'
+ * partials live at the start of their own slots), and transposed */
 static int grads_summed(void *arg, int64_t h0, int64_t h1) {
     const lin_job *p = arg;
     for (int64_t h = h0; h < h1; h++) {
@@ -449,8 +468,7 @@ static int grads_summed(void *arg, int64_t h0, int64_t h1) {
             axpy(st.G, 1.0f, part, p->Fp * p->Dvp);
             axpy(st.gz, 1.0f, part + p->Fp * p->Dvp, p->Fp);
         }
-        for (int64_t f = 0; f < p->Fp; f++)
-            for (int64_t d = 0; d < p->Dvp; d++) st.Gt[d * p->Fp + f] = st.G[f * p->Dvp + d];
+        transpose(st.G, p->Dvp, p->Fp, p->Dvp, st.Gt, p->Fp);
     }
     return 0;
 }
@@ -462,14 +480,7 @@ static void key_grad_block(const lin_job *p, const scratch *s, int64_t h, int64_
     for (int r = 0; r < BLOCK; r++)
         fk[r] = slot(s, r), dphi[r] = slot(s, BLOCK + r), vb[r] = slot(s, 2 * BLOCK + r), dfk[r] = slot(s, 3 * BLOCK + r),
         dvb[r] = slot(s, 4 * BLOCK + r);
-    zero_rest(s, fk, count, 5 * BLOCK);
-    zero_rest(s, vb, count, 5 * BLOCK);
-    for (int r = 0; r < count; r++) {
-        int64_t row = h * p->S + j + r;
-        keep[r] = p->keep ? p->keep[row] : 1.0f;
-        features(p->k + row * p->F, p->F, p->Fp, p->map, keep[r], fk[r], dphi[r]);
-        load_row(vb[r], p->v + row * p->Dv, p->Dv, p->Dvp);
-    }
+    key_block(p, h, j, count, fk, dphi, vb, keep);
     times_rows(vb, st.Gt, p->Dvp, p->Fp, dfk);
     times_rows(fk, st.G, p->Fp, p->Dvp, dvb);
     for (int r = 0; r < count; r++) {
@@ -517,22 +528,6 @@ int sa_linear_bwd_f32(const float *q, const float *k, const float *v, const floa
  * Here R = S = L; query head h·group + g reads key head h.
  */
 
-/* a block's keys: keep·φ(k) (and φ'(k) when dphi is given) and v rows, zero rows beyond count */
-static void key_block(const lin_job *p, int64_t h, int64_t i0, int count, float **fk, float **dphi, float **vb,
-                      float *keep) {
-    for (int r = 0; r < BLOCK; r++) {
-        if (r >= count) {
-            zero_row(fk[r], p->Fp);
-            zero_row(vb[r], p->Dvp);
-            continue;
-        }
-        int64_t row = h * p->S + i0 + r;
-        keep[r] = p->keep ? p->keep[row] : 1.0f;
-        features(p->k + row * p->F, p->F, p->Fp, p->map, keep[r], fk[r], dphi ? dphi[r] : NULL);
-        load_row(vb[r], p->v + row * p->Dv, p->Dv, p->Dvp);
-    }
-}
-
 /* the first row of query head h·group + g's block */
 static inline int64_t query_row(const lin_job *p, int64_t h, int64_t g, int64_t i0) {
     return (h * p->group + g) * p->R + i0;
@@ -553,9 +548,7 @@ static int causal_forward(void *arg, int64_t h0, int64_t h1) {
             key_block(p, h, i0, count, fk, NULL, vb, keep);
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
-                for (int r = 0; r < BLOCK; r++)
-                    if (r < count) features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], NULL);
-                    else zero_row(fq[r], p->Fp);
+                query_block_rows(p, row0, count, fq, NULL, NULL, NULL);
                 times_rows(fq, M, p->Fp, p->Dvp, num);
                 for (int r = 0; r < count; r++) {
                     float den = dot(fq[r], z, p->Fp);
@@ -605,13 +598,7 @@ static int causal_dq(void *arg, int64_t h0, int64_t h1) {
             key_block(p, h, i0, count, fk, NULL, vb, keep);
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
-                for (int r = 0; r < BLOCK; r++)
-                    if (r < count) {
-                        features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], dphi[r]);
-                        gden[r] = grad_rows(p, row0 + r, gnum[r]);
-                    } else {
-                        zero_row(gnum[r], p->Dvp);
-                    }
+                query_block_rows(p, row0, count, fq, dphi, gnum, gden);
                 times_rows(gnum, St, p->Dvp, p->Fp, dfq);
                 for (int r = 0; r < count; r++) {
                     axpy(dfq[r], gden[r], z, p->Fp);
@@ -634,7 +621,7 @@ static int causal_dkv(void *arg, int64_t h0, int64_t h1) {
     scratch s;
     int64_t FD = p->Fp * p->Dvp;
     float *P = aligned_floats(2 * FD + p->Fp);
-    if (!P || scratch_open(&s, p, 8 * BLOCK)) return free(P), -1;
+    if (!P || scratch_open(&s, p, 7 * BLOCK)) return free(P), -1;
     float *Pt = P + FD, *pz = P + 2 * FD, keep[BLOCK], gden[BLOCK];
     float *fk[BLOCK], *dphi[BLOCK], *vb[BLOCK], *dfk[BLOCK], *dvb[BLOCK], *fq[BLOCK], *gnum[BLOCK];
     for (int r = 0; r < BLOCK; r++)
@@ -650,15 +637,7 @@ static int causal_dkv(void *arg, int64_t h0, int64_t h1) {
             for (int j = 0; j < count; j++) axpy(dfk[j], 1.0f, pz, p->Fp);
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
-                for (int r = 0; r < BLOCK; r++)
-                    if (r < count) {
-                        features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], NULL);
-                        gden[r] = grad_rows(p, row0 + r, gnum[r]);
-                    } else {
-                        zero_row(fq[r], p->Fp);
-                        zero_row(gnum[r], p->Dvp);
-                        gden[r] = 0.0f;
-                    }
+                query_block_rows(p, row0, count, fq, NULL, gnum, gden);
                 for (int j = 0; j < count; j++)
                     for (int r = j; r < count; r++) {
                         axpy(dfk[j], dot(gnum[r], vb[j], p->Dvp) + gden[r], fq[r], p->Fp);
