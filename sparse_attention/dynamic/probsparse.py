@@ -138,7 +138,7 @@ class ProbSparse(DynamicPattern):
         w = torch.ones(B, 1, S, 1, dtype=v.dtype, device=v.device)
         if key_padding_mask is not None:
             w = (~key_padding_mask).to(v.dtype).view(B, 1, S, 1)
-        vw = v * w
+        vw = v if key_padding_mask is None else v * w  # (no copy of v, and none of its gradient, unmasked)
         if not self.causal:
             mean = vw.sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1)
             out = mean.expand(B, Hkv, n_q, Dv)
