@@ -12,14 +12,15 @@ Papers:
   * The chunked causal form (quadratic inside a chunk, a running KᵀV state between chunks) follows
     Hua et al., "Transformer Quality in Linear Time", arXiv:2202.10447, and flash-linear-attention.
 
-Native cores. For elu+1, relu and callables (features computed first, under autograd) in float32 on
-CPU, both modes run as C kernels (sparse_attention/native/linear.c) when they are built with vectors of
-32 bytes or more: each step is one pass over the rows with the features computed in cache and never
-stored, and the causal mode is the exact recurrence over blocks of 4 rows (no chunk_size: it applies to
-the PyTorch cores only). Memory beyond q, k, v and the output: the denominators and F × (Dv + 1) states.
-At N=4096, B=1, H=8, D=64 that took the elu forward from 9.1 to 4.3 ms and fwd+bwd from 25.5 to 12.8
-ms; causal 16.6 to 4.8 ms and 41.9 to 21.4 ms (benchmarks/RESULTS.md, table a). Elsewhere (FAVOR+,
-float64, no compiler, GPUs) the PyTorch cores below run.
+Native cores. For elu+1, relu, FAVOR+ and callables (features computed first, under autograd) in
+float32 on CPU, both modes run as C kernels (sparse_attention/native/linear.c) when they are built with
+vectors of 32 bytes or more: each step is one pass over the rows with the features computed in cache
+(FAVOR+'s by a product with the projection per block of rows) and never stored, and the causal mode is
+the exact recurrence over blocks of 4 rows (no chunk_size: it applies to the PyTorch cores only).
+Memory beyond q, k, v and the output: the denominators and F × (Dv + 1) states. At N=4096, B=1, H=8,
+D=64 that took the elu forward from 9.1 to 4.3 ms and fwd+bwd from 25.5 to 12.8 ms; causal 16.6 to 4.8
+ms and 41.9 to 21.4 ms (benchmarks/RESULTS.md, table a); FAVOR+ (F=266) fwd+bwd at N=16384 from
+632-671 to 346-351 ms. Elsewhere (float64, no compiler, GPUs) the PyTorch cores below run.
 
 Execution, memory and gradients. Both modes run in blocks of rows (see "the cores" below): features
 are computed block by block; the backward, written by hand, reuses them while they fit a budget (always
@@ -611,16 +612,17 @@ class _Causal(torch.autograd.Function):
 
 
 class _Native(torch.autograd.Function):
-    """Both cores as native kernels (sparse_attention/native/linear.c) for elu+1, relu and features
-    computed beforehand, float32 on CPU: each step one pass over the rows, the features never stored.
-    q (H·G, R, F), k (H, S, F), v (H, S, Dv), keep (H, S) or None; ``group`` None (non-causal, query
-    heads folded into R) or the query heads per key head (causal, R == S). Saved for the backward: the
-    inputs, out, den (·, R) and, non-causal, the F × (Dv + 1) states."""
+    """Both cores as native kernels (sparse_attention/native/linear.c) for elu+1, relu, FAVOR+ and features
+    computed beforehand, float32 on CPU: each step one pass over the rows, the features computed in cache
+    and never stored. q (H·G, R, D), k (H, S, D), v (H, S, Dv), keep (H, S) or None; ``group`` None
+    (non-causal, query heads folded into R) or the query heads per key head (causal, R == S); ``favor``
+    FAVOR+'s scaled projection and shift, or None. Saved for the backward: the inputs, out, den (·, R)
+    and, non-causal, the F × (Dv + 1) states."""
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, kind, eps, group):
-        out, den, kvz = native.linear_forward(q, k, v, keep, kind, eps, group)
-        ctx.kind, ctx.group = kind, group
+    def forward(ctx, q, k, v, keep, kind, eps, group, favor):
+        out, den, kvz = native.linear_forward(q, k, v, keep, kind, eps, group, favor)
+        ctx.kind, ctx.group, ctx.favor = kind, group, favor
         ctx.save_for_backward(q, k, v, keep, kvz, out, den)
         return out
 
@@ -628,16 +630,19 @@ class _Native(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         q, k, v, keep, kvz, out, den = ctx.saved_tensors
-        grads = native.linear_backward(q, k, v, keep, ctx.kind, ctx.group, kvz, g, out, den)
+        grads = native.linear_backward(q, k, v, keep, ctx.kind, ctx.group, kvz, g, out, den, ctx.favor)
         if grads is None:  # the forward ran on these kernels: they stay available
             raise RuntimeError(f"native linear attention backward unavailable: {native.status()}")
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
+
+
+_NATIVE_MAPS = {EluFeatureMap: "elu", ReluFeatureMap: "relu", FavorPlus: "favor+", _Identity: "identity"}
 
 
 def _native_kind(fm: FeatureMap, x: torch.Tensor) -> int | None:
-    """The native kernels' code for the cores' map ``fm`` (exactly elu+1, relu, or the identity after
-    features computed beforehand) when they take x; else None (the PyTorch cores run)."""
-    kind = {EluFeatureMap: "elu", ReluFeatureMap: "relu", _Identity: "identity"}.get(type(fm))
+    """The native kernels' code for the cores' map ``fm`` (exactly elu+1, relu, FAVOR+, or the identity
+    after features computed beforehand) when they take x; else None (the PyTorch cores run)."""
+    kind = _NATIVE_MAPS.get(type(fm))
     return None if kind is None else native.linear_map(kind, x)
 
 
@@ -696,10 +701,14 @@ def linear_attention(
         # key head kvh's query heads kvh*G .. kvh*G+G-1 are consecutive: (B·Hkv·G, N, F) and (B·Hkv, S, ·) views
         if keep is not None:
             keep = keep.expand(B, Hkv, S, 1).reshape(B * Hkv, S)
-        Fd = q32.shape[-1]
+        Dq = q32.shape[-1]
         rows = (B * Hq, N) if causal else (B * Hkv, (Hq // Hkv) * N)
-        out = _Native.apply(q32.reshape(*rows, Fd), k32.reshape(B * Hkv, S, Fd), v32.reshape(B * Hkv, S, Dv), keep,
-                            kind, eps, Hq // Hkv if causal else None)
+        favor = None
+        if isinstance(fm_core, FavorPlus):  # W' = W / D^(1/4) and the shift c, see FavorPlus.query and .key
+            fm_core._check_dim(q32)
+            favor = (fm_core._scaled(q32), fm_core._shift(q32.dtype, q32.device))
+        out = _Native.apply(q32.reshape(*rows, Dq), k32.reshape(B * Hkv, S, Dq), v32.reshape(B * Hkv, S, Dv), keep,
+                            kind, eps, Hq // Hkv if causal else None, favor)
         out = out.view(B, Hq, N, Dv)
     elif causal:
         G = Hq // Hkv

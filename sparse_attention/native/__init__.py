@@ -10,8 +10,8 @@
 - ``routing.c``: routing's pair counts (the clusters two tokens share) by popcounts of bit sets,
   instead of one-hot rows and their matrix product;
 - ``linear.c``: linear attention's cores (non-causal and causal, forward and backward) for the
-  elementwise feature maps (elu+1, relu, or features computed beforehand): one pass over the rows per
-  step instead of a dozen PyTorch passes.
+  elementwise feature maps (elu+1, relu, or features computed beforehand) and FAVOR+: one pass over the
+  rows per step instead of a dozen PyTorch passes.
 
 The sources are compiled once per machine with the C compiler found (``$CC``, else ``cc``/``gcc``/
 ``clang``), ``-O3 -march=native -fopenmp`` (then without either flag where that fails), into
@@ -88,10 +88,10 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_scatter_groups_f32": "p p i i i i p i p t",
     "sa_member_bits": "p i i i i p t",
     "sa_pair_counts": "p p i i i i p p i i p t",
-    "sa_linear_fwd_f32": "p p p p i i i i i i d p p p t",
-    "sa_linear_bwd_f32": "p p p p p p p p i i i i i i p p p t",
-    "sa_linear_causal_fwd_f32": "p p p p i i i i i i d p p t",
-    "sa_linear_causal_bwd_f32": "p p p p p p p i i i i i i p p p t",
+    "sa_linear_fwd_f32": "p p p p p p i i i i i i i d p p p t",
+    "sa_linear_bwd_f32": "p p p p p p p p p p i i i i i i i p p p t",
+    "sa_linear_causal_fwd_f32": "p p p p p p i i i i i i i d p p t",
+    "sa_linear_causal_bwd_f32": "p p p p p p p p p i i i i i i i p p p t",
     "sa_linear_vector_bytes": "",
     "sa_openmp": "",
 }
@@ -348,8 +348,9 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int) -> torch.Ten
     return out
 
 
-#: linear attention's feature maps the kernels apply themselves (identity: features computed beforehand)
-_LINEAR_MAPS = {"identity": 0, "elu": 1, "relu": 2}
+#: linear attention's feature maps the kernels apply themselves (identity: features computed beforehand;
+#: favor+: Performer's positive random features, given the scaled projection and shift)
+_LINEAR_MAPS = {"identity": 0, "elu": 1, "relu": 2, "favor+": 3}
 
 
 def linear_map(name: str, x: torch.Tensor) -> int | None:
@@ -367,30 +368,45 @@ def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
+def _linear_args(favor: tuple | None):
+    """(proj, shift) pointers and the feature count for the kernels: FAVOR+'s projection W' (F, D) and shift c
+    (F), float32 contiguous, or None and D."""
+    if favor is None:
+        return None, None, None
+    proj, shift = (t.detach().to(torch.float32).contiguous() for t in favor)
+    return proj, shift, proj.shape[0]
+
+
 def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, kind: int,
-                   eps: float, group: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """Linear attention's forward for float32 CPU tensors q (H·G, R, F), k (H, S, F), v (H, S, Dv) and keep
-    (H, S) (1 real key, 0 padding) or None; ``kind`` from :func:`linear_map`. Non-causal when group is
-    None (grouped query heads folded into R); else causal (R == S) with ``group`` query heads per key head.
-    Returns out (H·G, R, Dv), den (H·G, R) and, non-causal, the states [Σ φ(k) vᵀ | Σ φ(k)] (H, F, Dv + 1);
-    None when the kernels do not take these tensors."""
+                   eps: float, group: int | None, favor: tuple[torch.Tensor, torch.Tensor] | None = None) -> \
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """Linear attention's forward for float32 CPU tensors q (H·G, R, D), k (H, S, D), v (H, S, Dv) and keep
+    (H, S) (1 real key, 0 padding) or None; ``kind`` from :func:`linear_map`; ``favor``: FAVOR+'s scaled
+    projection W' (F, D) and shift c (F) (kind "favor+"). Non-causal when group is None (grouped query
+    heads folded into R); else causal (R == S) with ``group`` query heads per key head. Returns out
+    (H·G, R, Dv), den (H·G, R) and, non-causal, the states [Σ φ(k) vᵀ | Σ φ(k)] (H, F, Dv + 1); None when
+    the kernels do not take these tensors."""
     found = _args((), (q, k, v) + (() if keep is None else (keep,)))
     if found is None:
         return None
     lib, (q, k, v, *keep_c) = found
     keep = keep_c[0] if keep_c else None
-    H, S, F = k.shape
+    proj, shift, F = _linear_args(favor)
+    H, S, D = k.shape
+    F = D if F is None else F
     R, Dv = q.shape[1], v.shape[2]
     out = q.new_empty(q.shape[0], R, Dv)
     den = q.new_empty(q.shape[0], R)
     if group is None:
         kvz = q.new_empty(H, F, Dv + 1)
-        status = lib.sa_linear_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), H, R, S, F, Dv, kind,
-                                       eps, out.data_ptr(), den.data_ptr(), kvz.data_ptr(), _threads(H * 8))
+        status = lib.sa_linear_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), _ptr(proj), _ptr(shift),
+                                       H, R, S, D, F, Dv, kind, eps, out.data_ptr(), den.data_ptr(), kvz.data_ptr(),
+                                       _threads(H * 8))
     else:
         kvz = None
-        status = lib.sa_linear_causal_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), H, group, S, F,
-                                              Dv, kind, eps, out.data_ptr(), den.data_ptr(), _threads(H))
+        status = lib.sa_linear_causal_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), _ptr(proj),
+                                              _ptr(shift), H, group, S, D, F, Dv, kind, eps, out.data_ptr(),
+                                              den.data_ptr(), _threads(H))
     if status:
         raise MemoryError("native linear attention: no memory for its states")
     return out, den, kvz
@@ -398,7 +414,8 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torc
 
 def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, kind: int,
                     group: int | None, kvz: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor,
-                    den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                    den: torch.Tensor, favor: tuple[torch.Tensor, torch.Tensor] | None = None) -> \
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The gradients (dq, dk, dv) of :func:`linear_forward` given g = ∂L/∂out and the forward's out, den
     and kvz; None when the kernels do not take these tensors."""
     extra = () if kvz is None else (kvz,)
@@ -408,17 +425,19 @@ def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
     lib, (q, k, v, g, out, den, *rest) = found
     kvz = rest.pop(0) if extra else None
     keep = rest[0] if rest else None
-    H, S, F = k.shape
+    proj, shift, F = _linear_args(favor)
+    H, S, D = k.shape
+    F = D if F is None else F
     R, Dv = q.shape[1], v.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if group is None:
-        status = lib.sa_linear_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), kvz.data_ptr(),
-                                       g.data_ptr(), out.data_ptr(), den.data_ptr(), H, R, S, F, Dv, kind,
-                                       dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(H * 8))
+        status = lib.sa_linear_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), _ptr(proj), _ptr(shift),
+                                       kvz.data_ptr(), g.data_ptr(), out.data_ptr(), den.data_ptr(), H, R, S, D, F,
+                                       Dv, kind, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(H * 8))
     else:
-        status = lib.sa_linear_causal_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), g.data_ptr(),
-                                              out.data_ptr(), den.data_ptr(), H, group, S, F, Dv, kind,
-                                              dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(H))
+        status = lib.sa_linear_causal_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), _ptr(proj),
+                                              _ptr(shift), g.data_ptr(), out.data_ptr(), den.data_ptr(), H, group, S,
+                                              D, F, Dv, kind, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(H))
     if status:
         raise MemoryError("native linear attention: no memory for its states")
     return dq, dk, dv

@@ -1,5 +1,6 @@
 /* Linear attention's cores (sparse_attention/approx/linear.py) for the elementwise feature maps (elu+1,
- * relu, or features computed beforehand), forward and backward, non-causal and causal.
+ * relu, or features computed beforehand) and Performer's FAVOR+ random features, forward and backward,
+ * non-causal and causal.
  *
  *   out_i = φ(q_i) S / (φ(q_i) · z + eps),   S = Σ_j φ(k_j) v_jᵀ (F × Dv),   z = Σ_j φ(k_j)
  *
@@ -20,13 +21,14 @@
  *
  * Non-causal states are summed in a fixed number of row chunks per head (at most MAX_CHUNKS, from the
  * length alone), chunk by chunk in order: the result does not depend on the number of threads. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "rows.h"
 
-enum { MAP_IDENTITY = 0, MAP_ELU = 1, MAP_RELU = 2 };
+enum { MAP_IDENTITY = 0, MAP_ELU = 1, MAP_RELU = 2, MAP_FAVOR = 3 };
 enum { BLOCK = 4, LANES = 16, MAX_CHUNKS = 8, CHUNK_ROWS = 256 };
 
 /* the widest vector of the target (a wider vector type would be expanded element by element) */
@@ -59,9 +61,9 @@ static inline vf splat(float x) { return (vf){0} + x; }
 /* where mask (lanes of -1 or 0, from a comparison): a, else b (vector ?: is C++ only) */
 static inline vf pick(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
-/* e^x lane by lane for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r,
- * times 2^n); x below -87 gives e^-87 (~1.6e-38, not 0), NaN gives NaN */
-static inline vf exp_nonpositive(vf x) {
+/* e^x lane by lane (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n)
+ * for x <= 88; x below -87 gives e^-87 (~1.6e-38, not 0), NaN gives NaN */
+static inline vf exp_lanes(vf x) {
     x = pick(x < -87.0f, splat(-87.0f), x);
     vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
     vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -117,7 +119,7 @@ static void features(const float *restrict x, int64_t F, int64_t Fp, int map, fl
         vf a = load_part(x + i, F - i), phi = a, dphi = splat(1.0f);
         if (map == MAP_ELU) {
             vi le = a <= 0.0f;
-            phi = pick(le, exp_nonpositive((vf)((vi)a & le)), a + 1.0f); /* e^min(a, 0) where a <= 0 */
+            phi = pick(le, exp_lanes((vf)((vi)a & le)), a + 1.0f); /* e^min(a, 0) where a <= 0 */
             dphi = pick(phi < 1.0f, phi, splat(1.0f));
         } else if (map == MAP_RELU) {
             phi = (vf)((vi)a & ~(a <= 0.0f));
@@ -185,13 +187,21 @@ static void rank_rows(float *restrict M, float *const *a, float *const *b, int64
     }
 }
 
+/* dst[c, r] = src[r, c] for r < rows, c < cols (row strides of src and dst given) */
+static void transpose(const float *restrict src, int64_t src_stride, int64_t rows, int64_t cols, float *restrict dst,
+                      int64_t dst_stride) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[c * dst_stride + r] = src[r * src_stride + c];
+}
+
 /* ---------------------------------------------------------------------------------------- the job */
 
 typedef struct {
-    const float *q, *k, *v, *keep; /* q (heads·group, R, F), k (heads, S, F), v (heads, S, Dv), keep (heads, S) */
+    const float *q, *k, *v, *keep; /* q (heads·group, R, D), k (heads, S, D), v (heads, S, Dv), keep (heads, S) */
+    float *Wt, *W, *shift;         /* FAVOR+: W'ᵀ (Dp, Fp), W' (Fp, Dp) and c (Fp), zero-padded copies */
     const float *g, *out, *den;    /* the backward's inputs: ∂L/∂out, out (·, R, Dv), den (·, R) */
     const float *kvz;              /* non-causal backward: the forward's [S | z] (heads, F, Dv + 1) */
-    int64_t heads, group, R, S, F, Dv, Fp, Dvp, chunks;
+    int64_t heads, group, R, S, D, F, Dv, Dp, Fp, Dvp, chunks; /* D: input width, F: features (D but FAVOR+) */
     int map;
     float eps;
     float *state;                  /* non-causal: (heads, chunks, state_size) partial states */
@@ -204,19 +214,24 @@ static inline int64_t state_size(const lin_job *p) { return p->Fp * p->Dvp + p->
 
 static inline int64_t chunk_rows(const lin_job *p, int64_t rows) { return (rows + p->chunks - 1) / p->chunks; }
 
-/* per-thread scratch: `slots` aligned rows of max(Fp, Dvp) floats */
+/* per-thread scratch: `slots` aligned rows of max(Dp, Fp, Dvp) floats for the caller, then 2·BLOCK for the
+ * FAVOR+ features and their gradients (aux) */
 typedef struct {
     float *base;
-    int64_t width;
+    int64_t width, slots;
 } scratch;
 
 static int scratch_open(scratch *s, const lin_job *p, int64_t slots) {
     s->width = p->Fp > p->Dvp ? p->Fp : p->Dvp;
-    s->base = aligned_floats(slots * s->width);
+    s->width = s->width > p->Dp ? s->width : p->Dp;
+    s->slots = slots;
+    s->base = aligned_floats((slots + 2 * BLOCK) * s->width);
     return s->base ? 0 : -1;
 }
 
 static inline float *slot(const scratch *s, int64_t i) { return s->base + i * s->width; }
+
+static inline float *aux(const scratch *s, int64_t i) { return slot(s, s->slots + i); }
 
 /* den = Σ + eps, replaced by 1 where <= 0 (every feature product 0: num is 0 too, the output 0) */
 static inline float guard(float sum, float eps) {
@@ -226,21 +241,92 @@ static inline float guard(float sum, float eps) {
 
 /* ------------------------------------------------------------------------ non-causal, forward */
 
-/* a block's keys (rows i0.. of key head h): keep·φ(k) (and φ'(k) when dphi is given) and the v rows;
- * rows from `count` on are zero (their products are computed and dropped) */
-static void key_block(const lin_job *p, int64_t h, int64_t i0, int count, float **fk, float **dphi, float **vb,
-                      float *keep) {
+/* φ of a block's rows x_r = src + (row0 + r)·D, r < count (zero rows from count on), times keep[r] when keep
+ * is given (keys), with φ'(x) in dphi when given (elementwise maps). FAVOR+ (W' = W / D^(1/4), see
+ * approx.FavorPlus): queries exp(W'x + c - max_f(W'x + c)), keys exp(W'x - c - |x|²/(2√D)) (at most e^40) */
+static void block_features(const lin_job *p, const scratch *s, const float *src, int64_t row0, int count,
+                           const float *keep, float **phi, float **dphi) {
+    if (p->map != MAP_FAVOR) {
+        for (int r = 0; r < BLOCK; r++)
+            if (r < count)
+                features(src + (row0 + r) * p->D, p->F, p->Fp, p->map, keep ? keep[r] : 1.0f, phi[r],
+                         dphi ? dphi[r] : NULL);
+            else
+                zero_row(phi[r], p->Fp);
+        return;
+    }
+    float *x[BLOCK];
     for (int r = 0; r < BLOCK; r++) {
+        x[r] = aux(s, r);
+        if (r < count) load_row(x[r], src + (row0 + r) * p->D, p->D, p->Dp);
+        else zero_row(x[r], p->Dp);
+    }
+    times_rows(x, p->Wt, p->Dp, p->Fp, phi); /* W'x */
+    for (int r = 0; r < BLOCK; r++) {
+        float *y = phi[r];
         if (r >= count) {
-            zero_row(fk[r], p->Fp);
-            zero_row(vb[r], p->Dvp);
+            zero_row(y, p->Fp);
             continue;
         }
-        int64_t row = h * p->S + i0 + r;
-        keep[r] = p->keep ? p->keep[row] : 1.0f;
-        features(p->k + row * p->F, p->F, p->Fp, p->map, keep[r], fk[r], dphi ? dphi[r] : NULL);
-        load_row(vb[r], p->v + row * p->Dv, p->Dv, p->Dvp);
+        if (keep) { /* keys */
+            vf half_sq = splat(dot(x[r], x[r], p->Dp) * 0.5f / sqrtf((float)p->D));
+            for (int64_t i = 0; i < p->Fp; i += VL)
+                *(vf *)(y + i) = exp_lanes(*(vf *)(y + i) - *(const vf *)(p->shift + i) - half_sq) * keep[r];
+        } else { /* queries: the row maximum is a constant of the row (it cancels in the ratio) */
+            float top = -INFINITY;
+            for (int64_t f = 0; f < p->F; f++) {
+                y[f] += p->shift[f];
+                top = y[f] > top ? y[f] : top;
+            }
+            for (int64_t i = 0; i < p->Fp; i += VL) *(vf *)(y + i) = exp_lanes(*(vf *)(y + i) - top);
+        }
+        for (int64_t f = p->F; f < p->Fp; f++) y[f] = 0.0f;
     }
+}
+
+/* ∂L/∂x of a block's rows (as block_features read them) into dst + (row0 + r)·D, r < count, from g[r] = ∂L/∂φ
+ * (overwritten) and φ, φ' from block_features: elementwise maps keep · g ⊙ φ'; FAVOR+ (g ⊙ φ) W', minus
+ * (Σ_f g ⊙ φ) x/√D for keys (the query's row maximum is held constant, as in approx.FavorPlus) */
+static void block_feature_grads(const lin_job *p, const scratch *s, const float *src, int64_t row0, int count,
+                                const float *keep, float **phi, float **dphi, float **g, float *dst) {
+    if (p->map != MAP_FAVOR) {
+        for (int r = 0; r < count; r++) {
+            float *o = dst + (row0 + r) * p->D, w = keep ? keep[r] : 1.0f;
+            for (int64_t f = 0; f < p->F; f++) o[f] = w * g[r][f] * dphi[r][f];
+        }
+        return;
+    }
+    float *dx[BLOCK];
+    for (int r = 0; r < BLOCK; r++) {
+        dx[r] = aux(s, BLOCK + r);
+        for (int64_t i = 0; i < p->Fp; i += VL) *(vf *)(g[r] + i) *= *(const vf *)(phi[r] + i);
+    }
+    times_rows(g, p->W, p->Fp, p->Dp, dx);
+    for (int r = 0; r < count; r++) {
+        const float *x = src + (row0 + r) * p->D;
+        float *o = dst + (row0 + r) * p->D;
+        if (keep) {
+            vf acc = {0};
+            for (int64_t i = 0; i < p->Fp; i += VL) acc += *(const vf *)(g[r] + i);
+            float c = lane_sum(acc) / sqrtf((float)p->D);
+            for (int64_t d = 0; d < p->D; d++) o[d] = dx[r][d] - c * x[d];
+        } else {
+            for (int64_t d = 0; d < p->D; d++) o[d] = dx[r][d];
+        }
+    }
+}
+
+/* a block's keys (rows i0.. of key head h): keep·φ(k) (and φ'(k) when dphi is given) and the v rows;
+ * rows from `count` on are zero (their products are computed and dropped) */
+static void key_block(const lin_job *p, const scratch *s, int64_t h, int64_t i0, int count, float **fk, float **dphi,
+                      float **vb, float *keep) {
+    int64_t row0 = h * p->S + i0;
+    for (int r = 0; r < BLOCK; r++) {
+        keep[r] = r >= count ? 0.0f : p->keep ? p->keep[row0 + r] : 1.0f;
+        if (r < count) load_row(vb[r], p->v + (row0 + r) * p->Dv, p->Dv, p->Dvp);
+        else zero_row(vb[r], p->Dvp);
+    }
+    block_features(p, s, p->k, row0, count, keep, fk, dphi);
 }
 
 /* the per-row gradients of the normalisation: gnum (a Dvp slot) = g / den; returns gden = -gnum · out */
@@ -258,17 +344,12 @@ static float grad_rows(const lin_job *p, int64_t row, float *restrict gnum) {
 
 /* a block's query rows (row0.. of the (·, R) rows): φ(q) (and φ'(q) when dphi is given) and, when gnum is
  * given, the normalisation's gradients gnum and gden (see grad_rows); rows from `count` on are zero */
-static void query_block_rows(const lin_job *p, int64_t row0, int count, float **fq, float **dphi, float **gnum,
-                             float *gden) {
-    for (int r = 0; r < BLOCK; r++) {
-        if (r < count) {
-            features(p->q + (row0 + r) * p->F, p->F, p->Fp, p->map, 1.0f, fq[r], dphi ? dphi[r] : NULL);
-            if (gnum) gden[r] = grad_rows(p, row0 + r, gnum[r]);
-        } else {
-            zero_row(fq[r], p->Fp);
-            if (gnum) zero_row(gnum[r], p->Dvp), gden[r] = 0.0f;
-        }
-    }
+static void query_block_rows(const lin_job *p, const scratch *s, int64_t row0, int count, float **fq, float **dphi,
+                             float **gnum, float *gden) {
+    block_features(p, s, p->q, row0, count, NULL, fq, dphi);
+    for (int r = 0; gnum && r < BLOCK; r++)
+        if (r < count) gden[r] = grad_rows(p, row0 + r, gnum[r]);
+        else zero_row(gnum[r], p->Dvp), gden[r] = 0.0f;
 }
 
 /* keys of (head, chunk) tasks into their partial states: M += φ(k_j) v_jᵀ, z += φ(k_j) */
@@ -283,7 +364,7 @@ static int key_states(void *arg, int64_t t0, int64_t t1) {
         int64_t h = t / p->chunks, j0 = (t % p->chunks) * per, j1 = j0 + per < p->S ? j0 + per : p->S;
         float *M = p->state + t * state_size(p), *z = M + p->Fp * p->Dvp;
         for (int64_t j = j0; j < j1; j += BLOCK) {
-            key_block(p, h, j, j1 - j < BLOCK ? (int)(j1 - j) : BLOCK, fk, NULL, vb, keep);
+            key_block(p, &s, h, j, j1 - j < BLOCK ? (int)(j1 - j) : BLOCK, fk, NULL, vb, keep);
             rank_rows(M, fk, vb, p->Fp, p->Dvp);
             for (int r = 0; r < BLOCK; r++) axpy(z, 1.0f, fk[r], p->Fp);
         }
@@ -323,7 +404,7 @@ static void query_block(const lin_job *p, const scratch *s, int64_t h, int64_t i
     const float *M = p->state + h * p->chunks * state_size(p), *z = M + p->Fp * p->Dvp;
     float *fq[BLOCK], *num[BLOCK];
     for (int r = 0; r < BLOCK; r++) fq[r] = slot(s, r), num[r] = slot(s, BLOCK + r);
-    query_block_rows(p, h * p->R + i, count, fq, NULL, NULL, NULL);
+    query_block_rows(p, s, h * p->R + i, count, fq, NULL, NULL, NULL);
     times_rows(fq, M, p->Fp, p->Dvp, num);
     for (int r = 0; r < count; r++) {
         int64_t row = h * p->R + i + r;
@@ -354,30 +435,51 @@ static int64_t chunk_count(int64_t rows) {
     return c < 1 ? 1 : c > MAX_CHUNKS ? MAX_CHUNKS : c;
 }
 
-static lin_job job(const float *q, const float *k, const float *v, const float *keep, int64_t heads, int64_t group,
-                   int64_t R, int64_t S, int64_t F, int64_t Dv, int64_t map, double eps) {
-    lin_job p = {.q = q, .k = k, .v = v, .keep = keep, .heads = heads, .group = group, .R = R, .S = S, .F = F,
-                 .Dv = Dv, .Fp = padded(F), .Dvp = padded(Dv), .map = (int)map, .eps = (float)eps};
-    return p;
+/* the job of one call; FAVOR+ (proj W' (F, D) and shift c (F) given) gets padded copies of W'ᵀ, W' and c:
+ * 0, or -1 when out of memory (release() frees them) */
+static int job(lin_job *p, const float *q, const float *k, const float *v, const float *keep, const float *proj,
+               const float *shift, int64_t heads, int64_t group, int64_t R, int64_t S, int64_t D, int64_t F, int64_t Dv,
+               int64_t map, double eps) {
+    lin_job j = {.q = q, .k = k, .v = v, .keep = keep, .heads = heads, .group = group, .R = R, .S = S, .D = D, .F = F,
+                 .Dv = Dv, .Dp = padded(D), .Fp = padded(F), .Dvp = padded(Dv), .map = (int)map, .eps = (float)eps};
+    *p = j;
+    if (map != MAP_FAVOR) return 0;
+    p->Wt = aligned_floats(p->Dp * p->Fp);
+    p->W = aligned_floats(p->Fp * p->Dp);
+    p->shift = aligned_floats(p->Fp);
+    if (!p->Wt || !p->W || !p->shift) return -1;
+    transpose(proj, D, F, D, p->Wt, p->Fp);
+    for (int64_t f = 0; f < F; f++) memcpy(p->W + f * p->Dp, proj + f * D, (size_t)D * sizeof(float));
+    memcpy(p->shift, shift, (size_t)F * sizeof(float));
+    return 0;
 }
 
-/* Non-causal forward. q (heads, R, F) (grouped query heads folded into R), k (heads, S, F), v (heads, S, Dv),
- * keep (heads, S) of 1 (real key) and 0 (padding), or NULL; all contiguous float32. Writes out (heads, R,
- * Dv), den (heads, R) and the states kvz (heads, F, Dv + 1). 0, or -1 when out of memory. */
-int sa_linear_fwd_f32(const float *q, const float *k, const float *v, const float *keep, int64_t heads, int64_t R,
-                      int64_t S, int64_t F, int64_t Dv, int64_t map, double eps, float *out, float *den, float *kvz,
-                      int threads) {
-    lin_job p = job(q, k, v, keep, heads, 1, R, S, F, Dv, map, eps);
+static int release(lin_job *p, int status) {
+    free(p->Wt);
+    free(p->W);
+    free(p->shift);
+    free(p->state);
+    return status;
+}
+
+/* Non-causal forward. q (heads, R, D) (grouped query heads folded into R), k (heads, S, D), v (heads, S, Dv),
+ * keep (heads, S) of 1 (real key) and 0 (padding), or NULL; all contiguous float32. map: MAP_*; F = D, but for
+ * FAVOR+: proj W' = W / D^(1/4) (F, D) and shift c (F) (NULL otherwise). Writes out (heads, R, Dv), den
+ * (heads, R) and the states kvz (heads, F, Dv + 1). 0, or -1 when out of memory. */
+int sa_linear_fwd_f32(const float *q, const float *k, const float *v, const float *keep, const float *proj,
+                      const float *shift, int64_t heads, int64_t R, int64_t S, int64_t D, int64_t F, int64_t Dv,
+                      int64_t map, double eps, float *out, float *den, float *kvz, int threads) {
+    lin_job p;
+    int status = job(&p, q, k, v, keep, proj, shift, heads, 1, R, S, D, F, Dv, map, eps);
     p.chunks = chunk_count(S);
     p.o_out = out, p.o_den = den, p.o_kvz = kvz;
     p.state = aligned_floats(heads * p.chunks * state_size(&p));
-    int status = p.state ? 0 : -1;
+    if (!status && !p.state) status = -1;
     if (!status) status = sa_parallel_rows(heads * p.chunks, threads, key_states, &p);
     if (!status) status = sa_parallel_rows(heads, threads, sum_chunks, &p);
     if (!status) status = sa_parallel_rows(heads * R, threads, queries, &p);
     if (!status) status = sa_parallel_rows(heads, threads, export_states, &p);
-    free(p.state);
-    return status;
+    return release(&p, status);
 }
 
 /* ----------------------------------------------------------------------- non-causal, backward */
@@ -409,13 +511,10 @@ static void query_grad_block(const lin_job *p, const float *St, const float *z, 
     float *fq[BLOCK], *dphi[BLOCK], *gnum[BLOCK], *dfq[BLOCK], gden[BLOCK] = {0};
     for (int r = 0; r < BLOCK; r++)
         fq[r] = slot(s, r), dphi[r] = slot(s, BLOCK + r), gnum[r] = slot(s, 2 * BLOCK + r), dfq[r] = slot(s, 3 * BLOCK + r);
-    query_block_rows(p, row0, count, fq, dphi, gnum, gden);
+    query_block_rows(p, s, row0, count, fq, dphi, gnum, gden);
     times_rows(gnum, St, p->Dvp, p->Fp, dfq);
-    for (int r = 0; r < count; r++) {
-        axpy(dfq[r], gden[r], z, p->Fp);
-        float *dq = p->dq + (row0 + r) * p->F;
-        for (int64_t f = 0; f < p->F; f++) dq[f] = dfq[r][f] * dphi[r][f];
-    }
+    for (int r = 0; r < count; r++) axpy(dfq[r], gden[r], z, p->Fp);
+    block_feature_grads(p, s, p->q, row0, count, NULL, fq, dphi, dfq, p->dq);
     rank_rows(G, fq, gnum, p->Fp, p->Dvp);
     for (int r = 0; r < count; r++) axpy(gz, gden[r], fq[r], p->Fp);
 }
@@ -438,12 +537,6 @@ static int query_grads(void *arg, int64_t t0, int64_t t1) {
     return 0;
 }
 
-/* dst[c, r] = src[r, c] for r < rows, c < cols (row strides of src and dst given) */
-static void transpose(const float *restrict src, int64_t src_stride, int64_t rows, int64_t cols, float *restrict dst,
-                      int64_t dst_stride) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++) dst[c * dst_stride + r] = src[r * src_stride + c];
-}
 
 /* per head, before the query pass: Sᵀ and z from PyTorch's [S | z] layout */
 static int states_in(void *arg, int64_t h0, int64_t h1) {
@@ -480,15 +573,14 @@ static void key_grad_block(const lin_job *p, const scratch *s, int64_t h, int64_
     for (int r = 0; r < BLOCK; r++)
         fk[r] = slot(s, r), dphi[r] = slot(s, BLOCK + r), vb[r] = slot(s, 2 * BLOCK + r), dfk[r] = slot(s, 3 * BLOCK + r),
         dvb[r] = slot(s, 4 * BLOCK + r);
-    key_block(p, h, j, count, fk, dphi, vb, keep);
+    key_block(p, s, h, j, count, fk, dphi, vb, keep);
     times_rows(vb, st.Gt, p->Dvp, p->Fp, dfk);
     times_rows(fk, st.G, p->Fp, p->Dvp, dvb);
     for (int r = 0; r < count; r++) {
-        int64_t row = h * p->S + j + r;
         axpy(dfk[r], 1.0f, st.gz, p->Fp);
-        for (int64_t f = 0; f < p->F; f++) p->dk[row * p->F + f] = keep[r] * dfk[r][f] * dphi[r][f];
-        store_row(p->dv + row * p->Dv, dvb[r], p->Dv);
+        store_row(p->dv + (h * p->S + j + r) * p->Dv, dvb[r], p->Dv);
     }
+    block_feature_grads(p, s, p->k, h * p->S + j, count, keep, fk, dphi, dfk, p->dk);
 }
 
 static int key_grads(void *arg, int64_t r0, int64_t r1) {
@@ -498,21 +590,22 @@ static int key_grads(void *arg, int64_t r0, int64_t r1) {
 }
 
 /* Non-causal backward: the forward's arguments, its kvz, out and den, and g = ∂L/∂out (heads, R, Dv); writes
- * dq (heads, R, F), dk (heads, S, F), dv (heads, S, Dv). 0, or -1 when out of memory. */
-int sa_linear_bwd_f32(const float *q, const float *k, const float *v, const float *keep, const float *kvz,
-                      const float *g, const float *out, const float *den, int64_t heads, int64_t R, int64_t S,
-                      int64_t F, int64_t Dv, int64_t map, float *dq, float *dk, float *dv, int threads) {
-    lin_job p = job(q, k, v, keep, heads, 1, R, S, F, Dv, map, 0.0);
+ * dq (heads, R, D), dk (heads, S, D), dv (heads, S, Dv). 0, or -1 when out of memory. */
+int sa_linear_bwd_f32(const float *q, const float *k, const float *v, const float *keep, const float *proj,
+                      const float *shift, const float *kvz, const float *g, const float *out, const float *den,
+                      int64_t heads, int64_t R, int64_t S, int64_t D, int64_t F, int64_t Dv, int64_t map, float *dq,
+                      float *dk, float *dv, int threads) {
+    lin_job p;
+    int status = job(&p, q, k, v, keep, proj, shift, heads, 1, R, S, D, F, Dv, map, 0.0);
     p.kvz = kvz, p.g = g, p.out = out, p.den = den, p.dq = dq, p.dk = dk, p.dv = dv;
     p.chunks = chunk_count(R);
     p.state = aligned_floats(heads * p.chunks * grad_state_size(&p));
-    int status = p.state ? 0 : -1;
+    if (!status && !p.state) status = -1;
     if (!status) status = sa_parallel_rows(heads, threads, states_in, &p);
     if (!status) status = sa_parallel_rows(heads * p.chunks, threads, query_grads, &p);
     if (!status) status = sa_parallel_rows(heads, threads, grads_summed, &p);
     if (!status) status = sa_parallel_rows(heads * S, threads, key_grads, &p);
-    free(p.state);
-    return status;
+    return release(&p, status);
 }
 
 /* --------------------------------------------------------------------------------------- causal */
@@ -545,10 +638,10 @@ static int causal_forward(void *arg, int64_t h0, int64_t h1) {
         memset(M, 0, (size_t)(p->Fp * p->Dvp + p->Fp) * sizeof(float));
         for (int64_t i0 = 0; i0 < p->R; i0 += BLOCK) {
             int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
-            key_block(p, h, i0, count, fk, NULL, vb, keep);
+            key_block(p, &s, h, i0, count, fk, NULL, vb, keep);
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
-                query_block_rows(p, row0, count, fq, NULL, NULL, NULL);
+                query_block_rows(p, &s, row0, count, fq, NULL, NULL, NULL);
                 times_rows(fq, M, p->Fp, p->Dvp, num);
                 for (int r = 0; r < count; r++) {
                     float den = dot(fq[r], z, p->Fp);
@@ -571,14 +664,16 @@ static int causal_forward(void *arg, int64_t h0, int64_t h1) {
     return 0;
 }
 
-/* Causal forward. q (heads·group, L, F), k (heads, L, F), v (heads, L, Dv), keep (heads, L) or NULL; writes
- * out (heads·group, L, Dv) and den (heads·group, L). 0, or -1 when out of memory. */
-int sa_linear_causal_fwd_f32(const float *q, const float *k, const float *v, const float *keep, int64_t heads,
-                             int64_t group, int64_t L, int64_t F, int64_t Dv, int64_t map, double eps, float *out,
-                             float *den, int threads) {
-    lin_job p = job(q, k, v, keep, heads, group, L, L, F, Dv, map, eps);
+/* Causal forward. q (heads·group, L, D), k (heads, L, D), v (heads, L, Dv), keep (heads, L) or NULL, the map as
+ * in sa_linear_fwd_f32; writes out (heads·group, L, Dv) and den (heads·group, L). 0, or -1 when out of memory. */
+int sa_linear_causal_fwd_f32(const float *q, const float *k, const float *v, const float *keep, const float *proj,
+                             const float *shift, int64_t heads, int64_t group, int64_t L, int64_t D, int64_t F,
+                             int64_t Dv, int64_t map, double eps, float *out, float *den, int threads) {
+    lin_job p;
+    int status = job(&p, q, k, v, keep, proj, shift, heads, group, L, L, D, F, Dv, map, eps);
     p.o_out = out, p.o_den = den;
-    return sa_parallel_rows(heads, threads, causal_forward, &p);
+    if (!status) status = sa_parallel_rows(heads, threads, causal_forward, &p);
+    return release(&p, status);
 }
 
 static int causal_dq(void *arg, int64_t h0, int64_t h1) {
@@ -595,17 +690,16 @@ static int causal_dq(void *arg, int64_t h0, int64_t h1) {
         memset(St, 0, (size_t)(p->Fp * p->Dvp + p->Fp) * sizeof(float));
         for (int64_t i0 = 0; i0 < p->R; i0 += BLOCK) {
             int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
-            key_block(p, h, i0, count, fk, NULL, vb, keep);
+            key_block(p, &s, h, i0, count, fk, NULL, vb, keep);
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
-                query_block_rows(p, row0, count, fq, dphi, gnum, gden);
+                query_block_rows(p, &s, row0, count, fq, dphi, gnum, gden);
                 times_rows(gnum, St, p->Dvp, p->Fp, dfq);
                 for (int r = 0; r < count; r++) {
                     axpy(dfq[r], gden[r], z, p->Fp);
                     for (int j = 0; j <= r; j++) axpy(dfq[r], dot(vb[j], gnum[r], p->Dvp) + gden[r], fk[j], p->Fp);
-                    float *dq = p->dq + (row0 + r) * p->F;
-                    for (int64_t f = 0; f < p->F; f++) dq[f] = dfq[r][f] * dphi[r][f];
                 }
+                block_feature_grads(p, &s, p->q, row0, count, NULL, fq, dphi, dfq, p->dq);
             }
             rank_rows(St, vb, fk, p->Dvp, p->Fp);
             for (int r = 0; r < count; r++) axpy(z, 1.0f, fk[r], p->Fp);
@@ -631,13 +725,13 @@ static int causal_dkv(void *arg, int64_t h0, int64_t h1) {
         memset(P, 0, (size_t)(2 * FD + p->Fp) * sizeof(float));
         for (int64_t i0 = (p->R - 1) / BLOCK * BLOCK; i0 >= 0; i0 -= BLOCK) {
             int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
-            key_block(p, h, i0, count, fk, dphi, vb, keep);
+            key_block(p, &s, h, i0, count, fk, dphi, vb, keep);
             times_rows(vb, Pt, p->Dvp, p->Fp, dfk);
             times_rows(fk, P, p->Fp, p->Dvp, dvb);
             for (int j = 0; j < count; j++) axpy(dfk[j], 1.0f, pz, p->Fp);
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
-                query_block_rows(p, row0, count, fq, NULL, gnum, gden);
+                query_block_rows(p, &s, row0, count, fq, NULL, gnum, gden);
                 for (int j = 0; j < count; j++)
                     for (int r = j; r < count; r++) {
                         axpy(dfk[j], dot(gnum[r], vb[j], p->Dvp) + gden[r], fq[r], p->Fp);
@@ -648,11 +742,8 @@ static int causal_dkv(void *arg, int64_t h0, int64_t h1) {
                 rank_rows(Pt, gnum, fq, p->Dvp, p->Fp);
                 for (int r = 0; r < count; r++) axpy(pz, gden[r], fq[r], p->Fp);
             }
-            for (int j = 0; j < count; j++) {
-                int64_t row = h * p->S + i0 + j;
-                for (int64_t f = 0; f < p->F; f++) p->dk[row * p->F + f] = keep[j] * dfk[j][f] * dphi[j][f];
-                store_row(p->dv + row * p->Dv, dvb[j], p->Dv);
-            }
+            for (int j = 0; j < count; j++) store_row(p->dv + (h * p->S + i0 + j) * p->Dv, dvb[j], p->Dv);
+            block_feature_grads(p, &s, p->k, h * p->S + i0, count, keep, fk, dphi, dfk, p->dk);
         }
     }
     free(s.base);
@@ -661,13 +752,15 @@ static int causal_dkv(void *arg, int64_t h0, int64_t h1) {
 }
 
 /* Causal backward: the forward's arguments, out and den, and g = ∂L/∂out (heads·group, L, Dv); writes dq
- * (heads·group, L, F), dk (heads, L, F), dv (heads, L, Dv). 0, or -1 when out of memory. */
-int sa_linear_causal_bwd_f32(const float *q, const float *k, const float *v, const float *keep, const float *g,
-                             const float *out, const float *den, int64_t heads, int64_t group, int64_t L, int64_t F,
-                             int64_t Dv, int64_t map, float *dq, float *dk, float *dv, int threads) {
-    lin_job p = job(q, k, v, keep, heads, group, L, L, F, Dv, map, 0.0);
+ * (heads·group, L, D), dk (heads, L, D), dv (heads, L, Dv). 0, or -1 when out of memory. */
+int sa_linear_causal_bwd_f32(const float *q, const float *k, const float *v, const float *keep, const float *proj,
+                             const float *shift, const float *g, const float *out, const float *den, int64_t heads,
+                             int64_t group, int64_t L, int64_t D, int64_t F, int64_t Dv, int64_t map, float *dq,
+                             float *dk, float *dv, int threads) {
+    lin_job p;
+    int status = job(&p, q, k, v, keep, proj, shift, heads, group, L, L, D, F, Dv, map, 0.0);
     p.g = g, p.out = out, p.den = den, p.dq = dq, p.dk = dk, p.dv = dv;
-    int status = sa_parallel_rows(heads, threads, causal_dq, &p);
+    if (!status) status = sa_parallel_rows(heads, threads, causal_dq, &p);
     if (!status) status = sa_parallel_rows(heads, threads, causal_dkv, &p);
-    return status;
+    return release(&p, status);
 }
