@@ -29,7 +29,7 @@
 #include "rows.h"
 
 enum { MAP_IDENTITY = 0, MAP_ELU = 1, MAP_RELU = 2, MAP_FAVOR = 3 };
-enum { BLOCK = 4, LANES = 16, MAX_CHUNKS = 8, CHUNK_ROWS = 256 };
+enum { BLOCK = 4, LANES = 16, MAX_CHUNKS = 8, CHUNK_ROWS = 256, FOLD = 64 };
 
 /* the widest vector of the target (a wider vector type would be expanded element by element) */
 #if defined(__AVX512F__)
@@ -156,13 +156,16 @@ static inline void axpy(float *restrict y, float w, const float *restrict x, int
     for (int64_t i = 0; i < np; i += VL) *(vf *)(y + i) += w * *(const vf *)(x + i);
 }
 
-/* y[r] = Σ_k a[r][k] M[k, :] for the BLOCK rows: a[r] of K entries, M (K, W), W a multiple of LANES. Each
- * strip of M one vector wide is read once for the whole block, the rows' sums stay in registers. */
-static void times_rows(float *const *a, const float *restrict M, int64_t K, int64_t W, float *const *y) {
+/* y[r] = Σ_k a[r][k] (M + M2)[k, :] for the BLOCK rows (M2 may be NULL): a[r] of K entries, M and M2 (K, W),
+ * W a multiple of LANES. Each strip of M one vector wide is read once for the whole block, the rows' sums
+ * stay in registers. */
+static void times_rows2(float *const *a, const float *restrict M, const float *restrict M2, int64_t K, int64_t W,
+                        float *const *y) {
     for (int64_t c = 0; c < W; c += VL) {
         vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         for (int64_t k = 0; k < K; k++) {
             vf m = *(const vf *)(M + k * W + c);
+            if (M2) m += *(const vf *)(M2 + k * W + c); /* (the branch is hoisted out of the loop) */
             s0 += a[0][k] * m;
             s1 += a[1][k] * m;
             s2 += a[2][k] * m;
@@ -175,6 +178,10 @@ static void times_rows(float *const *a, const float *restrict M, int64_t K, int6
     }
 }
 
+static void times_rows(float *const *a, const float *restrict M, int64_t K, int64_t W, float *const *y) {
+    times_rows2(a, M, NULL, K, W, y);
+}
+
 /* M[k, :] += Σ_r a[r][k] b[r] for the BLOCK rows (a rank-BLOCK update): M (K, W), b[r] of W entries */
 static void rank_rows(float *restrict M, float *const *a, float *const *b, int64_t K, int64_t W) {
     for (int64_t c = 0; c < W; c += VL) {
@@ -185,6 +192,40 @@ static void rank_rows(float *restrict M, float *const *a, float *const *b, int64
             *m += a[0][k] * b0 + a[1][k] * b1 + a[2][k] * b2 + a[3][k] * b3;
         }
     }
+}
+
+/* A running sum of states (n floats: a matrix and its vector) in two levels: `inner` takes the rank updates
+ * of up to FOLD blocks, then is added to `outer` and cleared; a reader uses outer + inner. One sequential
+ * sum over N/BLOCK updates lost accuracy on FAVOR+'s wide-ranging features (at N = 65536, 30x the error of
+ * PyTorch's blocked products); two levels sum about N/(BLOCK·FOLD) + FOLD terms each. */
+typedef struct {
+    float *outer, *inner;
+    int64_t n;
+    int blocks;
+} running;
+
+static void running_fold(running *r) {
+    axpy(r->outer, 1.0f, r->inner, r->n);
+    memset(r->inner, 0, (size_t)r->n * sizeof(float));
+    r->blocks = 0;
+}
+
+/* after each block's update of inner */
+static void running_step(running *r) {
+    if (++r->blocks == FOLD) running_fold(r);
+}
+
+/* both levels in one buffer (freed through outer), zero: 0, or -1 when out of memory */
+static int running_open(running *r, int64_t n) {
+    r->outer = aligned_floats(2 * n);
+    r->inner = r->outer ? r->outer + n : NULL;
+    r->n = n, r->blocks = 0;
+    return r->outer ? 0 : -1;
+}
+
+static void running_clear(running *r) {
+    memset(r->outer, 0, (size_t)(2 * r->n) * sizeof(float));
+    r->blocks = 0;
 }
 
 /* dst[c, r] = src[r, c] for r < rows, c < cols (row strides of src and dst given) */
@@ -356,20 +397,24 @@ static void query_block_rows(const lin_job *p, const scratch *s, int64_t row0, i
 static int key_states(void *arg, int64_t t0, int64_t t1) {
     const lin_job *p = arg;
     scratch s;
-    if (scratch_open(&s, p, 2 * BLOCK)) return -1;
-    float *fk[BLOCK], *vb[BLOCK], keep[BLOCK];
+    running sum = {.inner = aligned_floats(state_size(p)), .n = state_size(p)};
+    if (!sum.inner || scratch_open(&s, p, 2 * BLOCK)) return free(sum.inner), -1;
+    float *fk[BLOCK], *vb[BLOCK], keep[BLOCK], *M = sum.inner, *z = M + p->Fp * p->Dvp;
     for (int r = 0; r < BLOCK; r++) fk[r] = slot(&s, r), vb[r] = slot(&s, BLOCK + r);
     int64_t per = chunk_rows(p, p->S);
     for (int64_t t = t0; t < t1; t++) {
         int64_t h = t / p->chunks, j0 = (t % p->chunks) * per, j1 = j0 + per < p->S ? j0 + per : p->S;
-        float *M = p->state + t * state_size(p), *z = M + p->Fp * p->Dvp;
+        sum.outer = p->state + t * state_size(p);
         for (int64_t j = j0; j < j1; j += BLOCK) {
             key_block(p, &s, h, j, j1 - j < BLOCK ? (int)(j1 - j) : BLOCK, fk, NULL, vb, keep);
             rank_rows(M, fk, vb, p->Fp, p->Dvp);
             for (int r = 0; r < BLOCK; r++) axpy(z, 1.0f, fk[r], p->Fp);
+            running_step(&sum);
         }
+        running_fold(&sum);
     }
     free(s.base);
+    free(sum.inner);
     return 0;
 }
 
@@ -492,15 +537,15 @@ int sa_linear_fwd_f32(const float *q, const float *k, const float *v, const floa
 
 typedef struct {
     float *St, *z;    /* Sᵀ (Dvp, Fp) and z (Fp) */
-    float *G, *Gt, *gz; /* ∂L/∂S (Fp, Dvp), its transpose (Dvp, Fp), ∂L/∂z (Fp) */
+    float *G, *gz, *Gt; /* ∂L/∂S (Fp, Dvp) and ∂L/∂z (Fp), adjacent; the transpose of ∂L/∂S (Dvp, Fp) */
 } grad_state;
 
 static inline int64_t grad_state_size(const lin_job *p) { return 3 * p->Fp * p->Dvp + 2 * p->Fp; }
 
 static grad_state grad_state_of(const lin_job *p, float *base) {
     int64_t FD = p->Fp * p->Dvp;
-    grad_state st = {.St = base, .z = base + FD, .G = base + FD + p->Fp, .Gt = base + 2 * FD + p->Fp,
-                     .gz = base + 3 * FD + p->Fp};
+    grad_state st = {.St = base, .z = base + FD, .G = base + FD + p->Fp, .gz = base + 2 * FD + p->Fp,
+                     .Gt = base + 2 * FD + 2 * p->Fp};
     return st;
 }
 
@@ -523,17 +568,24 @@ static void query_grad_block(const lin_job *p, const float *St, const float *z, 
 static int query_grads(void *arg, int64_t t0, int64_t t1) {
     const lin_job *p = arg;
     scratch s;
-    if (scratch_open(&s, p, 4 * BLOCK)) return -1;
+    int64_t FD = p->Fp * p->Dvp;
+    running sum = {.inner = aligned_floats(FD + p->Fp), .n = FD + p->Fp}; /* ∂L/∂S and ∂L/∂z, adjacent */
+    if (!sum.inner || scratch_open(&s, p, 4 * BLOCK)) return free(sum.inner), -1;
     int64_t per = chunk_rows(p, p->R);
     for (int64_t t = t0; t < t1; t++) {
         int64_t h = t / p->chunks, i0 = (t % p->chunks) * per, i1 = i0 + per < p->R ? i0 + per : p->R;
         grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
-        float *G = p->state + t * grad_state_size(p), *gz = G + p->Fp * p->Dvp; /* this chunk's partial */
-        if (t % p->chunks == 0) G = st.G, gz = st.gz;
-        for (int64_t i = i0; i < i1; i += BLOCK)
-            query_grad_block(p, st.St, st.z, G, gz, &s, h * p->R + i, i1 - i < BLOCK ? (int)(i1 - i) : BLOCK);
+        /* this chunk's partial: the head's own ∂L/∂S for the first chunk, else the start of the chunk's slot */
+        sum.outer = t % p->chunks == 0 ? st.G : p->state + t * grad_state_size(p);
+        for (int64_t i = i0; i < i1; i += BLOCK) {
+            query_grad_block(p, st.St, st.z, sum.inner, sum.inner + FD, &s, h * p->R + i,
+                             i1 - i < BLOCK ? (int)(i1 - i) : BLOCK);
+            running_step(&sum);
+        }
+        running_fold(&sum);
     }
     free(s.base);
+    free(sum.inner);
     return 0;
 }
 
@@ -557,9 +609,7 @@ static int grads_summed(void *arg, int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; h++) {
         grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
         for (int64_t c = 1; c < p->chunks; c++) {
-            const float *part = p->state + (h * p->chunks + c) * grad_state_size(p);
-            axpy(st.G, 1.0f, part, p->Fp * p->Dvp);
-            axpy(st.gz, 1.0f, part + p->Fp * p->Dvp, p->Fp);
+            axpy(st.G, 1.0f, p->state + (h * p->chunks + c) * grad_state_size(p), p->Fp * p->Dvp + p->Fp);
         }
         transpose(st.G, p->Dvp, p->Fp, p->Dvp, st.Gt, p->Fp);
     }
@@ -629,22 +679,23 @@ static inline int64_t query_row(const lin_job *p, int64_t h, int64_t g, int64_t 
 static int causal_forward(void *arg, int64_t h0, int64_t h1) {
     const lin_job *p = arg;
     scratch s;
-    float *M = aligned_floats(p->Fp * p->Dvp + p->Fp);
-    if (!M || scratch_open(&s, p, 4 * BLOCK)) return free(M), -1;
-    float *z = M + p->Fp * p->Dvp, *fk[BLOCK], *vb[BLOCK], *fq[BLOCK], *num[BLOCK], keep[BLOCK];
+    int64_t FD = p->Fp * p->Dvp;
+    running M; /* [S | z] of the rows before the block */
+    if (running_open(&M, FD + p->Fp) || scratch_open(&s, p, 4 * BLOCK)) return free(M.outer), -1;
+    float *fk[BLOCK], *vb[BLOCK], *fq[BLOCK], *num[BLOCK], keep[BLOCK];
     for (int r = 0; r < BLOCK; r++)
         fk[r] = slot(&s, r), vb[r] = slot(&s, BLOCK + r), fq[r] = slot(&s, 2 * BLOCK + r), num[r] = slot(&s, 3 * BLOCK + r);
     for (int64_t h = h0; h < h1; h++) {
-        memset(M, 0, (size_t)(p->Fp * p->Dvp + p->Fp) * sizeof(float));
+        running_clear(&M);
         for (int64_t i0 = 0; i0 < p->R; i0 += BLOCK) {
             int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
             key_block(p, &s, h, i0, count, fk, NULL, vb, keep);
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
                 query_block_rows(p, &s, row0, count, fq, NULL, NULL, NULL);
-                times_rows(fq, M, p->Fp, p->Dvp, num);
+                times_rows2(fq, M.outer, M.inner, p->Fp, p->Dvp, num);
                 for (int r = 0; r < count; r++) {
-                    float den = dot(fq[r], z, p->Fp);
+                    float den = dot(fq[r], M.outer + FD, p->Fp) + dot(fq[r], M.inner + FD, p->Fp);
                     for (int j = 0; j <= r; j++) {
                         float a = dot(fq[r], fk[j], p->Fp);
                         axpy(num[r], a, vb[j], p->Dvp);
@@ -655,12 +706,13 @@ static int causal_forward(void *arg, int64_t h0, int64_t h1) {
                     for (int64_t d = 0; d < p->Dv; d++) p->o_out[(row0 + r) * p->Dv + d] = num[r][d] / den;
                 }
             }
-            rank_rows(M, fk, vb, p->Fp, p->Dvp);
-            for (int r = 0; r < count; r++) axpy(z, 1.0f, fk[r], p->Fp);
+            rank_rows(M.inner, fk, vb, p->Fp, p->Dvp);
+            for (int r = 0; r < count; r++) axpy(M.inner + FD, 1.0f, fk[r], p->Fp);
+            running_step(&M);
         }
     }
     free(s.base);
-    free(M);
+    free(M.outer);
     return 0;
 }
 
@@ -679,34 +731,36 @@ int sa_linear_causal_fwd_f32(const float *q, const float *k, const float *v, con
 static int causal_dq(void *arg, int64_t h0, int64_t h1) {
     const lin_job *p = arg;
     scratch s;
-    float *St = aligned_floats(p->Fp * p->Dvp + p->Fp);
-    if (!St || scratch_open(&s, p, 6 * BLOCK)) return free(St), -1;
-    float *z = St + p->Fp * p->Dvp, *fk[BLOCK], *vb[BLOCK], *fq[BLOCK], *dphi[BLOCK], *gnum[BLOCK], *dfq[BLOCK];
-    float keep[BLOCK], gden[BLOCK];
+    int64_t FD = p->Fp * p->Dvp;
+    running St; /* [Sᵀ | z] of the rows before the block */
+    if (running_open(&St, FD + p->Fp) || scratch_open(&s, p, 6 * BLOCK)) return free(St.outer), -1;
+    float *fk[BLOCK], *vb[BLOCK], *fq[BLOCK], *dphi[BLOCK], *gnum[BLOCK], *dfq[BLOCK], keep[BLOCK], gden[BLOCK];
     for (int r = 0; r < BLOCK; r++)
         fk[r] = slot(&s, r), vb[r] = slot(&s, BLOCK + r), fq[r] = slot(&s, 2 * BLOCK + r), dphi[r] = slot(&s, 3 * BLOCK + r),
         gnum[r] = slot(&s, 4 * BLOCK + r), dfq[r] = slot(&s, 5 * BLOCK + r);
     for (int64_t h = h0; h < h1; h++) {
-        memset(St, 0, (size_t)(p->Fp * p->Dvp + p->Fp) * sizeof(float));
+        running_clear(&St);
         for (int64_t i0 = 0; i0 < p->R; i0 += BLOCK) {
             int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
             key_block(p, &s, h, i0, count, fk, NULL, vb, keep);
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
                 query_block_rows(p, &s, row0, count, fq, dphi, gnum, gden);
-                times_rows(gnum, St, p->Dvp, p->Fp, dfq);
+                times_rows2(gnum, St.outer, St.inner, p->Dvp, p->Fp, dfq);
                 for (int r = 0; r < count; r++) {
-                    axpy(dfq[r], gden[r], z, p->Fp);
+                    axpy(dfq[r], gden[r], St.outer + FD, p->Fp);
+                    axpy(dfq[r], gden[r], St.inner + FD, p->Fp);
                     for (int j = 0; j <= r; j++) axpy(dfq[r], dot(vb[j], gnum[r], p->Dvp) + gden[r], fk[j], p->Fp);
                 }
                 block_feature_grads(p, &s, p->q, row0, count, NULL, fq, dphi, dfq, p->dq);
             }
-            rank_rows(St, vb, fk, p->Dvp, p->Fp);
-            for (int r = 0; r < count; r++) axpy(z, 1.0f, fk[r], p->Fp);
+            rank_rows(St.inner, vb, fk, p->Dvp, p->Fp);
+            for (int r = 0; r < count; r++) axpy(St.inner + FD, 1.0f, fk[r], p->Fp);
+            running_step(&St);
         }
     }
     free(s.base);
-    free(St);
+    free(St.outer);
     return 0;
 }
 
@@ -714,21 +768,24 @@ static int causal_dkv(void *arg, int64_t h0, int64_t h1) {
     const lin_job *p = arg;
     scratch s;
     int64_t FD = p->Fp * p->Dvp;
-    float *P = aligned_floats(2 * FD + p->Fp);
-    if (!P || scratch_open(&s, p, 7 * BLOCK)) return free(P), -1;
-    float *Pt = P + FD, *pz = P + 2 * FD, keep[BLOCK], gden[BLOCK];
+    running P; /* [P | Pᵀ | p] of the rows after the block */
+    if (running_open(&P, 2 * FD + p->Fp) || scratch_open(&s, p, 7 * BLOCK)) return free(P.outer), -1;
+    float keep[BLOCK], gden[BLOCK];
     float *fk[BLOCK], *dphi[BLOCK], *vb[BLOCK], *dfk[BLOCK], *dvb[BLOCK], *fq[BLOCK], *gnum[BLOCK];
     for (int r = 0; r < BLOCK; r++)
         fk[r] = slot(&s, r), dphi[r] = slot(&s, BLOCK + r), vb[r] = slot(&s, 2 * BLOCK + r), dfk[r] = slot(&s, 3 * BLOCK + r),
         dvb[r] = slot(&s, 4 * BLOCK + r), fq[r] = slot(&s, 5 * BLOCK + r), gnum[r] = slot(&s, 6 * BLOCK + r);
     for (int64_t h = h0; h < h1; h++) {
-        memset(P, 0, (size_t)(2 * FD + p->Fp) * sizeof(float));
+        running_clear(&P);
         for (int64_t i0 = (p->R - 1) / BLOCK * BLOCK; i0 >= 0; i0 -= BLOCK) {
             int count = p->R - i0 < BLOCK ? (int)(p->R - i0) : BLOCK;
             key_block(p, &s, h, i0, count, fk, dphi, vb, keep);
-            times_rows(vb, Pt, p->Dvp, p->Fp, dfk);
-            times_rows(fk, P, p->Fp, p->Dvp, dvb);
-            for (int j = 0; j < count; j++) axpy(dfk[j], 1.0f, pz, p->Fp);
+            times_rows2(vb, P.outer + FD, P.inner + FD, p->Dvp, p->Fp, dfk);
+            times_rows2(fk, P.outer, P.inner, p->Fp, p->Dvp, dvb);
+            for (int j = 0; j < count; j++) {
+                axpy(dfk[j], 1.0f, P.outer + 2 * FD, p->Fp);
+                axpy(dfk[j], 1.0f, P.inner + 2 * FD, p->Fp);
+            }
             for (int64_t g = 0; g < p->group; g++) {
                 int64_t row0 = query_row(p, h, g, i0);
                 query_block_rows(p, &s, row0, count, fq, NULL, gnum, gden);
@@ -738,16 +795,17 @@ static int causal_dkv(void *arg, int64_t h0, int64_t h1) {
                         axpy(dvb[j], dot(fq[r], fk[j], p->Fp), gnum[r], p->Dvp);
                     }
                 /* the later rows' states for the earlier blocks (this block's products are done) */
-                rank_rows(P, fq, gnum, p->Fp, p->Dvp);
-                rank_rows(Pt, gnum, fq, p->Dvp, p->Fp);
-                for (int r = 0; r < count; r++) axpy(pz, gden[r], fq[r], p->Fp);
+                rank_rows(P.inner, fq, gnum, p->Fp, p->Dvp);
+                rank_rows(P.inner + FD, gnum, fq, p->Dvp, p->Fp);
+                for (int r = 0; r < count; r++) axpy(P.inner + 2 * FD, gden[r], fq[r], p->Fp);
             }
+            running_step(&P);
             for (int j = 0; j < count; j++) store_row(p->dv + (h * p->S + i0 + j) * p->Dv, dvb[j], p->Dv);
             block_feature_grads(p, &s, p->k, h * p->S + i0, count, keep, fk, dphi, dfk, p->dk);
         }
     }
     free(s.base);
-    free(P);
+    free(P.outer);
     return 0;
 }
 
