@@ -44,7 +44,7 @@ __all__ = ["available", "bucket_order", "dot_rows", "linear_backward", "linear_f
 
 _DIR = Path(__file__).parent
 _SOURCES = ["topk.c", "lsh.c", "mix.c", "routing.c", "linear.c"]
-_HEADERS = ["rows.h"]
+_HEADERS = ["rows.h", "vec.h"]
 _FLAGS = ["-O3", "-shared", "-fPIC"]
 # Tried in order. With OpenMP the kernels run on PyTorch's own OpenMP threads (see rows.h), without it
 # on the calling thread; -march=native lets the compiler use every vector instruction of this CPU.

@@ -27,88 +27,14 @@
 #include <string.h>
 
 #include "rows.h"
-
-enum { MAP_IDENTITY = 0, MAP_ELU = 1, MAP_RELU = 2, MAP_FAVOR = 3 };
-enum { BLOCK = 4, LANES = 16, MAX_CHUNKS = 8, CHUNK_ROWS = 256, FOLD = 64 };
-
-/* the widest vector of the target (a wider vector type would be expanded element by element) */
-#if defined(__AVX512F__)
-#define VECTOR_BYTES 64
-#elif defined(__AVX__)
-#define VECTOR_BYTES 32
-#else
-#define VECTOR_BYTES 16
-#endif
-typedef float vf __attribute__((vector_size(VECTOR_BYTES)));
-typedef int32_t vi __attribute__((vector_size(VECTOR_BYTES)));
-#define VL ((int64_t)(sizeof(vf) / sizeof(float))) /* divides LANES: rows padded to LANES are whole vectors */
+#include "vec.h"
 
 /* the vector width this build uses, in bytes: the Python side prefers these kernels to PyTorch's from 32 on
  * (with 16-byte vectors they were slower here: 14 against 9 ms for a forward at N = 4096) */
 int sa_linear_vector_bytes(void) { return VECTOR_BYTES; }
 
-static inline int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
-
-static float *aligned_floats(int64_t n) {
-    size_t bytes = ((size_t)n * sizeof(float) + 63) / 64 * 64;
-    float *p = aligned_alloc(64, bytes ? bytes : 64);
-    if (p) memset(p, 0, bytes);
-    return p;
-}
-
-static inline vf splat(float x) { return (vf){0} + x; }
-
-/* where mask (lanes of -1 or 0, from a comparison): a, else b (vector ?: is C++ only) */
-static inline vf pick(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-
-/* e^x lane by lane (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n)
- * for x <= 88; x below -87 gives e^-87 (~1.6e-38, not 0), NaN gives NaN */
-static inline vf exp_lanes(vf x) {
-    x = pick(x < -87.0f, splat(-87.0f), x);
-    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vf)bits;
-}
-
-/* n floats from x (all VL when n >= VL, none when n <= 0), zeros in the other lanes; inline moves, no
- * library call (a memcpy call per row took a fifth of the causal backward) */
-static inline vf load_part(const float *restrict x, int64_t n) {
-    vf a = {0};
-    if (n >= VL)
-        memcpy(&a, x, sizeof a); /* a constant size: one unaligned load */
-    else
-        for (int64_t l = 0; l < n; l++) a[l] = x[l];
-    return a;
-}
-
-static inline void store_part(float *restrict x, vf a, int64_t n) {
-    if (n >= VL)
-        memcpy(x, &a, sizeof a);
-    else
-        for (int64_t l = 0; l < n; l++) x[l] = a[l];
-}
-
-/* a row of n floats into an aligned slot padded with zeros to np */
-static inline void load_row(float *restrict slot, const float *restrict x, int64_t n, int64_t np) {
-    for (int64_t i = 0; i < np; i += VL) *(vf *)(slot + i) = load_part(x + i, n - i);
-}
-
-/* the first n floats of an aligned slot into x */
-static inline void store_row(float *restrict x, const float *restrict slot, int64_t n) {
-    for (int64_t i = 0; i < n; i += VL) store_part(x + i, *(const vf *)(slot + i), n - i);
-}
-
-static inline void zero_row(float *slot, int64_t np) {
-    for (int64_t i = 0; i < np; i += VL) *(vf *)(slot + i) = (vf){0};
-}
+enum { MAP_IDENTITY = 0, MAP_ELU = 1, MAP_RELU = 2, MAP_FAVOR = 3 };
+enum { MAX_CHUNKS = 8, CHUNK_ROWS = 256, FOLD = 64 };
 
 /* y = scale * φ(x) over F entries (0 beyond, up to Fp) and, when d is given, d = φ'(x); y and d aligned
  * slots. NaN stays NaN (elu(NaN) + 1 and relu(NaN) are NaN in PyTorch too). elu: φ = x + 1 (x > 0), e^x
@@ -133,66 +59,6 @@ static void features(const float *restrict x, int64_t F, int64_t Fp, int map, fl
         for (int64_t f = F; f < Fp; f++) d[f] = 0.0f;
 }
 
-typedef float vf4 __attribute__((vector_size(16)));
-
-/* the sum of the lanes as a tree (a chain of dependent adds would take ~4x longer) */
-static inline float lane_sum(vf a) {
-    vf4 s = {0}, part;
-    for (int64_t i = 0; i < VL; i += 4) {
-        memcpy(&part, (char *)&a + i * sizeof(float), sizeof part);
-        s += part;
-    }
-    return (s[0] + s[2]) + (s[1] + s[3]);
-}
-
-static inline float dot(const float *restrict x, const float *restrict y, int64_t np) {
-    vf acc = {0};
-    for (int64_t i = 0; i < np; i += VL) acc += *(const vf *)(x + i) * *(const vf *)(y + i);
-    return lane_sum(acc);
-}
-
-/* y += w * x over np entries (whole vectors) */
-static inline void axpy(float *restrict y, float w, const float *restrict x, int64_t np) {
-    for (int64_t i = 0; i < np; i += VL) *(vf *)(y + i) += w * *(const vf *)(x + i);
-}
-
-/* y[r] = Σ_k a[r][k] (M + M2)[k, :] for the BLOCK rows (M2 may be NULL): a[r] of K entries, M and M2 (K, W),
- * W a multiple of LANES. Each strip of M one vector wide is read once for the whole block, the rows' sums
- * stay in registers. */
-static void times_rows2(float *const *a, const float *restrict M, const float *restrict M2, int64_t K, int64_t W,
-                        float *const *y) {
-    for (int64_t c = 0; c < W; c += VL) {
-        vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-        for (int64_t k = 0; k < K; k++) {
-            vf m = *(const vf *)(M + k * W + c);
-            if (M2) m += *(const vf *)(M2 + k * W + c); /* (the branch is hoisted out of the loop) */
-            s0 += a[0][k] * m;
-            s1 += a[1][k] * m;
-            s2 += a[2][k] * m;
-            s3 += a[3][k] * m;
-        }
-        *(vf *)(y[0] + c) = s0;
-        *(vf *)(y[1] + c) = s1;
-        *(vf *)(y[2] + c) = s2;
-        *(vf *)(y[3] + c) = s3;
-    }
-}
-
-static void times_rows(float *const *a, const float *restrict M, int64_t K, int64_t W, float *const *y) {
-    times_rows2(a, M, NULL, K, W, y);
-}
-
-/* M[k, :] += Σ_r a[r][k] b[r] for the BLOCK rows (a rank-BLOCK update): M (K, W), b[r] of W entries */
-static void rank_rows(float *restrict M, float *const *a, float *const *b, int64_t K, int64_t W) {
-    for (int64_t c = 0; c < W; c += VL) {
-        vf b0 = *(const vf *)(b[0] + c), b1 = *(const vf *)(b[1] + c), b2 = *(const vf *)(b[2] + c),
-           b3 = *(const vf *)(b[3] + c);
-        for (int64_t k = 0; k < K; k++) {
-            vf *m = (vf *)(M + k * W + c);
-            *m += a[0][k] * b0 + a[1][k] * b1 + a[2][k] * b2 + a[3][k] * b3;
-        }
-    }
-}
 
 /* A running sum of states (n floats: a matrix and its vector) in two levels: `inner` takes the rank updates
  * of up to FOLD blocks, then is added to `outer` and cleared; a reader uses outer + inner. One sequential
@@ -228,12 +94,6 @@ static void running_clear(running *r) {
     r->blocks = 0;
 }
 
-/* dst[c, r] = src[r, c] for r < rows, c < cols (row strides of src and dst given) */
-static void transpose(const float *restrict src, int64_t src_stride, int64_t rows, int64_t cols, float *restrict dst,
-                      int64_t dst_stride) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++) dst[c * dst_stride + r] = src[r * src_stride + c];
-}
 
 /* ---------------------------------------------------------------------------------------- the job */
 
