@@ -1,4 +1,4 @@
-/* Vector helpers shared by the dense kernels of sparse_attention/native (linear.c, items.c): GCC/Clang
+/* Vector helpers of the dense kernels of sparse_attention/native (linear.c): GCC/Clang
  * vector types as wide as the target's vectors, rows padded with zeros to LANES floats in 64-byte aligned
  * slots, and the two products everything is built from: a block of BLOCK rows times a matrix
  * (times_rows) and a rank-BLOCK update of a matrix (rank_rows). */
