@@ -253,22 +253,22 @@ static void query_block_rows(const lin_job *p, const scratch *s, int64_t row0, i
         else zero_row(gnum[r], p->Dvp), gden[r] = 0.0f;
 }
 
-/* keys of (head, chunk) tasks into their partial states: M += φ(k_j) v_jᵀ, z += φ(k_j) */
-static int key_states(void *arg, int64_t t0, int64_t t1) {
-    const lin_job *p = arg;
+/* (head, chunk) tasks over `rows` rows per head: fn(p, scratch, head, row, count, partial) adds a block's
+ * terms to a partial sum [matrix | vector] of F·Dv + F floats, summed in two levels (see `running`) into
+ * outer(p, task) */
+typedef void (*chunk_fn)(const lin_job *p, const scratch *s, int64_t h, int64_t row, int count, float *partial);
+
+static int chunk_tasks(const lin_job *p, int64_t t0, int64_t t1, int64_t rows, int64_t slots,
+                       float *(*outer)(const lin_job *, int64_t), chunk_fn fn) {
     scratch s;
     running sum = {.inner = aligned_floats(state_size(p)), .n = state_size(p)};
-    if (!sum.inner || scratch_open(&s, p, 2 * BLOCK)) return free(sum.inner), -1;
-    float *fk[BLOCK], *vb[BLOCK], keep[BLOCK], *M = sum.inner, *z = M + p->Fp * p->Dvp;
-    for (int r = 0; r < BLOCK; r++) fk[r] = slot(&s, r), vb[r] = slot(&s, BLOCK + r);
-    int64_t per = chunk_rows(p, p->S);
+    if (!sum.inner || scratch_open(&s, p, slots)) return free(sum.inner), -1;
+    int64_t per = chunk_rows(p, rows);
     for (int64_t t = t0; t < t1; t++) {
-        int64_t h = t / p->chunks, j0 = (t % p->chunks) * per, j1 = j0 + per < p->S ? j0 + per : p->S;
-        sum.outer = p->state + t * state_size(p);
-        for (int64_t j = j0; j < j1; j += BLOCK) {
-            key_block(p, &s, h, j, j1 - j < BLOCK ? (int)(j1 - j) : BLOCK, fk, NULL, vb, keep);
-            rank_rows(M, fk, vb, p->Fp, p->Dvp);
-            for (int r = 0; r < BLOCK; r++) axpy(z, 1.0f, fk[r], p->Fp);
+        int64_t h = t / p->chunks, i0 = (t % p->chunks) * per, i1 = i0 + per < rows ? i0 + per : rows;
+        sum.outer = outer(p, t);
+        for (int64_t i = i0; i < i1; i += BLOCK) {
+            fn(p, &s, h, i, i1 - i < BLOCK ? (int)(i1 - i) : BLOCK, sum.inner);
             running_step(&sum);
         }
         running_fold(&sum);
@@ -276,6 +276,22 @@ static int key_states(void *arg, int64_t t0, int64_t t1) {
     free(s.base);
     free(sum.inner);
     return 0;
+}
+
+/* a block of keys into a partial state: M += φ(k_j) v_jᵀ, z += φ(k_j) */
+static void key_state_block(const lin_job *p, const scratch *s, int64_t h, int64_t j, int count, float *M) {
+    float *fk[BLOCK], *vb[BLOCK], keep[BLOCK], *z = M + p->Fp * p->Dvp;
+    for (int r = 0; r < BLOCK; r++) fk[r] = slot(s, r), vb[r] = slot(s, BLOCK + r);
+    key_block(p, s, h, j, count, fk, NULL, vb, keep);
+    rank_rows(M, fk, vb, p->Fp, p->Dvp);
+    for (int r = 0; r < BLOCK; r++) axpy(z, 1.0f, fk[r], p->Fp);
+}
+
+static float *key_partial(const lin_job *p, int64_t t) { return p->state + t * state_size(p); }
+
+static int key_states(void *arg, int64_t t0, int64_t t1) {
+    const lin_job *p = arg;
+    return chunk_tasks(p, t0, t1, p->S, 2 * BLOCK, key_partial, key_state_block);
 }
 
 /* each head's chunks summed in order into chunk 0 */
@@ -424,29 +440,22 @@ static void query_grad_block(const lin_job *p, const float *St, const float *z, 
     for (int r = 0; r < count; r++) axpy(gz, gden[r], fq[r], p->Fp);
 }
 
+/* a block of query rows: dq, and its terms of ∂L/∂S and ∂L/∂z (adjacent in `partial`) */
+static void query_grad_rows(const lin_job *p, const scratch *s, int64_t h, int64_t i, int count, float *partial) {
+    grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
+    query_grad_block(p, st.St, st.z, partial, partial + p->Fp * p->Dvp, s, h * p->R + i, count);
+}
+
+/* a chunk's partial ∂L/∂S: the head's own for its first chunk, else the start of the chunk's slot */
+static float *grad_partial(const lin_job *p, int64_t t) {
+    if (t % p->chunks) return p->state + t * grad_state_size(p);
+    return grad_state_of(p, p->state + t * grad_state_size(p)).G;
+}
+
 /* (head, chunk) tasks over the query rows: dq, and the chunk's partial ∂L/∂S, ∂L/∂z */
 static int query_grads(void *arg, int64_t t0, int64_t t1) {
     const lin_job *p = arg;
-    scratch s;
-    int64_t FD = p->Fp * p->Dvp;
-    running sum = {.inner = aligned_floats(FD + p->Fp), .n = FD + p->Fp}; /* ∂L/∂S and ∂L/∂z, adjacent */
-    if (!sum.inner || scratch_open(&s, p, 4 * BLOCK)) return free(sum.inner), -1;
-    int64_t per = chunk_rows(p, p->R);
-    for (int64_t t = t0; t < t1; t++) {
-        int64_t h = t / p->chunks, i0 = (t % p->chunks) * per, i1 = i0 + per < p->R ? i0 + per : p->R;
-        grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
-        /* this chunk's partial: the head's own ∂L/∂S for the first chunk, else the start of the chunk's slot */
-        sum.outer = t % p->chunks == 0 ? st.G : p->state + t * grad_state_size(p);
-        for (int64_t i = i0; i < i1; i += BLOCK) {
-            query_grad_block(p, st.St, st.z, sum.inner, sum.inner + FD, &s, h * p->R + i,
-                             i1 - i < BLOCK ? (int)(i1 - i) : BLOCK);
-            running_step(&sum);
-        }
-        running_fold(&sum);
-    }
-    free(s.base);
-    free(sum.inner);
-    return 0;
+    return chunk_tasks(p, t0, t1, p->R, 4 * BLOCK, grad_partial, query_grad_rows);
 }
 
 
