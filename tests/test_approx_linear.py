@@ -291,6 +291,63 @@ def test_non_finite_inputs_propagate_alike(causal, fmap, linear_path):
     assert float(out[0, 0, 4].abs().max()) < 1e-20  # features ~0 (native elu: e^-87): output ~0, not NaN
 
 
+@pytest.mark.parametrize("fmap", ["elu", "relu", "favor+", "callable"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decoding_chunk_by_chunk_equals_one_causal_call(fmap, dtype, linear_path):
+    """A LinearAttentionState carried over chunks of 1, 2, ... tokens (the first chunk on the causal core,
+    the rest as a triangle plus the sums) gives the outputs and gradients of one causal call over the whole
+    sequence, with GQA and padding; an empty chunk changes nothing."""
+    B, Hq, Hkv, N, D, Dv = 2, 4, 2, 41, 8, 5
+    fm = {"favor+": FavorPlus(D, 16, seed=1), "callable": lambda x: torch.sigmoid(x)}.get(fmap, fmap)
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, Dv, dtype=dtype, seed=8)
+    kpm = padding_mask(B, N)
+    g = torch.randn(B, Hq, N, Dv, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    whole = run_and_grad(lambda a, b, c: sa.linear_attention(a, b, c, feature_map=fm, causal=True,
+                                                             key_padding_mask=kpm), q, k, v, g)
+
+    def chunked(a, b, c):
+        state, outs = linear.LinearAttentionState(), []
+        for lo, hi in [(0, 9), (9, 10), (10, 10), (10, 12), (12, 29), (29, 30), (30, 41)]:
+            outs.append(sa.linear_attention(a[:, :, lo:hi], b[:, :, lo:hi], c[:, :, lo:hi], feature_map=fm,
+                                            causal=True, key_padding_mask=kpm[:, lo:hi], state=state))
+        assert state.length == N and state.kvz.shape[:2] == (B, Hkv)
+        return torch.cat(outs, 2)
+
+    steps = run_and_grad(chunked, q, k, v, g)
+    if dtype == torch.float64:  # the same sums in another order
+        for name, a, b in zip(("out", "dq", "dk", "dv"), steps, whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        return
+    # float32: the tolerance rule, the whole-sequence call as the same-dtype baseline against float64
+    golden = run_and_grad(lambda a, b, c: sa.linear_attention(a, b, c, feature_map=fm, causal=True,
+                                                              key_padding_mask=kpm),
+                          q.double(), k.double(), v.double(), g.double())
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert_within_baseline(name, steps[i], whole[i], golden[i], grad=i > 0)
+
+
+def test_decoding_state_errors_and_reuse():
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 4, requires_grad=False)
+    state = linear.LinearAttentionState()
+    with pytest.raises(ValueError, match="causal"):
+        sa.linear_attention(q, k, v, state=state)
+    with pytest.raises(TypeError, match="state"):
+        sa.linear_attention(q, k, v, causal=True, state={})
+    sa.linear_attention(q, k, v, causal=True, state=state)
+    with pytest.raises(ValueError, match="state holds sums"):  # another batch size
+        sa.linear_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                            causal=True, state=state)
+    with pytest.raises(ValueError, match="state holds sums"):  # another feature count
+        sa.linear_attention(q, k, v, causal=True, feature_map=FavorPlus(4, 9), state=state)
+    assert state.detach_().kvz.requires_grad is False and state.length == 6
+    state.reset()
+    assert state.kvz is None and state.length == 0
+    module = sa.nn.LinearAttention(causal=True)
+    out = torch.cat([module(q[:, :, :3], k[:, :, :3], v[:, :, :3], state=state),
+                     module(q[:, :, 3:], k[:, :, 3:], v[:, :, 3:], state=state)], 2)
+    torch.testing.assert_close(out, module(q, k, v))
+
+
 def test_empty_lengths():
     q, k, v = make_qkv(1, 2, 2, 0, 5, 4)
     assert sa.linear_attention(q, k, v).shape == (1, 2, 0, 4)

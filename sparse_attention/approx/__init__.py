@@ -7,6 +7,7 @@ from .linear import (
     EluFeatureMap,
     FavorPlus,
     FeatureMap,
+    LinearAttentionState,
     ReluFeatureMap,
     linear_attention,
     reference_linear_attention,
@@ -15,7 +16,7 @@ from .linear import (
 
 __all__ = [
     "FeatureMap", "EluFeatureMap", "ReluFeatureMap", "FavorPlus", "resolve_feature_map",
-    "linear_attention", "reference_linear_attention",
+    "LinearAttentionState", "linear_attention", "reference_linear_attention",
 ]
 from .compressed import compress, compressed_attention, compressed_length, reference_compressed_attention
 from .linformer import linformer_attention, reference_linformer_attention

@@ -57,7 +57,7 @@ from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv
 
 __all__ = [
     "FeatureMap", "EluFeatureMap", "ReluFeatureMap", "FavorPlus", "resolve_feature_map",
-    "linear_attention", "reference_linear_attention",
+    "LinearAttentionState", "linear_attention", "reference_linear_attention",
 ]
 
 
@@ -646,6 +646,67 @@ def _native_kind(fm: FeatureMap, x: torch.Tensor) -> int | None:
     return None if kind is None else native.linear_map(kind, x)
 
 
+class LinearAttentionState:
+    """The running sums of causal linear attention over the keys seen so far, for decoding chunk by chunk:
+    linear attention as an RNN (Katharopoulos et al., section 3.4), O(F·Dv) memory per key head whatever the
+    length.
+
+    Pass the same object as ``state=`` to :func:`linear_attention` (``causal=True``) with consecutive chunks
+    of one sequence; each call attends to every earlier chunk through the sums and to its own keys causally,
+    then adds its keys. The outputs equal one causal call over the whole sequence (up to rounding).
+
+    Attributes:
+        kvz: (B, Hkv, F, Dv + 1) [Σ φ(k) vᵀ | Σ φ(k)] in the compute dtype (float32, or float64), or None
+            before the first chunk. It keeps the autograd graph of the chunks that built it (gradients
+            flow across chunks); :meth:`detach_` cuts it (truncated backpropagation through time).
+        length: keys seen.
+    """
+
+    def __init__(self) -> None:
+        self.kvz: torch.Tensor | None = None
+        self.length = 0
+
+    def __repr__(self) -> str:
+        shape = None if self.kvz is None else tuple(self.kvz.shape)
+        return f"LinearAttentionState(length={self.length}, kvz={shape})"
+
+    def detach_(self) -> LinearAttentionState:
+        if self.kvz is not None:
+            self.kvz = self.kvz.detach()
+        return self
+
+    def reset(self) -> None:
+        self.kvz, self.length = None, 0
+
+    def _check(self, B: int, Hkv: int, Fd: int, Dv: int, like: torch.Tensor) -> None:
+        want = (B, Hkv, Fd, Dv + 1)
+        if self.kvz is not None and (tuple(self.kvz.shape) != want or self.kvz.dtype != like.dtype
+                                     or self.kvz.device != like.device):
+            raise ValueError(f"state holds sums of shape {tuple(self.kvz.shape)} ({self.kvz.dtype}, "
+                             f"{self.kvz.device}), but this chunk needs {want} ({like.dtype}, {like.device}): "
+                             "one state serves one sequence batch with one feature map")
+
+    def _add(self, fk: torch.Tensor, v: torch.Tensor) -> None:
+        """Adds keys' features fk (B, Hkv, n, F) (padded keys' rows 0) and values v (B, Hkv, n, Dv)."""
+        kvz = fk.transpose(-1, -2) @ torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        self.kvz = kvz if self.kvz is None else self.kvz + kvz
+        self.length += v.shape[-2]
+
+
+def _recurrent_chunk(q, k, v, keep, fm, eps, state: LinearAttentionState) -> torch.Tensor:
+    """A chunk (B, Hq, n, ·) of causal linear attention after earlier chunks summed in ``state``: its queries
+    read the state and, causally, the chunk's own keys (an n × n triangle: decoding chunks are short)."""
+    B, Hq, n, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    fq = fm.query(q).view(B, Hkv, Hq // Hkv, n, -1)  # query heads grouped by key head
+    fk = _masked(fm.key(k), keep)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1).unsqueeze(2)
+    scores = (fq @ fk.unsqueeze(2).transpose(-1, -2)).tril()  # (B, Hkv, G, n, n): key j <= query i
+    res = scores @ v1 + fq @ state.kvz.unsqueeze(2)  # (B, Hkv, G, n, Dv + 1)
+    state._add(fk, v)
+    return _normalise(res[..., :Dv], res[..., Dv:], eps).reshape(B, Hq, n, Dv)
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -656,6 +717,7 @@ def linear_attention(
     chunk_size: int = 64,
     key_padding_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
+    state: LinearAttentionState | None = None,
 ) -> torch.Tensor:
     """Linear attention  out_i = φ(q_i) Σ_j φ(k_j) v_jᵀ / (φ(q_i) · Σ_j φ(k_j) + eps)  in O(N) time.
 
@@ -678,6 +740,10 @@ def linear_attention(
             cores, which run the exact recurrence in blocks of 4 rows).
         key_padding_mask: (B, S) bool, True = padding: those keys' features are set to 0.
         eps: added to the denominator (default 1e-6); a denominator of 0 gives output 0.
+        state: a :class:`LinearAttentionState` to decode chunk by chunk (causal only): this chunk also
+            attends to every key of the earlier chunks, and its keys are added to the state. The first
+            chunk runs the fast causal core; later chunks are an n × n triangle plus the sums, so feed
+            long prompts as the first chunk.
 
     Returns:
         (B, Hq, N, Dv) in q's dtype. A row whose keys are all padded is exactly 0, with gradient 0.
@@ -688,6 +754,12 @@ def linear_attention(
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     eps = _check_eps(eps)
+    if state is not None:
+        if not isinstance(state, LinearAttentionState):
+            raise TypeError(f"state must be a LinearAttentionState, got {type(state).__name__}")
+        if not causal:
+            raise ValueError("state (decoding chunk by chunk) needs causal=True: without causality every query "
+                             "would also need the keys of later chunks")
     if causal and N != S:
         raise ValueError(
             f"causal linear attention needs N == S (query i reads the running sum of keys 0..i), got N={N}, S={S}"
@@ -696,6 +768,11 @@ def linear_attention(
         return (q.sum() * 0 + k.sum() * 0 + v.sum() * 0).expand(B, Hq, N, Dv).clone()
     q32, k32, v32, fm_core = _prepare(fm, q, k, v, key_padding_mask)
     keep = None if key_padding_mask is None else (~key_padding_mask)[:, None, :, None].to(q32.dtype)  # (B, 1, S, 1)
+    if state is not None:
+        state._check(B, Hkv, fm_core.num_features(q32.shape[-1]), Dv, q32)
+        if state.kvz is not None:
+            return _recurrent_chunk(q32, k32, v32, keep, fm_core, eps, state).to(q.dtype)
+        first = (_masked(fm_core.key(k32), keep), v32)  # the first chunk's keys, added once it has run
     kind = _native_kind(fm_core, q32)
     if kind is not None:
         # key head kvh's query heads kvh*G .. kvh*G+G-1 are consecutive: (B·Hkv·G, N, F) and (B·Hkv, S, ·) views
@@ -732,6 +809,8 @@ def linear_attention(
         out = _NonCausal.apply(q32.reshape(B * Hkv, R, q32.shape[-1]), k32.reshape(B * Hkv, S, k32.shape[-1]),
                                v32.reshape(B * Hkv, S, Dv), keep, fm_core, eps, _backward_follows(q32, k32, v32))
         out = out.view(B, Hq, N, Dv)
+    if state is not None:
+        state._add(*first)
     return out.to(q.dtype)
 
 

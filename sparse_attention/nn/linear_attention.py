@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_bool, check_int
-from ..approx.linear import FEATURE_MAPS, linear_attention
+from ..approx.linear import FEATURE_MAPS, LinearAttentionState, linear_attention
 
 
 class LinearAttention(torch.nn.Module):
@@ -21,8 +21,10 @@ class LinearAttention(torch.nn.Module):
         causal: query i sums over keys j <= i only (needs N == S). Default False.
         chunk_size, eps: passed to :func:`sparse_attention.linear_attention` (defaults 64, 1e-6).
 
-    forward(q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), *, key_padding_mask=None)
-    -> (B, Hq, N, Dv); ``key_padding_mask`` (B, S) bool, True = padding.
+    forward(q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), *, key_padding_mask=None, state=None)
+    -> (B, Hq, N, Dv); ``key_padding_mask`` (B, S) bool, True = padding; ``state`` a
+    :class:`~sparse_attention.approx.LinearAttentionState` to decode a causal sequence chunk by chunk
+    (see :func:`sparse_attention.linear_attention`).
     """
 
     def __init__(self, feature_map: str = "elu", *, causal: bool = False, chunk_size: int = 64, eps: float = 1e-6):
@@ -39,6 +41,8 @@ class LinearAttention(torch.nn.Module):
         return f"feature_map={self.feature_map!r}, causal={self.causal}"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None,
+                state: LinearAttentionState | None = None) -> torch.Tensor:
         return linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal,
-                                chunk_size=self.chunk_size, key_padding_mask=key_padding_mask, eps=self.eps)
+                                chunk_size=self.chunk_size, key_padding_mask=key_padding_mask, eps=self.eps,
+                                state=state)
