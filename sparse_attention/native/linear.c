@@ -11,7 +11,7 @@
  * Rows go in blocks of BLOCK: the products are block-of-rows times a state matrix (times_rows) and rank
  * updates of a state by a block (rank_rows), with the state streamed once per block instead of once per
  * row. Every row is first copied into a 64-byte aligned slot padded with zeros to whole 16-lane vectors
- * (F to Fp, Dv to Dvp), so the products run on whole vectors; the padding lanes stay 0.
+ * (D to Dp, F to Fp, Dv to Dvp), so the products run on whole vectors; the padding lanes stay 0.
  *
  * The causal form is exact: a block's rows see the state of every earlier block plus the earlier rows
  * of their own block (a BLOCK × BLOCK triangle of dot products); the backward runs the same recurrence
@@ -19,8 +19,10 @@
  * grouped queries (group query heads per key head) the key states are shared and a block's query rows
  * are those of every query head of the group.
  *
- * Non-causal states are summed in a fixed number of row chunks per head (at most MAX_CHUNKS, from the
- * length alone), chunk by chunk in order: the result does not depend on the number of threads. */
+ * Every state is a sum over rows in two levels (see `running`): float32 sums of N/BLOCK updates in a
+ * row lost accuracy on FAVOR+'s features. Non-causal states are summed in a fixed number of row chunks
+ * per head (at most MAX_CHUNKS, from the length alone), chunk by chunk in order: the result does not
+ * depend on the number of threads. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
