@@ -48,6 +48,44 @@ def test_decoding_equals_full_pass(pattern, chunk, num_kv_heads):
         assert cache.k.shape[2] == T
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, T])
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa2"])
+def test_linear_attention_decodes_with_its_state(chunk, num_kv_heads):
+    """LinearAttention(causal=True): new_cache() is a LinearAttentionState (running sums, constant size), and
+    decoding equals the full causal pass."""
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(E, H, attention=sa.nn.LinearAttention(causal=True), num_kv_heads=num_kv_heads).eval()
+    x = torch.randn(2, T, E)
+    with torch.no_grad():
+        full = m(x, x, x, need_weights=False)[0]
+        golden = m.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
+        m.float()
+        cache = m.new_cache()
+        assert isinstance(cache, sa.approx.LinearAttentionState)
+        steps, sizes = _decode(m, x, chunk, cache)
+    assert_within_baseline("decoded", steps, full, golden)
+    assert cache.length == T and len(set(sizes)) == 1, f"the state grew: {sizes}"
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_layers_decode_linear_attention(norm_first):
+    torch.manual_seed(0)
+    kw = dict(batch_first=True, norm_first=norm_first, attention=sa.nn.LinearAttention(causal=True))
+    enc = sa.nn.TransformerEncoderLayer(E, H, 32, 0.0, **kw).eval()
+    dec = sa.nn.TransformerDecoderLayer(E, H, 32, 0.0, **kw).eval()
+    x, mem = torch.randn(2, 11, E), torch.randn(2, 5, E)
+    with torch.no_grad():
+        cache = enc.new_cache()
+        steps = torch.cat([enc(x[:, s:s + 4], cache=cache) for s in range(0, 11, 4)], 1)
+        torch.testing.assert_close(steps, enc(x))
+        cache = dec.new_cache()
+        steps = torch.cat([dec(x[:, s:s + 1], mem, cache=cache) for s in range(11)], 1)
+        torch.testing.assert_close(steps, dec(x, mem))
+    m = sa.nn.MultiheadAttention(E, H, attention=sa.Causal())
+    with pytest.raises(ValueError, match="LinearAttention"):
+        m(x, x, x, need_weights=False, cache=sa.approx.LinearAttentionState())
+
+
 def test_ring_buffer_is_constant_over_a_long_generation():
     m = sa.nn.MultiheadAttention(E, H, attention=sa.SlidingWindow(4, causal=True)).eval()
     cache = m.new_cache()
@@ -225,7 +263,7 @@ def test_memory_cache_refuses_another_memory_until_reset():
                                    dec(x, mem))
     with pytest.raises(TypeError, match="DecoderCache"):
         dec(x, mem, cache=sa.nn.MemoryCache())
-    with pytest.raises(TypeError, match="KVCache or MemoryCache"):
+    with pytest.raises(TypeError, match="KVCache, MemoryCache or"):
         dec.self_attn(x, x, x, cache=object())
     with pytest.raises(TypeError, match="KVCache"):
         sa.nn.DecoderCache(sa.nn.MemoryCache())

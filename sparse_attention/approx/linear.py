@@ -678,6 +678,9 @@ class LinearAttentionState:
     def reset(self) -> None:
         self.kvz, self.length = None, 0
 
+    def nbytes(self) -> int:
+        return 0 if self.kvz is None else self.kvz.numel() * self.kvz.element_size()
+
     def _check(self, B: int, Hkv: int, Fd: int, Dv: int, like: torch.Tensor) -> None:
         want = (B, Hkv, Fd, Dv + 1)
         if self.kvz is not None and (tuple(self.kvz.shape) != want or self.kvz.dtype != like.dtype

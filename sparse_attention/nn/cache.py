@@ -65,6 +65,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_int
+from ..approx.linear import LinearAttentionState
 
 
 class KVCache:
@@ -230,12 +231,13 @@ class MemoryCache:
 
 
 class DecoderCache:
-    """The caches of one decoder layer: ``self_attn`` (a :class:`KVCache`) and ``memory`` (a
-    :class:`MemoryCache`, or None to project the memory at every call)."""
+    """The caches of one decoder layer: ``self_attn`` (a :class:`KVCache`, or for causal linear attention a
+    :class:`~sparse_attention.approx.LinearAttentionState`) and ``memory`` (a :class:`MemoryCache`, or None
+    to project the memory at every call)."""
 
-    def __init__(self, self_attn: KVCache, memory: MemoryCache | None = None):
-        if not isinstance(self_attn, KVCache):
-            raise TypeError(f"self_attn must be a KVCache, got {type(self_attn).__name__}")
+    def __init__(self, self_attn: KVCache | LinearAttentionState, memory: MemoryCache | None = None):
+        if not isinstance(self_attn, (KVCache, LinearAttentionState)):
+            raise TypeError(f"self_attn must be a KVCache or LinearAttentionState, got {type(self_attn).__name__}")
         if memory is not None and not isinstance(memory, MemoryCache):
             raise TypeError(f"memory must be a MemoryCache or None, got {type(memory).__name__}")
         self.self_attn = self_attn

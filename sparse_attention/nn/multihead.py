@@ -32,11 +32,13 @@ import torch.nn.functional as F
 
 from .. import registry
 from .._checks import check_bool, check_dropout, check_int
+from ..approx.linear import LinearAttentionState
 from ..dynamic.base import DynamicPattern
 from ..functional import attention as sparse_attention
 from ..patterns import Causal, Full, Pattern, SlidingWindow
 from ..reference import masked_softmax
 from .cache import KVCache, MemoryCache
+from .linear_attention import LinearAttention
 
 #: largest N·S (per batch element and head) for which a sparse pattern returns dense weights.
 MAX_DENSE_WEIGHTS = 1 << 22
@@ -155,6 +157,9 @@ class MultiheadAttention(torch.nn.Module):
         cache and the queries attend the cache (causal mechanisms only). ``cache`` a
         :class:`MemoryCache` (cross-attention over a fixed memory): the first call projects
         key/value and stores them, later calls with the same key/value tensors reuse them.
+        For ``LinearAttention(causal=True)``, ``new_cache()`` gives a
+        :class:`~sparse_attention.approx.LinearAttentionState`: the new tokens attend the running
+        sums of the earlier ones (constant size), and their keys are added.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, attention: object = "full",
@@ -214,10 +219,13 @@ class MultiheadAttention(torch.nn.Module):
                 f"dropout={self.dropout}, batch_first={self.batch_first}")
 
     # --- helpers ----------------------------------------------------------------------------
-    def new_cache(self, *, is_causal: bool = False) -> KVCache:
+    def new_cache(self, *, is_causal: bool = False) -> KVCache | LinearAttentionState:
         """An empty :class:`KVCache` sized for this layer's mechanism (a ring of W slots for
         SlidingWindow(W, causal=True)). ``is_causal=True`` allows a non-causal mechanism, made
-        causal per call by ``forward(..., is_causal=True)``."""
+        causal per call by ``forward(..., is_causal=True)``. For ``LinearAttention(causal=True)``, a
+        :class:`~sparse_attention.approx.LinearAttentionState`: the running sums, O(F·Dv) per head."""
+        if isinstance(self.attention, LinearAttention) and self.attention.causal:
+            return LinearAttentionState()
         if isinstance(self.attention, torch.nn.Module):
             raise ValueError(f"a KV cache needs a causal Pattern; the module mechanism "
                              f"{type(self.attention).__name__} has no incremental decoding here")
@@ -283,8 +291,13 @@ class MultiheadAttention(torch.nn.Module):
                 is_causal: bool = False, *, cache: KVCache | MemoryCache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_inputs(query, key, value)
-        if cache is not None and not isinstance(cache, (KVCache, MemoryCache)):
-            raise TypeError(f"cache must be a sparse_attention.nn.KVCache or MemoryCache, got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, (KVCache, MemoryCache, LinearAttentionState)):
+            raise TypeError(f"cache must be a sparse_attention.nn.KVCache, MemoryCache or (for causal linear "
+                            f"attention) sparse_attention.approx.LinearAttentionState, got {type(cache).__name__}")
+        if isinstance(cache, LinearAttentionState) and not (isinstance(self.attention, LinearAttention)
+                                                            and self.attention.causal):
+            raise ValueError(f"a LinearAttentionState decodes LinearAttention(causal=True) only, but this layer's "
+                             f"mechanism is {self.attention if self.attention is not None else 'full'}")
         # a filled memory cache holds this very key/value's projections (checked on the caller's tensors)
         cached_kv = cache.lookup(key, value) if isinstance(cache, MemoryCache) else None
         shared_qk = getattr(self.attention, "shared_qk", False) is True
@@ -361,7 +374,9 @@ class MultiheadAttention(torch.nn.Module):
             if need_weights or allowed is not None or bias is not None:
                 raise ValueError(f"{type(pattern).__name__} gives no attention weights and takes no attn_mask or "
                                  "float key_padding_mask; call with need_weights=False and a bool key_padding_mask")
-        if module:  # shared_qk (Reformer): the keys are the queries, the key projection is unused
+        if isinstance(cache, LinearAttentionState):  # the new tokens against the running sums
+            out = pattern(q, k, v, key_padding_mask=key_padding_mask, state=cache)
+        elif module:  # shared_qk (Reformer): the keys are the queries, the key projection is unused
             out = pattern(q, v, key_padding_mask=key_padding_mask) if shared_qk else \
                 pattern(q, k, v, key_padding_mask=key_padding_mask)
             if dropout_p:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..approx.linear import LinearAttentionState
 from .cache import DecoderCache, KVCache, MemoryCache
 from .multihead import MultiheadAttention
 
@@ -148,12 +149,13 @@ class TransformerDecoderLayer(torch.nn.Module):
                 memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
                 memory_key_padding_mask: torch.Tensor | None = None, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False, *, cache: DecoderCache | KVCache | None = None) -> torch.Tensor:
-        if cache is None or isinstance(cache, KVCache):
+        if cache is None or isinstance(cache, (KVCache, LinearAttentionState)):
             self_cache, memory_cache = cache, None
         elif isinstance(cache, DecoderCache):
             self_cache, memory_cache = cache.self_attn, cache.memory
         else:
-            raise TypeError(f"cache must be a DecoderCache (new_cache()) or a KVCache, got {type(cache).__name__}")
+            raise TypeError(f"cache must be a DecoderCache (new_cache()), a KVCache or a LinearAttentionState, got "
+                            f"{type(cache).__name__}")
         x = tgt
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, self_cache)
