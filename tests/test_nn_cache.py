@@ -23,11 +23,14 @@ def _decode(m, x, chunk, cache):
     return torch.cat(outs, 1), sizes
 
 
-@pytest.mark.parametrize("pattern", [sa.Causal(), sa.SlidingWindow(5, causal=True), sa.SlidingWindow(0, causal=True)],
-                         ids=["causal", "window5", "window0"])
+@pytest.mark.parametrize("pattern", [sa.Causal(), sa.SlidingWindow(5, causal=True), sa.SlidingWindow(0, causal=True),
+                                     sa.nn.LinearAttention(causal=True)],
+                         ids=["causal", "window5", "window0", "linear"])
 @pytest.mark.parametrize("chunk", [1, 3, 7, T])
 @pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa2"])
 def test_decoding_equals_full_pass(pattern, chunk, num_kv_heads):
+    """Decoding with new_cache() equals the full causal pass: a KV cache (a ring for sliding windows), or
+    for causal linear attention a LinearAttentionState (its running sums, of constant size)."""
     torch.manual_seed(0)
     m = sa.nn.MultiheadAttention(E, H, attention=pattern, num_kv_heads=num_kv_heads).eval()
     x = torch.randn(2, T, E)
@@ -39,6 +42,9 @@ def test_decoding_equals_full_pass(pattern, chunk, num_kv_heads):
         steps, sizes = _decode(m, x, chunk, cache)
     # the full fp32 pass is the baseline: decoding computes the same rows over fewer keys
     assert_within_baseline("decoded", steps, full, golden)
+    if isinstance(cache, sa.approx.LinearAttentionState):
+        assert cache.length == T and len(set(sizes)) == 1, f"the state grew: {sizes}"
+        return
     assert cache.seen == T
     if isinstance(pattern, sa.SlidingWindow):
         assert cache.window == pattern.window
@@ -48,40 +54,9 @@ def test_decoding_equals_full_pass(pattern, chunk, num_kv_heads):
         assert cache.k.shape[2] == T
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, T])
-@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa2"])
-def test_linear_attention_decodes_with_its_state(chunk, num_kv_heads):
-    """LinearAttention(causal=True): new_cache() is a LinearAttentionState (running sums, constant size), and
-    decoding equals the full causal pass."""
-    torch.manual_seed(0)
-    m = sa.nn.MultiheadAttention(E, H, attention=sa.nn.LinearAttention(causal=True), num_kv_heads=num_kv_heads).eval()
-    x = torch.randn(2, T, E)
-    with torch.no_grad():
-        full = m(x, x, x, need_weights=False)[0]
-        golden = m.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
-        m.float()
-        cache = m.new_cache()
-        assert isinstance(cache, sa.approx.LinearAttentionState)
-        steps, sizes = _decode(m, x, chunk, cache)
-    assert_within_baseline("decoded", steps, full, golden)
-    assert cache.length == T and len(set(sizes)) == 1, f"the state grew: {sizes}"
-
-
-@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
-def test_layers_decode_linear_attention(norm_first):
-    torch.manual_seed(0)
-    kw = dict(batch_first=True, norm_first=norm_first, attention=sa.nn.LinearAttention(causal=True))
-    enc = sa.nn.TransformerEncoderLayer(E, H, 32, 0.0, **kw).eval()
-    dec = sa.nn.TransformerDecoderLayer(E, H, 32, 0.0, **kw).eval()
-    x, mem = torch.randn(2, 11, E), torch.randn(2, 5, E)
-    with torch.no_grad():
-        cache = enc.new_cache()
-        steps = torch.cat([enc(x[:, s:s + 4], cache=cache) for s in range(0, 11, 4)], 1)
-        torch.testing.assert_close(steps, enc(x))
-        cache = dec.new_cache()
-        steps = torch.cat([dec(x[:, s:s + 1], mem, cache=cache) for s in range(11)], 1)
-        torch.testing.assert_close(steps, dec(x, mem))
+def test_a_linear_attention_state_is_refused_by_other_mechanisms():
     m = sa.nn.MultiheadAttention(E, H, attention=sa.Causal())
+    x = torch.randn(1, 3, E)
     with pytest.raises(ValueError, match="LinearAttention"):
         m(x, x, x, need_weights=False, cache=sa.approx.LinearAttentionState())
 
@@ -132,12 +107,17 @@ def test_ring_buffer_keeps_padding_flags():
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
-def test_layers_decode_with_cache(norm_first):
+@pytest.mark.parametrize("mechanisms", [(sa.SlidingWindow(3, causal=True), "causal"),
+                                        (sa.nn.LinearAttention(causal=True), sa.nn.LinearAttention(causal=True))],
+                         ids=["kv-cache", "linear-state"])
+def test_layers_decode_with_cache(norm_first, mechanisms):
+    """The encoder and decoder layers decode with their new_cache(): a KV cache, or the running sums of
+    causal linear attention."""
     torch.manual_seed(0)
     enc = sa.nn.TransformerEncoderLayer(E, H, 32, 0.0, batch_first=True, norm_first=norm_first,
-                                        attention=sa.SlidingWindow(3, causal=True)).eval()
+                                        attention=mechanisms[0]).eval()
     dec = sa.nn.TransformerDecoderLayer(E, H, 32, 0.0, batch_first=True, norm_first=norm_first,
-                                        attention="causal").eval()
+                                        attention=mechanisms[1]).eval()
     x, mem = torch.randn(2, 11, E), torch.randn(2, 5, E)
     with torch.no_grad():
         cache = enc.new_cache()
