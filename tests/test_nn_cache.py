@@ -24,8 +24,9 @@ def _decode(m, x, chunk, cache):
 
 
 @pytest.mark.parametrize("pattern", [sa.Causal(), sa.SlidingWindow(5, causal=True), sa.SlidingWindow(0, causal=True),
-                                     sa.nn.LinearAttention(causal=True)],
-                         ids=["causal", "window5", "window0", "linear"])
+                                     sa.nn.LinearAttention(causal=True),
+                                     sa.nn.PerformerAttention(E // H, 8, causal=True)],
+                         ids=["causal", "window5", "window0", "linear", "performer"])
 @pytest.mark.parametrize("chunk", [1, 3, 7, T])
 @pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa2"])
 def test_decoding_equals_full_pass(pattern, chunk, num_kv_heads):
@@ -52,6 +53,21 @@ def test_decoding_equals_full_pass(pattern, chunk, num_kv_heads):
         assert cache.k.shape[2] == pattern.window
     else:
         assert cache.k.shape[2] == T
+
+
+def test_performer_does_not_redraw_in_the_middle_of_a_sequence():
+    """In training mode with redraw_interval=1, a call with a state that already holds keys keeps the features
+    its sums were built with; a new sequence (an empty state, or no state) redraws as usual."""
+    m = sa.nn.PerformerAttention(4, 8, causal=True, redraw_interval=1).train()
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    state = sa.approx.LinearAttentionState()
+    m(q[:, :, :1], k[:, :, :1], v[:, :, :1], state=state)
+    drawn = m.feature_map.projection.clone()
+    for t in range(1, 6):
+        m(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state=state)
+    assert torch.equal(m.feature_map.projection, drawn)
+    m(q, k, v, state=sa.approx.LinearAttentionState())
+    assert not torch.equal(m.feature_map.projection, drawn)
 
 
 def test_a_linear_attention_state_is_refused_by_other_mechanisms():

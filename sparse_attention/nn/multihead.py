@@ -39,6 +39,9 @@ from ..patterns import Causal, Full, Pattern, SlidingWindow
 from ..reference import masked_softmax
 from .cache import KVCache, MemoryCache
 from .linear_attention import LinearAttention
+from .performer import PerformerAttention
+
+_STATE_MECHANISMS = (LinearAttention, PerformerAttention)  # causal: decoded with a LinearAttentionState
 
 #: largest N·S (per batch element and head) for which a sparse pattern returns dense weights.
 MAX_DENSE_WEIGHTS = 1 << 22
@@ -157,7 +160,7 @@ class MultiheadAttention(torch.nn.Module):
         cache and the queries attend the cache (causal mechanisms only). ``cache`` a
         :class:`MemoryCache` (cross-attention over a fixed memory): the first call projects
         key/value and stores them, later calls with the same key/value tensors reuse them.
-        For ``LinearAttention(causal=True)``, ``new_cache()`` gives a
+        For ``LinearAttention(causal=True)`` and ``PerformerAttention(causal=True)``, ``new_cache()`` gives a
         :class:`~sparse_attention.approx.LinearAttentionState`: the new tokens attend the running
         sums of the earlier ones (constant size), and their keys are added.
     """
@@ -222,9 +225,10 @@ class MultiheadAttention(torch.nn.Module):
     def new_cache(self, *, is_causal: bool = False) -> KVCache | LinearAttentionState:
         """An empty :class:`KVCache` sized for this layer's mechanism (a ring of W slots for
         SlidingWindow(W, causal=True)). ``is_causal=True`` allows a non-causal mechanism, made
-        causal per call by ``forward(..., is_causal=True)``. For ``LinearAttention(causal=True)``, a
-        :class:`~sparse_attention.approx.LinearAttentionState`: the running sums, O(F·Dv) per head."""
-        if isinstance(self.attention, LinearAttention) and self.attention.causal:
+        causal per call by ``forward(..., is_causal=True)``. For ``LinearAttention(causal=True)`` and
+        ``PerformerAttention(causal=True)``, a :class:`~sparse_attention.approx.LinearAttentionState`: the
+        running sums, O(F·Dv) per head."""
+        if isinstance(self.attention, _STATE_MECHANISMS) and self.attention.causal:
             return LinearAttentionState()
         if isinstance(self.attention, torch.nn.Module):
             raise ValueError(f"a KV cache needs a causal Pattern; the module mechanism "
@@ -294,10 +298,11 @@ class MultiheadAttention(torch.nn.Module):
         if cache is not None and not isinstance(cache, (KVCache, MemoryCache, LinearAttentionState)):
             raise TypeError(f"cache must be a sparse_attention.nn.KVCache, MemoryCache or (for causal linear "
                             f"attention) sparse_attention.approx.LinearAttentionState, got {type(cache).__name__}")
-        if isinstance(cache, LinearAttentionState) and not (isinstance(self.attention, LinearAttention)
+        if isinstance(cache, LinearAttentionState) and not (isinstance(self.attention, _STATE_MECHANISMS)
                                                             and self.attention.causal):
-            raise ValueError(f"a LinearAttentionState decodes LinearAttention(causal=True) only, but this layer's "
-                             f"mechanism is {self.attention if self.attention is not None else 'full'}")
+            raise ValueError(f"a LinearAttentionState decodes LinearAttention or PerformerAttention with "
+                             f"causal=True only, but this layer's mechanism is "
+                             f"{self.attention if self.attention is not None else 'full'}")
         # a filled memory cache holds this very key/value's projections (checked on the caller's tensors)
         cached_kv = cache.lookup(key, value) if isinstance(cache, MemoryCache) else None
         shared_qk = getattr(self.attention, "shared_qk", False) is True

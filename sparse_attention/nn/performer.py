@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_int
-from ..approx.linear import FavorPlus, linear_attention
+from ..approx.linear import FavorPlus, LinearAttentionState, linear_attention
 
 
 class PerformerAttention(torch.nn.Module):
@@ -20,8 +20,10 @@ class PerformerAttention(torch.nn.Module):
             (performer-pytorch's feature_redraw_interval); None (default) = never. Eval never redraws.
         chunk_size, eps: passed to :func:`sparse_attention.linear_attention`.
 
-    forward(q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), *, key_padding_mask=None)
-    -> (B, Hq, N, Dv).
+    forward(q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), *, key_padding_mask=None, state=None)
+    -> (B, Hq, N, Dv). ``state``: a :class:`~sparse_attention.approx.LinearAttentionState` to decode a causal
+    sequence chunk by chunk; while it holds keys no redraw happens (its sums were built with the current
+    features).
     """
 
     def __init__(self, head_dim: int, num_features: int | None = None, *, causal: bool = False, seed: int = 0,
@@ -40,10 +42,13 @@ class PerformerAttention(torch.nn.Module):
         self.feature_map.redraw()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training and self.redraw_interval is not None:
+                key_padding_mask: torch.Tensor | None = None,
+                state: LinearAttentionState | None = None) -> torch.Tensor:
+        mid_sequence = state is not None and state.length > 0
+        if self.training and self.redraw_interval is not None and not mid_sequence:
             if self.calls and self.calls % self.redraw_interval == 0:
                 self.redraw()
             self.calls += 1
         return linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal,
-                                chunk_size=self.chunk_size, key_padding_mask=key_padding_mask, eps=self.eps)
+                                chunk_size=self.chunk_size, key_padding_mask=key_padding_mask, eps=self.eps,
+                                state=state)
