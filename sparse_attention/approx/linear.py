@@ -689,11 +689,16 @@ class LinearAttentionState:
                              f"{self.kvz.device}), but this chunk needs {want} ({like.dtype}, {like.device}): "
                              "one state serves one sequence batch with one feature map")
 
-    def _add(self, fk: torch.Tensor, v: torch.Tensor) -> None:
-        """Adds keys' features fk (B, Hkv, n, F) (padded keys' rows 0) and values v (B, Hkv, n, Dv)."""
-        kvz = fk.transpose(-1, -2) @ torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    def _add(self, fk: torch.Tensor, v1: torch.Tensor) -> None:
+        """Adds keys' features fk (B, Hkv, n, F) (padded keys' rows 0) and their [v, 1] (B, Hkv, n, Dv + 1)."""
+        kvz = fk.transpose(-1, -2) @ v1
         self.kvz = kvz if self.kvz is None else self.kvz + kvz
-        self.length += v.shape[-2]
+        self.length += v1.shape[-2]
+
+
+def _ones_column(v: torch.Tensor) -> torch.Tensor:
+    """[v, 1] (…, L, Dv + 1): one product with it gives the numerator and, last, the denominator's Σ φ(k)."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], -1)
 
 
 def _recurrent_chunk(q, k, v, keep, fm, eps, state: LinearAttentionState) -> torch.Tensor:
@@ -703,10 +708,10 @@ def _recurrent_chunk(q, k, v, keep, fm, eps, state: LinearAttentionState) -> tor
     Hkv, Dv = k.shape[1], v.shape[-1]
     fq = fm.query(q).view(B, Hkv, Hq // Hkv, n, -1)  # query heads grouped by key head
     fk = _masked(fm.key(k), keep)
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1).unsqueeze(2)
+    v1 = _ones_column(v)
     scores = (fq @ fk.unsqueeze(2).transpose(-1, -2)).tril()  # (B, Hkv, G, n, n): key j <= query i
-    res = scores @ v1 + fq @ state.kvz.unsqueeze(2)  # (B, Hkv, G, n, Dv + 1)
-    state._add(fk, v)
+    res = scores @ v1.unsqueeze(2) + fq @ state.kvz.unsqueeze(2)  # (B, Hkv, G, n, Dv + 1)
+    state._add(fk, v1)
     return _normalise(res[..., :Dv], res[..., Dv:], eps).reshape(B, Hq, n, Dv)
 
 
@@ -775,7 +780,7 @@ def linear_attention(
         state._check(B, Hkv, fm_core.num_features(q32.shape[-1]), Dv, q32)
         if state.kvz is not None:
             return _recurrent_chunk(q32, k32, v32, keep, fm_core, eps, state).to(q.dtype)
-        first = (_masked(fm_core.key(k32), keep), v32)  # the first chunk's keys, added once it has run
+        first = (_masked(fm_core.key(k32), keep), _ones_column(v32))  # the first chunk's keys, added after it
     kind = _native_kind(fm_core, q32)
     if kind is not None:
         # key head kvh's query heads kvh*G .. kvh*G+G-1 are consecutive: (B·Hkv·G, N, F) and (B·Hkv, S, ·) views
@@ -785,7 +790,6 @@ def linear_attention(
         rows = (B * Hq, N) if causal else (B * Hkv, (Hq // Hkv) * N)
         favor = None
         if isinstance(fm_core, FavorPlus):  # W' = W / D^(1/4) and the shift c, see FavorPlus.query and .key
-            fm_core._check_dim(q32)
             favor = (fm_core._scaled(q32), fm_core._shift(q32.dtype, q32.device))
         out = _Native.apply(q32.reshape(*rows, Dq), k32.reshape(B * Hkv, S, Dq), v32.reshape(B * Hkv, S, Dv), keep,
                             kind, eps, Hq // Hkv if causal else None, favor)

@@ -261,8 +261,8 @@ def _add_rows(src: torch.Tensor, idx: torch.Tensor, groups: int, rows: int,
               w: torch.Tensor | None = None) -> torch.Tensor:
     """out[idx[r]] += w[r] · src[r] (w = 1 when None) into zeros (groups · rows, E): src (R, E), idx (R,) whose
     R rows form ``groups`` equal runs, run g's indices all in [g·rows, (g+1)·rows) (a batch entry and head's
-    slots and its tokens). On CPU in float32 the native scatter fills and adds each run in parallel (the
-    zero fill and index_add_ took ~2.5 ms per 8 MB gradient at N=4096); else zeros and index_add_."""
+    slots and its tokens). On CPU in float32 the native scatter fills and adds each run in parallel (0.67
+    against 1.25 ms for zeros + index_add_ per 8 MB at N=4096); else zeros and index_add_."""
     if src.dtype == torch.float32 and src.device.type == "cpu":
         weights = torch.ones(src.shape[0], 1) if w is None else w
         out = native.scatter_groups(weights, idx.view(-1, 1), src, groups, rows)

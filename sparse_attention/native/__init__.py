@@ -261,15 +261,17 @@ def bucket_order(b: torch.Tensor, values: int) -> torch.Tensor | None:
     return order.view(b.shape)
 
 
-def _args(ints: tuple[torch.Tensor, ...], floats: tuple[torch.Tensor, ...] = ()):
-    """The library and contiguous copies (when needed) of int64 ``ints`` and float32 ``floats``, when the
-    kernels take them (CPU tensors autograd does not track); else None."""
+def _args(ints: tuple[torch.Tensor, ...], floats: tuple[torch.Tensor | None, ...] = ()):
+    """The library and contiguous copies (when needed) of int64 ``ints`` and float32 ``floats`` (an optional
+    float may be None, and stays None), when the kernels take them (CPU tensors autograd does not track);
+    else None."""
     lib = _load()
-    tensors = (*ints, *floats)
-    if lib is None or any(x.dtype != torch.long for x in ints) or any(x.dtype != torch.float32 for x in floats) or \
+    given = [x for x in floats if x is not None]
+    tensors = (*ints, *given)
+    if lib is None or any(x.dtype != torch.long for x in ints) or any(x.dtype != torch.float32 for x in given) or \
             any(x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) for x in tensors):
         return None
-    return lib, [x.contiguous() for x in tensors]
+    return lib, [x if x is None else x.contiguous() for x in (*ints, *floats)]
 
 
 def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
@@ -368,11 +370,11 @@ def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
-def _linear_args(favor: tuple | None):
-    """(proj, shift) pointers and the feature count for the kernels: FAVOR+'s projection W' (F, D) and shift c
-    (F), float32 contiguous, or None and D."""
+def _favor_args(favor: tuple | None, D: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """FAVOR+'s projection W' (F, D) and shift c (F), float32 contiguous, and the feature count F; (None, None,
+    D) for the other maps."""
     if favor is None:
-        return None, None, None
+        return None, None, D
     proj, shift = (t.detach().to(torch.float32).contiguous() for t in favor)
     return proj, shift, proj.shape[0]
 
@@ -386,14 +388,12 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torc
     heads folded into R); else causal (R == S) with ``group`` query heads per key head. Returns out
     (H·G, R, Dv), den (H·G, R) and, non-causal, the states [Σ φ(k) vᵀ | Σ φ(k)] (H, F, Dv + 1); None when
     the kernels do not take these tensors."""
-    found = _args((), (q, k, v) + (() if keep is None else (keep,)))
+    found = _args((), (q, k, v, keep))
     if found is None:
         return None
-    lib, (q, k, v, *keep_c) = found
-    keep = keep_c[0] if keep_c else None
-    proj, shift, F = _linear_args(favor)
+    lib, (q, k, v, keep) = found
     H, S, D = k.shape
-    F = D if F is None else F
+    proj, shift, F = _favor_args(favor, D)
     R, Dv = q.shape[1], v.shape[2]
     out = q.new_empty(q.shape[0], R, Dv)
     den = q.new_empty(q.shape[0], R)
@@ -418,16 +418,12 @@ def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
         tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The gradients (dq, dk, dv) of :func:`linear_forward` given g = ∂L/∂out and the forward's out, den
     and kvz; None when the kernels do not take these tensors."""
-    extra = () if kvz is None else (kvz,)
-    found = _args((), (q, k, v, g, out, den) + extra + (() if keep is None else (keep,)))
+    found = _args((), (q, k, v, g, out, den, kvz, keep))
     if found is None:
         return None
-    lib, (q, k, v, g, out, den, *rest) = found
-    kvz = rest.pop(0) if extra else None
-    keep = rest[0] if rest else None
-    proj, shift, F = _linear_args(favor)
+    lib, (q, k, v, g, out, den, kvz, keep) = found
     H, S, D = k.shape
-    F = D if F is None else F
+    proj, shift, F = _favor_args(favor, D)
     R, Dv = q.shape[1], v.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if group is None:

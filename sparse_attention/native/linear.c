@@ -61,7 +61,6 @@ static void features(const float *restrict x, int64_t F, int64_t Fp, int map, fl
         for (int64_t f = F; f < Fp; f++) d[f] = 0.0f;
 }
 
-
 /* A running sum of states (n floats: a matrix and its vector) in two levels: `inner` takes the rank updates
  * of up to FOLD blocks, then is added to `outer` and cleared; a reader uses outer + inner. One sequential
  * sum over N/BLOCK updates lost accuracy on FAVOR+'s wide-ranging features (at N = 65536, 30x the error of
@@ -95,7 +94,6 @@ static void running_clear(running *r) {
     memset(r->outer, 0, (size_t)(2 * r->n) * sizeof(float));
     r->blocks = 0;
 }
-
 
 /* ---------------------------------------------------------------------------------------- the job */
 
@@ -427,25 +425,20 @@ static grad_state grad_state_of(const lin_job *p, float *base) {
     return st;
 }
 
-
-/* dq = φ'(q) ⊙ (Sᵀ-product + gden z) for a block of query rows; their rank update of the chunk's ∂L/∂S */
-static void query_grad_block(const lin_job *p, const float *St, const float *z, float *G, float *gz,
-                             const scratch *s, int64_t row0, int count) {
-    float *fq[BLOCK], *dphi[BLOCK], *gnum[BLOCK], *dfq[BLOCK], gden[BLOCK] = {0};
+/* a block of query rows: dq (∂L/∂φ(q) = S gnum + z gden, through the feature map's gradient), and the rows'
+ * terms of ∂L/∂S and ∂L/∂z (adjacent in `partial`) */
+static void query_grad_rows(const lin_job *p, const scratch *s, int64_t h, int64_t i, int count, float *partial) {
+    grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
+    int64_t row0 = h * p->R + i;
+    float *fq[BLOCK], *dphi[BLOCK], *gnum[BLOCK], *dfq[BLOCK], gden[BLOCK] = {0}, *gz = partial + p->Fp * p->Dvp;
     for (int r = 0; r < BLOCK; r++)
         fq[r] = slot(s, r), dphi[r] = slot(s, BLOCK + r), gnum[r] = slot(s, 2 * BLOCK + r), dfq[r] = slot(s, 3 * BLOCK + r);
     query_block_rows(p, s, row0, count, fq, dphi, gnum, gden);
-    times_rows(gnum, St, p->Dvp, p->Fp, dfq);
-    for (int r = 0; r < count; r++) axpy(dfq[r], gden[r], z, p->Fp);
+    times_rows(gnum, st.St, p->Dvp, p->Fp, dfq);
+    for (int r = 0; r < count; r++) axpy(dfq[r], gden[r], st.z, p->Fp);
     block_feature_grads(p, s, p->q, row0, count, NULL, fq, dphi, dfq, p->dq);
-    rank_rows(G, fq, gnum, p->Fp, p->Dvp);
+    rank_rows(partial, fq, gnum, p->Fp, p->Dvp);
     for (int r = 0; r < count; r++) axpy(gz, gden[r], fq[r], p->Fp);
-}
-
-/* a block of query rows: dq, and its terms of ∂L/∂S and ∂L/∂z (adjacent in `partial`) */
-static void query_grad_rows(const lin_job *p, const scratch *s, int64_t h, int64_t i, int count, float *partial) {
-    grad_state st = grad_state_of(p, p->state + h * p->chunks * grad_state_size(p));
-    query_grad_block(p, st.St, st.z, partial, partial + p->Fp * p->Dvp, s, h * p->R + i, count);
 }
 
 /* a chunk's partial ∂L/∂S: the head's own for its first chunk, else the start of the chunk's slot */
@@ -459,7 +452,6 @@ static int query_grads(void *arg, int64_t t0, int64_t t1) {
     const lin_job *p = arg;
     return chunk_tasks(p, t0, t1, p->R, 4 * BLOCK, grad_partial, query_grad_rows);
 }
-
 
 /* per head, before the query pass: Sᵀ and z from PyTorch's [S | z] layout */
 static int states_in(void *arg, int64_t h0, int64_t h1) {
