@@ -149,7 +149,7 @@ def top_k_path(request, monkeypatch):
         monkeypatch.setattr(native, "lsh_buckets", lambda p: None)
         monkeypatch.setattr(native, "mix_rows", lambda w, cols, v: None)
         monkeypatch.setattr(native, "dot_rows", lambda a, cols, b: None)
-        monkeypatch.setattr(native, "pair_counts", lambda qi, ki, N, S: None)
+        monkeypatch.setattr(native, "pair_counts", lambda qi, ki, N, S, neg_log=False: None)
         monkeypatch.setattr(native, "scatter_groups", lambda w, cols, src, groups, keys: None)
     return request.param
 
@@ -500,8 +500,9 @@ def test_routing_single_cluster_is_full_attention_and_pairs_follow_clusters():
     assert torch.equal(kept, (qm @ km.transpose(-1, -2)) > 0), "kept: the pairs sharing a cluster"
 
 
-def test_routing_pair_counts_in_blocks_of_clusters(monkeypatch):
-    """A pair's count is the number of clusters holding both tokens, whatever the block of clusters."""
+def test_routing_pair_counts_in_blocks_of_clusters(monkeypatch, top_k_path):
+    """A pair's count is the number of clusters holding both tokens, whatever the block of clusters; its
+    bias is -log(count), within one float32 rounding of the log."""
     from sparse_attention.dynamic import routing
 
     mech = Routing(_centroids((6, 8), seed=3), capacity=12)  # 72 slots for 30 tokens: many shared pairs
@@ -516,6 +517,8 @@ def test_routing_pair_counts_in_blocks_of_clusters(monkeypatch):
     for elements in (routing.SIM_CHUNK_ELEMENTS, 1):  # all clusters at once, then one at a time
         monkeypatch.setattr(routing, "SIM_CHUNK_ELEMENTS", elements)
         assert torch.equal(routing._pair_counts(qi, ki, 30, 30, torch.float32), expected)
+        torch.testing.assert_close(routing._pair_counts(qi, ki, 30, 30, torch.float32, neg_log=True),
+                                   -expected.double().log().float(), rtol=2**-23, atol=0)
         assert torch.equal(mech._route(q, k)[0], qi)
 
 

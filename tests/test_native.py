@@ -289,5 +289,7 @@ def test_native_pair_counts_count_the_shared_clusters(K):
     want = torch.stack([shared[b, h][qi[b, h, c]][:, ki[b, h, c]] for b in range(B) for h in range(H)
                         for c in range(K)]).view(B, H, K, wq, wk)
     assert torch.equal(native.pair_counts(qi, ki, N, S), want)
+    torch.testing.assert_close(native.pair_counts(qi, ki, N, S, neg_log=True), -want.double().log().float(),
+                               rtol=0, atol=0)  # the same float64 log, rounded once
     with pytest.raises(ValueError, match=r"\[0, 40\)"):
         native.pair_counts(qi + N, ki, N, S)

@@ -40,7 +40,7 @@ from .. import native
 from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
-from ..engine.blocksparse import all_finite, kernel_grad_select
+from ..engine.blocksparse import all_finite, kernel_grad_out, kernel_grad_select
 from .base import DynamicPattern, flat_rows, query_heads, stable_order
 
 HASH_CHUNK_ELEMENTS = 1 << 20  # projections computed at once by LSH.hash (4 MB in float32)
@@ -381,14 +381,13 @@ class _SortedChunks(torch.autograd.Function):
         RBH, C, bs, E = qs.shape
         R, ks = q_idx.shape[0], ctx.ks
         # the output gradient in sorted order; empty query slots get 0
-        gsort = g.to(qs.dtype).reshape(-1, Dv).index_select(0, qflat).masked_fill_((q_idx < 0).view(-1, 1), 0.0)
-        if D != Dv:
-            gsort = F.pad(gsort, (0, E - Dv))
+        g = g.to(qs.dtype) if D == Dv else F.pad(g.to(qs.dtype), (0, E - Dv))
+        gsort = kernel_grad_out(g.reshape(-1, E), qflat, qs.shape).masked_fill_((q_idx < 0).view(RBH, C, bs, 1), 0.0)
         if R > 1:  # each slot's query's merged output and LSE
             o = o.reshape(-1, E).index_select(0, qflat).view(RBH, C, bs, E)
             lse = lse.reshape(-1).index_select(0, qflat).view(RBH, C, bs)
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # rows with no key: p = 0
-        gq, gk, gv = _kernel_bwd(gsort.view(RBH, C, bs, E), qs, _windows(kk, ks).squeeze(1),
+        gq, gk, gv = _kernel_bwd(gsort, qs, _windows(kk, ks).squeeze(1),
                                  _windows(vv, ks).squeeze(1), o, lse, 0.0, False, attn_mask=add, scale=ctx.scale)
         dq = kernel_grad_select(gq, slot).view(R, B, Hq, N, E)  # one slot per query and round
         dq = dq[0] if R == 1 else dq.sum(0)  # (a sum over one round would copy)

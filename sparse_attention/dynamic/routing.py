@@ -36,15 +36,26 @@ from .. import native
 from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
-from ..engine.blocksparse import all_finite, kernel_grad_rows
+from ..engine.blocksparse import all_finite, kernel_grad_out, kernel_grad_rows
 from .base import DynamicPattern, gather_rows, padded, query_heads, stable_order
-from .topk import score_rows, top_k
+from .topk import top_k
 
 SIM_CHUNK_ELEMENTS = 1 << 22  # token-to-centroid similarities (and one-hot rows) built at once (16 MB in float32)
+_NORM_EPS = 1e-12  # F.normalize's
+
+
+def _sim_blocks(BH: int, K: int, L: int) -> tuple[int, int]:
+    """(clusters, heads) per block of token-to-centroid similarities: BH heads, K clusters, L tokens."""
+    step = max(1, min(K, SIM_CHUNK_ELEMENTS // max(1, L)))
+    return step, max(1, min(BH, SIM_CHUNK_ELEMENTS // (step * max(1, L))))
+
+
+def _normalize_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=-1)
+    return F.normalize(x.to(_normalize_dtype(x)), dim=-1, eps=_NORM_EPS)
 
 
 class Routing(DynamicPattern):
@@ -77,16 +88,19 @@ class Routing(DynamicPattern):
     def num_clusters(self) -> int:
         return self.centroids.shape[-2]
 
-    def _members(self, x: torch.Tensor, H: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+    def _members(self, x: torch.Tensor, H: int, padding: torch.Tensor | None = None,
+                 buf: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, H, L, D) -> (B, H, K, w) indices of each cluster's w most similar tokens (cosine).
 
         ``padding`` (B, L) bool, True = padding: padded tokens come after every real token in each
         cluster's ranking, so they take a slot only when fewer than w real tokens are left. The
-        similarities are scored for a block of clusters of a group of heads at a time (``topk.score_rows``
-        clusters, and as many heads as fit in SIM_CHUNK_ELEMENTS together), so no L x K tensor exists:
-        with K growing with L it would be O(L²). A block is one batched matmul over its heads (at L =
-        4096, K = 64: 7.9 against 9.6 ms for a matmul per head; the same at L = 16384), and its heads
-        share one top-k call. Members come in no particular order within a cluster (``topk.top_k``).
+        similarities are scored for a block of clusters of a group of heads at a time (up to
+        SIM_CHUNK_ELEMENTS, one batched matmul per block; its heads share one top-k call), so no L x K
+        tensor exists: with K growing with L it would be O(L²). The tokens are not normalised: a block's
+        scores against the unit centroids are scaled by each token's inverse norm in place, which ranks
+        alike without a normalised copy of x. ``buf`` (optional, >= SIM_CHUNK_ELEMENTS elements of x's
+        dtype) holds the blocks; a caller scoring queries and keys passes one to both. Members come in no
+        particular order within a cluster (``topk.top_k``).
         """
         B, _, L, D = x.shape
         if self.centroids.shape[-1] != D:
@@ -98,26 +112,26 @@ class Routing(DynamicPattern):
         K = c.shape[1]
         w = min(L, self.capacity or math.ceil(L / K))
         with torch.no_grad():
-            xt = _normalize(x).transpose(-1, -2)  # (B, H, D, L)
-            c = _normalize(c).to(xt.dtype).unsqueeze(0)  # (1, H or 1, K, D)
+            x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            inv = torch.linalg.vector_norm(x, dim=-1).clamp_min_(_NORM_EPS).reciprocal_().view(B * H, 1, L)
+            xt = x.transpose(-1, -2).reshape(B * H, D, L)
+            cb = _normalize(c).to(x.dtype).expand(B, H, K, D).reshape(B * H, K, D)  # each head's centroids
             idx = torch.empty(B * H, K, w, dtype=torch.long, device=x.device)
-            step = min(K, score_rows(L))  # clusters per block
-            group = min(B * H, max(1, SIM_CHUNK_ELEMENTS // max(1, step * L)))  # heads (of all B·H) per block
-            buf = torch.empty(group * step * L, dtype=xt.dtype, device=x.device)
-            xt = xt.reshape(B * H, D, L)
-            cb = c.expand(B, H, K, D).reshape(B * H, K, D)  # each of the B·H heads' centroids
+            step, group = _sim_blocks(B * H, K, L)
+            if buf is None or buf.numel() < group * step * L or buf.dtype != x.dtype:
+                buf = torch.empty(group * step * L, dtype=x.dtype, device=x.device)
             for g0 in range(0, B * H, group):
                 heads = range(g0, min(B * H, g0 + group))
                 for a in range(0, K, step):
                     kc = min(step, K - a)
                     sim = buf[: len(heads) * kc * L].view(len(heads), kc, L)
                     torch.bmm(cb[g0:g0 + len(heads), a:a + kc], xt[g0:g0 + len(heads)], out=sim)
+                    sim.mul_(inv[g0:g0 + len(heads)])
                     if padding is not None:
                         for i, bh in enumerate(heads):
                             sim[i].masked_fill_(padding[bh // H], float("-inf"))
                     idx[g0:g0 + len(heads), a:a + kc] = top_k(sim, w)[1]
-            idx = idx.view(B, H, K, w)
-        return idx
+        return idx.view(B, H, K, w)
 
     def _route(self, q, k, key_padding_mask=None):
         """Cluster members of queries (B, H, K, wq) and keys (B, H, K, wk), and the keys per query head;
@@ -125,8 +139,11 @@ class Routing(DynamicPattern):
         padding a batch holds never takes a real token's slot."""
         H, N, S = q.shape[1], q.shape[2], k.shape[2]
         kx = query_heads(k, H)
-        qi = self._members(q, H, key_padding_mask if N == S else None)
-        ki = self._members(kx, H, key_padding_mask)
+        BH, K = q.shape[0] * H, self.num_clusters
+        size = max(math.prod(_sim_blocks(BH, K, L)) * L for L in (N, S))  # one block buffer for both
+        buf = torch.empty(size, dtype=_normalize_dtype(q), device=q.device)
+        qi = self._members(q, H, key_padding_mask if N == S else None, buf)
+        ki = self._members(kx, H, key_padding_mask, buf)
         return qi, ki, kx
 
     def _allowed(self, qi, ki, n_q, n_k, key_padding_mask):
@@ -169,11 +186,10 @@ class Routing(DynamicPattern):
 
         # pairs shared by several clusters: count them once (each cluster lowers its copy by log(count))
         with torch.no_grad():
-            shared = _pair_counts(qi, ki, N, S, acc)
+            bias = _pair_counts(qi, ki, N, S, acc, neg_log=True)  # (B, H, K, wq, wk) -log(count)
             allowed = self._allowed(qi, ki, N, S, key_padding_mask)  # None: all allowed
         if dropout_p == 0 and q.device.type == "cpu" and all_finite(q, k, v):
-            with torch.no_grad():  # -log(count), in place (a count is at least 1); -inf where not allowed
-                bias = shared.clamp_(min=1).log_().neg_()  # (B, H, K, wq, wk)
+            with torch.no_grad():  # -inf where not allowed
                 if allowed is None:
                     has_key = torch.ones(qi.shape, dtype=torch.bool, device=q.device)
                 else:
@@ -181,8 +197,7 @@ class Routing(DynamicPattern):
                     has_key = allowed.expand_as(bias).any(-1)
             return _RoutedItems.apply(q.to(acc), kx.to(acc), vx.to(acc), qi, ki, bias, has_key, scale).to(q.dtype)
         qs, ks, vs = take(q.to(acc), qi), take(kx.to(acc), ki), take(vx.to(acc), ki)
-        s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # (B, H, K, wq, wk)
-        s = s - torch.log(shared.clamp(min=1))
+        s = torch.matmul(qs, ks.transpose(-1, -2)) * scale + bias  # (B, H, K, wq, wk)
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
         lse = torch.logsumexp(s, -1)  # (B, H, K, wq)
@@ -227,15 +242,17 @@ def _member_lists(idx: torch.Tensor, L: int) -> torch.Tensor:
     return lists.view(B, H, L, m)
 
 
-def _pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, dtype: torch.dtype) -> torch.Tensor:
-    """In how many clusters each (query slot, key slot) pair of every cluster meets: (B, H, K, wq, wk).
+def _pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, dtype: torch.dtype, *,
+                 neg_log: bool = False) -> torch.Tensor:
+    """In how many clusters each (query slot, key slot) pair of every cluster meets: (B, H, K, wq, wk)
+    (at least 1: the pair's own cluster); with ``neg_log``, -log of the count (the union softmax's bias).
 
     The members' cluster lists become one-hot rows over the K clusters for a block of clusters at a
     time (about SIM_CHUNK_ELEMENTS), and a row product counts the clusters both tokens are in. Memory
     stays O((N + S)·m + block), however many clusters there are.
     """
     if dtype == torch.float32:  # popcounts of bit sets (sparse_attention.native), exact alike
-        counts = native.pair_counts(qi, ki, N, S)
+        counts = native.pair_counts(qi, ki, N, S, neg_log=neg_log)
         if counts is not None:
             return counts
     B, H, K, wq = qi.shape
@@ -254,7 +271,7 @@ def _pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, dtype: torc
     for a in range(0, K, step):
         out[:, :, a:a + step] = torch.matmul(onehot(lq, qi[:, :, a:a + step]),
                                              onehot(lk, ki[:, :, a:a + step]).transpose(-1, -2))
-    return out
+    return out.log_().neg_() if neg_log else out
 
 
 def _add_rows(src: torch.Tensor, idx: torch.Tensor, groups: int, rows: int,
@@ -304,26 +321,28 @@ class _RoutedItems(torch.autograd.Function):
         total = torch.zeros_like(top).scatter_add(1, row, torch.exp(lse - top.gather(1, row)))
         LSE = torch.where(total > 0, top + torch.log(total), float("-inf"))  # (B·H, N)
         w = torch.exp(lse - torch.where(torch.isneginf(LSE), 0.0, LSE).gather(1, row))  # 0 where lse = -inf
-        out = _add_rows(o.reshape(-1, E), qflat, B * H, N, w.reshape(-1, 1)).view(B, H, N, E)
-        ctx.save_for_backward(*items, add, out, LSE, qflat, kflat, row)
-        ctx.scale, ctx.dims = scale, (D, Dv, S, q.dtype, k.dtype, v.dtype)
+        o = o.reshape(-1, E)
+        out = _add_rows(o, qflat, B * H, N, w.reshape(-1, 1)).view(B, H, N, E)
+        # the backward wants every slot's merged output: o holds it already where its query is in one
+        # cluster (most slots); the others get theirs copied in (o is the kernel's buffer: no other user)
+        multi = (torch.bincount(qflat, minlength=B * H * N) != 1).index_select(0, qflat).nonzero().squeeze(1)
+        o.index_copy_(0, multi, out.view(-1, E).index_select(0, qflat.index_select(0, multi)))
+        ctx.save_for_backward(*items, add, o.view(B * H, K, wq, E), LSE, qflat, kflat)
+        ctx.scale, ctx.dims = scale, (N, D, Dv, S, q.dtype, k.dtype, v.dtype)
         return out[..., :Dv]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        qs, ks, vs, add, out, LSE, qflat, kflat, row = ctx.saved_tensors
-        D, Dv, S, q_dtype, k_dtype, v_dtype = ctx.dims
+        qs, ks, vs, add, slot_out, LSE, qflat, kflat = ctx.saved_tensors
+        N, D, Dv, S, q_dtype, k_dtype, v_dtype = ctx.dims
         BH, K, wq, E = qs.shape
-        B, H, N = out.shape[0], out.shape[1], out.shape[2]
-        g = padded(g.to(out.dtype), (0, E - Dv)).reshape(B * H * N, E)
-
-        def slot(x):  # per-query rows -> per-slot items (BH, K, wq, ·)
-            return x.index_select(0, qflat).view(BH, K, wq, -1)
-
-        lse = torch.where(torch.isneginf(LSE), float("inf"), LSE).reshape(-1, 1)  # no key: every p = 0
-        gq, gk, gv = _kernel_bwd(slot(g), qs, ks, vs, slot(out.reshape(-1, E)), slot(lse)[..., 0], 0.0, False,
-                                 attn_mask=add, scale=ctx.scale)
+        B, H = g.shape[0], g.shape[1]
+        g = padded(g.to(qs.dtype), (0, E - Dv)).reshape(B * H * N, E)
+        lse = torch.where(torch.isneginf(LSE), float("inf"), LSE).reshape(-1)  # no key: every p = 0
+        gq, gk, gv = _kernel_bwd(kernel_grad_out(g, qflat, qs.shape), qs, ks, vs, slot_out,
+                                 lse.index_select(0, qflat).view(BH, K, wq), 0.0, False, attn_mask=add,
+                                 scale=ctx.scale)
 
         def scatter(grad, flat, rows):  # the items' row gradients added to their tokens' rows
             return _add_rows(*kernel_grad_rows(grad, flat), B * H, rows)

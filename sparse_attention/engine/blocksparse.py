@@ -63,6 +63,16 @@ def kernel_grad_select(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(-1, E).index_select(0, (b * L + l) * H + h)
 
 
+def kernel_grad_out(rows: torch.Tensor, idx: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """rows.index_select(0, idx).view(shape) (shape (B, H, L, E), idx in its logical order), stored as
+    (B, L, H, E): the layout the kernel's backward wants for its output gradient. Given any other it copies
+    the gradient first (at B=8, H=64, L=E=64: 19.5 against 14.3 ms per backward, page faults included);
+    selecting the rows in that order costs nothing extra."""
+    B, H, L, E = shape
+    order = idx.view(B, H, L).transpose(1, 2).reshape(-1)
+    return rows.index_select(0, order).view(B, L, H, E).transpose(1, 2)
+
+
 def _heads_inner(x: torch.Tensor) -> bool:
     """Whether x (B, H, L, E) is stored as (B, L, H, E) (as the kernel's backward returns it), with H > 1."""
     return x.shape[1] > 1 and x.transpose(1, 2).is_contiguous()

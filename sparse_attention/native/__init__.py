@@ -87,7 +87,7 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_dot_rows_f32": "p p i i p i p t",
     "sa_scatter_groups_f32": "p p i i i i p i p t",
     "sa_member_bits": "p i i i i p t",
-    "sa_pair_counts": "p p i i i i p p i i p t",
+    "sa_pair_counts": "p p i i i i p p i i p p t",
     "sa_linear_fwd_f32": "p p p p p p i i i i i i i d p p p t",
     "sa_linear_bwd_f32": "p p p p p p p p p p i i i i i i i p p p t",
     "sa_linear_causal_fwd_f32": "p p p p p p i i i i i i i d p p t",
@@ -325,10 +325,11 @@ def scatter_groups(w: torch.Tensor, cols: torch.Tensor, src: torch.Tensor, group
     return out
 
 
-def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int) -> torch.Tensor | None:
+def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, *, neg_log: bool = False) -> torch.Tensor | None:
     """Routing's pair counts: for cluster members qi (B, H, K, wq) in [0, N) and ki (B, H, K, wk) in
     [0, S) (int64, CPU; each cluster's members distinct), in how many clusters each (query slot, key
-    slot) pair of every cluster meets, (B, H, K, wq, wk) float32. None when not available."""
+    slot) pair of every cluster meets, (B, H, K, wq, wk) float32; with ``neg_log``, -log of the count
+    (looked up per count as it is written: no pass over the counts). None when not available."""
     found = _args((qi, ki))
     if found is None:
         return None
@@ -344,9 +345,10 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int) -> torch.Ten
             raise ValueError(f"cluster members must lie in [0, {L}), got min {int(idx.min())}, max {int(idx.max())}")
         sets.append(bits)
     out = torch.empty(B, H, K, wq, wk, dtype=torch.float32)
+    table = torch.arange(K + 1, dtype=torch.float64).clamp_(min=1).log_().neg_().float() if neg_log else None
     if out.numel():
         lib.sa_pair_counts(qi.data_ptr(), ki.data_ptr(), B * H, K, wq, wk, sets[0].data_ptr(), sets[1].data_ptr(),
-                           N, S, out.data_ptr(), _threads(B * H * K))
+                           N, S, 0 if table is None else table.data_ptr(), out.data_ptr(), _threads(B * H * K))
     return out
 
 

@@ -14,6 +14,7 @@ typedef struct {
     const int64_t *qi, *ki; /* pair counts: (BH, K, wq), (BH, K, wk) */
     const uint64_t *qbits, *kbits;
     int64_t wq, wk, N, S;
+    const float *table;  /* NULL, or table[count] written instead of the count */
     float *out;          /* (BH, K, wq, wk) */
 } sets_job;
 
@@ -51,18 +52,20 @@ static int pair_counts(void *arg, int64_t r0, int64_t r1) {
                 const uint64_t *b = p->kbits + (bh * p->S + p->ki[r * p->wk + j]) * words;
                 int64_t n = 0;
                 for (int64_t x = 0; x < words; x++) n += __builtin_popcountll(a[x] & b[x]);
-                o[i * p->wk + j] = (float)n;
+                o[i * p->wk + j] = p->table ? p->table[n] : (float)n;
             }
         }
     }
     return 0;
 }
 
-/* out (BH, K, wq, wk): the clusters query slot i and key slot j of cluster c share, from the members
- * qi (BH, K, wq) in [0, N), ki (BH, K, wk) in [0, S) and their bit sets (sa_member_bits). */
+/* out (BH, K, wq, wk): the clusters query slot i and key slot j of cluster c share, or table[that count]
+ * (table: K + 1 entries, or NULL), from the members qi (BH, K, wq) in [0, N), ki (BH, K, wk) in [0, S)
+ * and their bit sets (sa_member_bits). */
 int sa_pair_counts(const int64_t *qi, const int64_t *ki, int64_t BH, int64_t K, int64_t wq, int64_t wk,
-                   const uint64_t *qbits, const uint64_t *kbits, int64_t N, int64_t S, float *out, int threads) {
+                   const uint64_t *qbits, const uint64_t *kbits, int64_t N, int64_t S, const float *table, float *out,
+                   int threads) {
     sets_job p = {.K = K, .words = (K + 63) / 64, .qi = qi, .ki = ki, .qbits = qbits, .kbits = kbits,
-                  .wq = wq, .wk = wk, .N = N, .S = S, .out = out};
+                  .wq = wq, .wk = wk, .N = N, .S = S, .table = table, .out = out};
     return sa_parallel_rows(BH * K, threads, pair_counts, &p);
 }
