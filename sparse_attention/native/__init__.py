@@ -347,8 +347,10 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, *, neg_log: 
     out = torch.empty(B, H, K, wq, wk, dtype=torch.float32)
     table = torch.arange(K + 1, dtype=torch.float64).clamp_(min=1).log_().neg_().float() if neg_log else None
     if out.numel():
-        lib.sa_pair_counts(qi.data_ptr(), ki.data_ptr(), B * H, K, wq, wk, sets[0].data_ptr(), sets[1].data_ptr(),
-                           N, S, 0 if table is None else table.data_ptr(), out.data_ptr(), _threads(B * H * K))
+        if lib.sa_pair_counts(qi.data_ptr(), ki.data_ptr(), B * H, K, wq, wk, sets[0].data_ptr(),
+                              sets[1].data_ptr(), N, S, 0 if table is None else table.data_ptr(), out.data_ptr(),
+                              _threads(B * H * K)):
+            raise MemoryError(f"native pair counts: no memory for a cluster's key sets, wk={wk}, K={K}")
     return out
 
 
