@@ -300,8 +300,9 @@ def _drop_self(add, valid, n_keys, q_slot, k_order, ks, N):
     """Reformer's exclude-self rule on the kernel's mask: -inf at each query's own key where some round found
     the query another key. add, valid (R, B, H, C, 1 or bs, 2ks); n_keys (R, B, H, C, 1 or bs) keys per
     query; q_slot (R, B, H, C, bs) original query index per slot (-1 = none); k_order (R, B, H, S) the keys'
-    sort order. Returns the full (R, B, H, C, bs, 2ks) mask and the keys left per query. O(N) work besides
-    the mask itself: a query's own key is found by its sorted position, not by comparing every pair."""
+    sort order. Returns the full (R, B, H, C, bs, 2ks) mask, or (1, 1, 1, C, bs, 2ks) when it is the same for
+    every round, batch entry and head, and the keys left per query. O(N) work besides the mask itself: a
+    query's own key is found by its sorted position, not by comparing every pair."""
     R, B, H, C, bs = q_slot.shape
     S = k_order.shape[-1]
     k_pos = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(S, device=k_order.device).expand_as(k_order))
@@ -319,6 +320,10 @@ def _drop_self(add, valid, n_keys, q_slot, k_order, ks, N):
         total.scatter_add_(-1, slot, others.movedim(0, 2).reshape(B, H, -1))
         others = total.gather(-1, slot).view(B, H, R, C, bs).movedim(2, 0)
     drop = own & (others > 0)
+    if all(bool((x == x[:1, :1, :1]).all()) for x in (add, col, drop)):
+        # the same mask for every round, batch entry and head (shared QK without padding: every query's own
+        # key sits on the same diagonal of its window): one (C, bs, 2ks) copy, broadcast by the kernel
+        add, col, drop, full = add[:1, :1, :1], col[:1, :1, :1], drop[:1, :1, :1], (1, 1, 1, C, bs, 2 * ks)
     add = add.expand(full).contiguous()
     add.scatter_(-1, col, add.gather(-1, col).masked_fill(drop.unsqueeze(-1), float("-inf")))
     return add, n_keys - drop.to(n_keys.dtype)
@@ -328,8 +333,9 @@ class _SortedChunks(torch.autograd.Function):
     """LSH attention of every round on the fused kernel; gathers and scatters by index_select / index_add.
 
     q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); q_idx (R, B, Hq, C·bs) and k_idx (R, B, Hq,
-    (C + 1)·ks) the sorted slots' original indices per round (-1 = empty); add (R, B, Hq, C, bs or 1, 2ks)
-    the additive mask (-log of the pair's round count, or 0; -inf: not attended); has_key (R, B, Hq, C, bs
+    (C + 1)·ks) the sorted slots' original indices per round (-1 = empty); add (R, B, Hq, C, bs or 1, 2ks),
+    or (1, 1, 1, C, bs, 2ks) shared by all, the additive mask (-log of the pair's round count, or 0; -inf:
+    not attended); has_key (R, B, Hq, C, bs
     or 1) bool, False where a query has no key in that round (output 0, LSE -inf). Returns (B, Hq, N, Dv).
     The rounds are folded into the kernel's batch and merged through their log-sum-exps; the backward
     gives the kernel each query's merged output and LSE, which is exactly the gradient of the softmax over
@@ -351,7 +357,7 @@ class _SortedChunks(torch.autograd.Function):
         if D != Dv:
             qs, kk, vv = (F.pad(t, (0, E - t.shape[-1])) for t in (qs, kk, vv))
         qs, kk, vv = qs.view(RBH, C, -1, E), kk.view(RBH, 1, -1, E), vv.view(RBH, 1, -1, E)
-        add = add.to(qs.dtype).reshape(RBH, C, add.shape[-2], -1)
+        add = add.to(qs.dtype).reshape(-1, C, add.shape[-2], add.shape[-1])  # RBH entries, or 1 broadcast
         o, lse = _kernel_fwd(qs, _windows(kk, ks).squeeze(1), _windows(vv, ks).squeeze(1), 0.0, False,
                              attn_mask=add, scale=scale)
         lse = torch.where(has_key.reshape(RBH, C, -1), lse, float("-inf"))  # the kernel says 0: no key
