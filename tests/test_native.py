@@ -271,6 +271,11 @@ def test_native_dot_rows_and_scatter_groups():
         0, cols.flatten(), (w.double()[..., None] * a.double()[:, None, :]).reshape(-1, E))
     got = native.scatter_groups(w, cols, a, groups, keys_per)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    skip = torch.rand(cols.shape, generator=gen) < 0.3  # negative columns: pairs left out
+    want = torch.zeros(groups * keys_per, E, dtype=torch.float64).index_add_(
+        0, cols[~skip], w.double()[~skip][:, None] * a.double()[torch.nonzero(~skip)[:, 0]])
+    got = native.scatter_groups(w, cols.masked_fill(skip, -1), a, groups, keys_per)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     assert native.dot_rows(a.double(), cols, b.double()) is None, "float64: not for the kernel"
 
 

@@ -40,7 +40,7 @@ from .. import native
 from .._checks import check_bool, check_int
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
-from ..engine.blocksparse import all_finite, kernel_grad_out, kernel_grad_select
+from ..engine.blocksparse import all_finite, kernel_grad_out, kernel_grad_rows, kernel_grad_select
 from .base import DynamicPattern, flat_rows, query_heads, stable_order
 
 HASH_CHUNK_ELEMENTS = 1 << 20  # projections computed at once by LSH.hash (4 MB in float32)
@@ -397,7 +397,7 @@ class _SortedChunks(torch.autograd.Function):
                                  _windows(vv, ks).squeeze(1), o, lse, 0.0, False, attn_mask=add, scale=ctx.scale)
         dq = kernel_grad_select(gq, slot).view(R, B, Hq, N, E)  # one slot per query and round
         dq = dq[0] if R == 1 else dq.sum(0)  # (a sum over one round would copy)
-        dk, dv = (_fold_windows(t, ks, kflat, B * Hkv * S).view(B, Hkv, S, E) for t in (gk, gv))
+        dk, dv = (_fold_windows(t, ks, kflat, B * Hkv, S, R).view(B, Hkv, S, E) for t in (gk, gv))
         return (dq[..., :D].to(q_dtype), dk[..., :D].to(k_dtype), dv[..., :Dv].to(v_dtype),
                 None, None, None, None, None, None)
 
@@ -409,14 +409,26 @@ def _rows_by_round(idx: torch.Tensor, Hx: int, L: int) -> torch.Tensor:
     return flat_rows(idx.movedim(0, 2), Hx, L).view(B, H, R, M).movedim(2, 0).reshape(-1)
 
 
-def _fold_windows(gw: torch.Tensor, ks: int, kflat: torch.Tensor, rows: int) -> torch.Tensor:
-    """Gradients of the key windows (BH, C, 2ks, E) -> per original key row (rows, E). Sorted chunk c sits
-    in window c (second half) and window c + 1 (first half); kflat maps the sorted slots (the empty front
-    chunk first) to rows, where query heads sharing a key/value head add up."""
+def _fold_windows(gw: torch.Tensor, ks: int, kflat: torch.Tensor, groups: int, S: int, R: int) -> torch.Tensor:
+    """Gradients of the key windows (R·B·Hq, C, 2ks, E) -> per original key row (groups · S, E), groups =
+    B·Hkv. Sorted chunk c sits in window c (second half) and window c + 1 (first half); kflat maps the
+    sorted slots (the empty front chunk first) to rows, where query heads sharing a key/value head add up.
+
+    With one round, on CPU in float32, the native scatter adds every window row to its key's row in one
+    pass (each key/value head's rows in parallel: its query heads' windows are consecutive); window 0's
+    first half (the empty front chunk) is skipped. Otherwise: chunk c's two halves added up, then index_add_.
+    """
     BH, C, _, E = gw.shape
+    if R == 1 and gw.dtype == torch.float32 and gw.device.type == "cpu":
+        win = _windows(kflat.view(BH, 1, -1, 1), ks).clone(memory_format=torch.contiguous_format).view(BH, C, 2 * ks)
+        win[:, 0, :ks] = -1
+        src, idx = kernel_grad_rows(gw, win.view(-1))
+        out = native.scatter_groups(torch.ones(src.shape[0], 1), idx.view(-1, 1), src, groups, S)
+        if out is not None:
+            return out
     own = gw[:, :, ks:].contiguous()  # (BH, C, ks, E): chunk c in its own window (a copy)
     own[:, :-1] += gw[:, 1:, :ks]  # ... and as the previous chunk of window c + 1
-    return gw.new_zeros(rows, E).index_add_(0, kflat.view(BH, -1)[:, ks:].reshape(-1), own.view(-1, E))
+    return gw.new_zeros(groups * S, E).index_add_(0, kflat.view(BH, -1)[:, ks:].reshape(-1), own.view(-1, E))
 
 
 def _pair_counts(q_chunk, k_chunk, qq, kq) -> torch.Tensor:

@@ -310,9 +310,9 @@ def dot_rows(a: torch.Tensor, cols: torch.Tensor, b: torch.Tensor) -> torch.Tens
 def scatter_groups(w: torch.Tensor, cols: torch.Tensor, src: torch.Tensor, groups: int, keys_per_group: int) -> \
         torch.Tensor | None:
     """out[cols[r, j]] += w[r, j] * src[r] over every pair, for float32 w (R, k), src (R, E) and int64 cols
-    (R, k): (groups · keys_per_group, E). The R rows form ``groups`` equal groups whose columns all lie in
-    the group's own keys_per_group output rows (not checked: the caller's own indices); the groups run
-    in parallel. None when not available."""
+    (R, k) (a negative column skips its pair): (groups · keys_per_group, E). The R rows form ``groups``
+    equal groups whose columns all lie in the group's own keys_per_group output rows (not checked: the
+    caller's own indices); the groups run in parallel. None when not available."""
     found = _args((cols,), (w, src))
     if found is None:
         return None

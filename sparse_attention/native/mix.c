@@ -82,12 +82,14 @@ static int scatter_groups(void *arg, int64_t g0, int64_t g1) {
         memset(p->out + g * p->keys_per_group * p->E, 0, (size_t)(p->keys_per_group * p->E) * sizeof(float));
         for (int64_t r = g * p->rows_per_group; r < (g + 1) * p->rows_per_group; r++)
             for (int64_t j = 0; j < p->k; j++)
-                axpy(p->out + p->cols[r * p->k + j] * p->E, p->w[r * p->k + j], p->a + r * p->E, p->E);
+                if (p->cols[r * p->k + j] >= 0)
+                    axpy(p->out + p->cols[r * p->k + j] * p->E, p->w[r * p->k + j], p->a + r * p->E, p->E);
     }
     return 0;
 }
 
-/* dV and dK, the transposed products: out[cols[r, j]] += w[r, j] * src[r] over every pair. The rows come
+/* dV and dK, the transposed products: out[cols[r, j]] += w[r, j] * src[r] over every pair (a negative
+ * column: none, the pair is skipped). The rows come
  * in groups of rows_per_group whose pairs all fall in the group's own keys_per_group output rows (a
  * batch entry's key head and the query heads reading it), so the groups run in parallel without
  * sharing an output row; each group's rows are zeroed first. w, cols: (rows, k); src: (rows, E); out:
