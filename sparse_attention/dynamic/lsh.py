@@ -388,7 +388,10 @@ class _SortedChunks(torch.autograd.Function):
         R, ks = q_idx.shape[0], ctx.ks
         # the output gradient in sorted order; empty query slots get 0
         g = g.to(qs.dtype) if D == Dv else F.pad(g.to(qs.dtype), (0, E - Dv))
-        gsort = kernel_grad_out(g.reshape(-1, E), qflat, qs.shape).masked_fill_((q_idx < 0).view(RBH, C, bs, 1), 0.0)
+        gsort = kernel_grad_out(g.reshape(-1, E), qflat, qs.shape)
+        empty = q_idx < 0  # slots past N in the last chunk (none when bs divides N)
+        if bool(empty.any()):
+            gsort.masked_fill_(empty.view(RBH, C, bs, 1), 0.0)
         if R > 1:  # each slot's query's merged output and LSE
             o = o.reshape(-1, E).index_select(0, qflat).view(RBH, C, bs, E)
             lse = lse.reshape(-1).index_select(0, qflat).view(RBH, C, bs)
