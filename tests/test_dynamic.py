@@ -138,8 +138,8 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
 @pytest.fixture(params=["native", "torch"])
 def top_k_path(request, monkeypatch):
     """The native kernels, or the PyTorch ops they replace (the path without a compiler): top_k, the
-    stable orders, LSH's buckets, TopK's value mixing and backward, and routing's pair counts and row
-    scatters."""
+    stable orders, LSH's buckets, TopK's value mixing and backward, and routing's pair counts, row
+    scatters and items backward."""
     if request.param == "native":
         if not native.available():
             pytest.skip(f"native kernels unavailable: {native.status()}")
@@ -151,6 +151,7 @@ def top_k_path(request, monkeypatch):
         monkeypatch.setattr(native, "dot_rows", lambda a, cols, b: None)
         monkeypatch.setattr(native, "pair_counts", lambda qi, ki, N, S, neg_log=False: None)
         monkeypatch.setattr(native, "scatter_groups", lambda w, cols, src, groups, keys: None)
+        monkeypatch.setattr(native, "items_backward", lambda *args: None)
     return request.param
 
 
@@ -666,6 +667,45 @@ def test_routing_fused_kernel_path_equals_the_plain_path(shape, causal, masked, 
     monkeypatch.setattr(routing, "all_finite", lambda *t: False)  # the plain-op path
     for name, x, y in zip(("out", "dq", "dk", "dv"), fused, run_and_grad(run, q, k, v, g), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 100, 100, 8, 8), (2, 4, 2, 50, 70, 13, 5), (1, 2, 1, 300, 300, 64, 64)],
+                         ids=lambda s: "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s))
+def test_routing_native_backward_matches_the_kernel_backward(shape, causal, masked, monkeypatch):
+    """float32: the native items backward (rows read and gradients added by index) against the fused kernel's
+    backward on gathered items, both against the float64 plain path (the tolerance rule, the kernel's error
+    as the baseline); padded keys get exactly zero dK and dV, and queries without a key exactly zero dQ."""
+    from sparse_attention.dynamic import routing
+
+    B, Hq, Hkv, N, S, D, Dv = shape
+    mech = Routing(_centroids((5, D)), capacity=max(N, S) // 4, causal=causal)  # shared pairs, unrouted tokens
+    kpm = padding_mask(B, S, all_padded=0 if masked and B > 1 else None) if masked else None
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=torch.float64, requires_grad=False)
+    g = torch.randn(B, Hq, N, Dv, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def run(a, b, c):
+        return mech.attend(a, b, c, key_padding_mask=kpm, scale=D**-0.5, dropout_p=0.0)
+
+    calls = []
+    items_backward = native.items_backward
+    monkeypatch.setattr(native, "items_backward", lambda *a: calls.append(1) or items_backward(*a))
+    native_run = run_and_grad(run, *(t.float() for t in (q, k, v)), g.float())
+    assert calls, "the native backward did not run"
+    monkeypatch.setattr(native, "items_backward", lambda *a: None)
+    kernel_run = run_and_grad(run, *(t.float() for t in (q, k, v)), g.float())
+    monkeypatch.setattr(routing, "all_finite", lambda *t: False)  # the plain-op path, in float64
+    golden = run_and_grad(run, q, k, v, g)
+    for name, impl, ref, gold in zip(("out", "dq", "dk", "dv"), native_run, kernel_run, golden, strict=True):
+        assert_within_baseline(name, impl, ref, gold, grad=name != "out")
+    if kpm is not None:  # padded keys: not a single pair, so exactly 0
+        for name, grad in (("dk", native_run[2]), ("dv", native_run[3])):
+            assert torch.equal(grad[kpm[:, None, :, None].expand_as(grad)], torch.zeros_like(grad)[
+                kpm[:, None, :, None].expand_as(grad)]), f"{name}: nonzero at a padded key"
+    no_key = golden[0].abs().sum(-1) == 0  # (B, Hq, N): rows whose output is exactly 0 have no key
+    assert torch.equal(native_run[1][no_key], torch.zeros_like(native_run[1][no_key])), "dq: nonzero without a key"
 
 
 @pytest.mark.parametrize("lengths", [(0, 5), (5, 0), (0, 0)], ids=["no-queries", "no-keys", "empty"])

@@ -292,9 +292,11 @@ def _add_rows(src: torch.Tensor, idx: torch.Tensor, groups: int, rows: int,
 class _RoutedItems(torch.autograd.Function):
     """Routing attention on the fused CPU kernel: every cluster is an item (its wq queries against its wk
     keys, with the additive ``bias``: -log(pair count), -inf where not allowed); a query's clusters are
-    merged through their log-sum-exps into the softmax over the union of its keys. The backward calls
-    the kernel's backward per item with the *merged* output and log-sum-exp of each query, which gives
-    exactly the union softmax's gradient (p = exp(s - LSE) and D = dO·O are then the global ones).
+    merged through their log-sum-exps into the softmax over the union of its keys. The backward takes
+    each query's *merged* output and log-sum-exp, which gives exactly the union softmax's gradient
+    (p = exp(s - LSE) and D = dO·O are then the global ones). It runs on the native items backward
+    (``native.items_backward``: the rows read and the gradients added by index, no gathered copies;
+    float32), else on the kernel's backward per item with the rows gathered and the gradients scattered.
 
     q (B, H, N, D), k (B, H, S, D), v (B, H, S, Dv) (keys already per query head), qi (B, H, K, wq),
     ki (B, H, K, wk), bias (B, H, K, wq, wk), has_key (B, H, K, wq) bool: whether a slot's row of bias
@@ -303,15 +305,12 @@ class _RoutedItems(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, qi, ki, bias, has_key, scale):
-        B, H, N, D = q.shape
-        S, Dv = k.shape[2], v.shape[-1]
+        B, H, N, _ = q.shape
+        Dv = v.shape[-1]
         K, wq, wk = qi.shape[2], qi.shape[3], ki.shape[3]
-        E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
-        qs, qflat = gather_rows(padded(q, (0, E - D)), qi.flatten(2))
-        ks, kflat = gather_rows(padded(k, (0, E - D)), ki.flatten(2))
-        vs, _ = gather_rows(padded(v, (0, E - Dv)), ki.flatten(2))
-        items = [t.view(B * H, K, -1, E) for t in (qs, ks, vs)]
-        add = bias.view(B * H, K, wq, wk).to(qs.dtype)
+        items, qflat, _ = _items(q, k, v, qi, ki)
+        E = items[0].shape[-1]
+        add = bias.view(B * H, K, wq, wk).to(q.dtype)
         o, lse = _kernel_fwd(*items, 0.0, False, attn_mask=add, scale=scale)
         lse = torch.where(has_key.view(B * H, K, wq), lse, float("-inf")).flatten(1)  # (B·H, K·wq)
         # merge each query's clusters: LSE = log Σ exp(lse), out = Σ exp(lse - LSE) o
@@ -321,35 +320,52 @@ class _RoutedItems(torch.autograd.Function):
         total = torch.zeros_like(top).scatter_add(1, row, torch.exp(lse - top.gather(1, row)))
         LSE = torch.where(total > 0, top + torch.log(total), float("-inf"))  # (B·H, N)
         w = torch.exp(lse - torch.where(torch.isneginf(LSE), 0.0, LSE).gather(1, row))  # 0 where lse = -inf
-        o = o.reshape(-1, E)
-        out = _add_rows(o, qflat, B * H, N, w.reshape(-1, 1)).view(B, H, N, E)
-        # the backward wants every slot's merged output: o holds it already where its query is in one
-        # cluster (most slots); the others get theirs copied in (o is the kernel's buffer: no other user)
-        multi = (torch.bincount(qflat, minlength=B * H * N) != 1).index_select(0, qflat).nonzero().squeeze(1)
-        o.index_copy_(0, multi, out.view(-1, E).index_select(0, qflat.index_select(0, multi)))
-        ctx.save_for_backward(*items, add, o.view(B * H, K, wq, E), LSE, qflat, kflat)
-        ctx.scale, ctx.dims = scale, (N, D, Dv, S, q.dtype, k.dtype, v.dtype)
-        return out[..., :Dv]
+        out = _add_rows(o.reshape(-1, E), qflat, B * H, N, w.reshape(-1, 1)).view(B, H, N, E)[..., :Dv]
+        ctx.save_for_backward(q, k, v, qi, ki, add, out, LSE)
+        ctx.scale = scale
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        qs, ks, vs, add, slot_out, LSE, qflat, kflat = ctx.saved_tensors
-        N, D, Dv, S, q_dtype, k_dtype, v_dtype = ctx.dims
-        BH, K, wq, E = qs.shape
-        B, H = g.shape[0], g.shape[1]
-        g = padded(g.to(qs.dtype), (0, E - Dv)).reshape(B * H * N, E)
-        lse = torch.where(torch.isneginf(LSE), float("inf"), LSE).reshape(-1)  # no key: every p = 0
-        gq, gk, gv = _kernel_bwd(kernel_grad_out(g, qflat, qs.shape), qs, ks, vs, slot_out,
-                                 lse.index_select(0, qflat).view(BH, K, wq), 0.0, False, attn_mask=add,
-                                 scale=ctx.scale)
+        q, k, v, qi, ki, add, out, LSE = ctx.saved_tensors
+        B, H, N, D = q.shape
+        S, Dv = k.shape[2], v.shape[-1]
+        BH, K, wq, wk = add.shape
+        g = g.to(out.dtype)
+        lse = torch.where(torch.isneginf(LSE), float("inf"), LSE)  # (B·H, N); no key: every p = 0
+        grads = native.items_backward(q.reshape(BH, N, D), k.reshape(BH, S, D), v.reshape(BH, S, Dv),
+                                      g.reshape(BH, N, Dv), out.reshape(BH, N, Dv), lse, qi.view(BH, K, wq),
+                                      ki.view(BH, K, wk), add, ctx.scale)
+        if grads is None:  # the fused kernel's backward on gathered items, scattered back
+            items, qflat, kflat = _items(q, k, v, qi, ki)
+            E = items[0].shape[-1]
 
-        def scatter(grad, flat, rows):  # the items' row gradients added to their tokens' rows
-            return _add_rows(*kernel_grad_rows(grad, flat), B * H, rows)
+            def slot(x):  # per-query rows -> per-slot items (BH, K, wq, ·)
+                return x.index_select(0, qflat).view(BH, K, wq, -1)
 
-        dq, dk, dv = scatter(gq, qflat, N), scatter(gk, kflat, S), scatter(gv, kflat, S)
-        return (dq.view(B, H, N, E)[..., :D].to(q_dtype), dk.view(B, H, S, E)[..., :D].to(k_dtype),
-                dv.view(B, H, S, E)[..., :Dv].to(v_dtype), None, None, None, None, None)
+            gq, gk, gv = _kernel_bwd(kernel_grad_out(padded(g, (0, E - Dv)).reshape(-1, E), qflat, items[0].shape),
+                                     *items, slot(padded(out, (0, E - Dv)).reshape(-1, E)),
+                                     slot(lse.reshape(-1, 1))[..., 0], 0.0, False, attn_mask=add, scale=ctx.scale)
+
+            def scatter(grad, flat, rows):  # the items' row gradients added to their tokens' rows
+                return _add_rows(*kernel_grad_rows(grad, flat), BH, rows)
+
+            grads = (scatter(gq, qflat, N)[:, :D], scatter(gk, kflat, S)[:, :D], scatter(gv, kflat, S)[:, :Dv])
+        dq, dk, dv = (x.reshape(t.shape).to(t.dtype) for x, t in zip(grads, (q, k, v), strict=True))
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _items(q, k, v, qi, ki):
+    """The clusters' rows as the kernel's items (B·H, K, w, E), E = max(D, Dv) (zero columns change no score or
+    output: the kernel wants one head size), and the flat row indices of the queries (B·H·K·wq,) and keys."""
+    B, H, _, D = q.shape
+    Dv, K = v.shape[-1], qi.shape[2]
+    E = max(D, Dv)
+    qs, qflat = gather_rows(padded(q, (0, E - D)), qi.flatten(2))
+    ks, kflat = gather_rows(padded(k, (0, E - D)), ki.flatten(2))
+    vs, _ = gather_rows(padded(v, (0, E - Dv)), ki.flatten(2))
+    return [t.view(B * H, K, -1, E) for t in (qs, ks, vs)], qflat, kflat
 
 
 def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float = 0.999) -> torch.Tensor:

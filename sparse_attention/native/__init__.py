@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "bucket_order", "dot_rows", "linear_backward", "linear_forward", "linear_map", "lsh_buckets",
-           "mix_rows", "pair_counts", "scatter_groups", "status", "topk_rows"]
+__all__ = ["available", "bucket_order", "dot_rows", "items_backward", "linear_backward", "linear_forward", "linear_map",
+           "lsh_buckets", "mix_rows", "pair_counts", "scatter_groups", "status", "topk_rows"]
 
 _DIR = Path(__file__).parent
-_SOURCES = ["topk.c", "lsh.c", "mix.c", "routing.c", "linear.c"]
+_SOURCES = ["topk.c", "lsh.c", "mix.c", "routing.c", "linear.c", "items.c"]
 _HEADERS = ["rows.h", "vec.h"]
 _FLAGS = ["-O3", "-shared", "-fPIC"]
 # Tried in order. With OpenMP the kernels run on PyTorch's own OpenMP threads (see rows.h), without it
@@ -92,6 +92,7 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_linear_bwd_f32": "p p p p p p p p p p i i i i i i i p p p t",
     "sa_linear_causal_fwd_f32": "p p p p p p i i i i i i i d p p t",
     "sa_linear_causal_bwd_f32": "p p p p p p p p p i i i i i i i p p p t",
+    "sa_items_bwd_f32": "p p p p p p p p p i i i i i i i i d p p p t",
     "sa_linear_vector_bytes": "",
     "sa_openmp": "",
 }
@@ -352,6 +353,37 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, *, neg_log: 
                               _threads(B * H * K)):
             raise MemoryError(f"native pair counts: no memory for a cluster's key sets, wk={wk}, K={K}")
     return out
+
+
+def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor, bias: torch.Tensor | None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The gradients (dq, dk, dv) of softmax attention over items whose rows are given by index, from the
+    output gradient g, the output o and the log-sum-exp lse of every query row.
+
+    q (G, Nq, D), g and o (G, Nq, Dv), lse (G, Nq) (+inf for a row with no key); k (G, Nk, D), v (G, Nk, Dv);
+    qrows (G, I, wq) and krows (G, I, wk): each of group gi's I items' rows, in [0, Nq) and [0, Nk) (not
+    checked: the caller's own indices); bias (G, I, wq, wk) additive (-inf: not attended) or None. Item
+    (gi, i) pairs its queries with its keys with p = exp(scale·q·k + bias - lse); rows in several items add
+    up. float32 on CPU, when the build has vectors of 32 bytes or more (narrower ones are slower than the
+    fused kernel, as for linear attention); else None (see native/items.c)."""
+    found = _args((qrows, krows), (q, k, v, g, o, lse, bias))
+    if found is None or found[0].sa_linear_vector_bytes() < 32:
+        return None
+    lib, (qrows, krows, q, k, v, g, o, lse, bias) = found
+    G, Nq, D = q.shape
+    Nk, Dv = k.shape[1], v.shape[2]
+    _, I, wq = qrows.shape
+    wk = krows.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    base_q = (torch.arange(G) * Nq).view(G, 1, 1)  # rows of the flattened (G·Nq, ·) tensors
+    base_k = (torch.arange(G) * Nk).view(G, 1, 1)
+    qrows, krows = (qrows + base_q).contiguous(), (krows + base_k).contiguous()
+    if G and lib.sa_items_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), o.data_ptr(),
+                                  lse.data_ptr(), qrows.data_ptr(), krows.data_ptr(), _ptr(bias), G, I, wq, wk, D,
+                                  Dv, Nq, Nk, scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(G)):
+        raise MemoryError("native items backward: no memory for a thread's scratch")
+    return dq, dk, dv
 
 
 #: linear attention's feature maps the kernels apply themselves (identity: features computed beforehand;

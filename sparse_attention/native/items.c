@@ -1,0 +1,160 @@
+/* The backward of softmax attention over small items whose rows are given by index (routing's clusters,
+ * sparse_attention/dynamic/routing.py): each item is wq query rows against wk key rows, read straight from
+ * the token tensors, with an additive bias per pair; the gradients are added straight into the tokens'
+ * rows. It replaces gathering the items' rows, PyTorch's fused kernel backward (whose gradients are fresh
+ * zero-filled tensors) and scattering its gradients back.
+ *
+ * The probabilities are p = exp(scale q.k + bias - lse) with the caller's lse per query row (its softmax
+ * over every item it is in: the gradient of the union softmax), and the output o per query row for
+ * D = dO.o. Per item, for each block of 4 queries:
+ *   S = Q Kᵀ, P = exp(scale S + bias - lse), dP = dO Vᵀ, dS = scale P (dP - D),
+ *   dQ += dS K, dK += dSᵀ Q, dV += Pᵀ dO.
+ * A probability below e^-87 is taken as 0 (the exponential's range; masked pairs and rows with lse = +inf
+ * give exactly 0, as the fused kernel does). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rows.h"
+#include "vec.h"
+
+typedef struct {
+    const float *q, *k, *v, *g, *o, *lse, *bias;
+    const int64_t *qrows, *krows;
+    int64_t items, wq, wk, D, Dv, Dp, Dvp, Kp, nq, nk;
+    float scale;
+    float *dq, *dk, *dv;
+} items_job;
+
+typedef struct {
+    float *kt, *vt, *kr, *dkb, *dvb, *rows;
+} items_scratch;
+
+static void scratch_free(items_scratch *s) {
+    free(s->kt);
+    free(s->vt);
+    free(s->kr);
+    free(s->dkb);
+    free(s->dvb);
+    free(s->rows);
+}
+
+static int scratch_init(items_scratch *s, const items_job *p) {
+    s->kt = aligned_floats(p->Dp * p->Kp);   /* Kᵀ (Dp, Kp) */
+    s->vt = aligned_floats(p->Dvp * p->Kp);  /* Vᵀ (Dvp, Kp) */
+    s->kr = aligned_floats(p->Kp * p->Dp);   /* K (Kp, Dp) */
+    s->dkb = aligned_floats(p->Kp * p->Dp);  /* the item's dK */
+    s->dvb = aligned_floats(p->Kp * p->Dvp); /* the item's dV */
+    s->rows = aligned_floats(BLOCK * (2 * p->Dp + p->Dvp + 2 * p->Kp));
+    if (s->kt && s->vt && s->kr && s->dkb && s->dvb && s->rows) return 0;
+    scratch_free(s);
+    return -1;
+}
+
+/* the item's keys and values: Kᵀ, Vᵀ and K in padded slots (the pad columns of Kᵀ and Vᵀ stay 0) */
+static void load_keys(const items_job *p, const items_scratch *s, const int64_t *krow) {
+    for (int64_t j = 0; j < p->wk; j++) {
+        const float *kx = p->k + krow[j] * p->D, *vx = p->v + krow[j] * p->Dv;
+        load_row(s->kr + j * p->Dp, kx, p->D, p->Dp);
+        for (int64_t e = 0; e < p->D; e++) s->kt[e * p->Kp + j] = kx[e];
+        for (int64_t e = 0; e < p->Dv; e++) s->vt[e * p->Kp + j] = vx[e];
+    }
+    memset(s->dkb, 0, (size_t)(p->Kp * p->Dp) * sizeof(float));
+    memset(s->dvb, 0, (size_t)(p->Kp * p->Dvp) * sizeof(float));
+}
+
+/* P and scale·dS for a block of query rows in place of S and dP; bias rows (wk) or NULL. The pad columns
+ * past wk get some probability, but meet zero rows of K, Kᵀ and Vᵀ and are never stored: no effect. */
+static void probabilities(const items_job *p, float *const *s, float *const *dp, const float *const *bias,
+                          const float *lse, const float *Drow) {
+    for (int r = 0; r < BLOCK; r++) {
+        vf sc = splat(p->scale), L = splat(lse[r]), Dr = splat(Drow[r]);
+        for (int64_t c = 0; c < p->Kp; c += VL) {
+            vf x = *(vf *)(s[r] + c) * sc - L;
+            if (bias[r]) x += load_part(bias[r] + c, p->wk - c);
+            vf pr = pick(x >= -87.0f, exp_lanes(x), splat(0.0f)); /* -inf (masked, or lse = +inf): 0 */
+            pr = pick(x != x, x, pr);                            /* NaN stays NaN */
+            *(vf *)(s[r] + c) = pr;
+            *(vf *)(dp[r] + c) = pr * (*(vf *)(dp[r] + c) - Dr) * sc;
+        }
+    }
+}
+
+static int item_groups(void *arg, int64_t g0, int64_t g1) {
+    const items_job *p = arg;
+    items_scratch s;
+    if (scratch_init(&s, p)) return -1;
+    const int64_t Dp = p->Dp, Dvp = p->Dvp, Kp = p->Kp;
+    float *qr[BLOCK], *gr[BLOCK], *dqr[BLOCK], *sr[BLOCK], *dpr[BLOCK];
+    for (int r = 0; r < BLOCK; r++) {
+        qr[r] = s.rows + r * Dp;
+        dqr[r] = s.rows + (BLOCK + r) * Dp;
+        gr[r] = s.rows + 2 * BLOCK * Dp + r * Dvp;
+        sr[r] = s.rows + BLOCK * (2 * Dp + Dvp) + r * Kp;
+        dpr[r] = s.rows + BLOCK * (2 * Dp + Dvp + Kp) + r * Kp;
+    }
+    for (int64_t gi = g0; gi < g1; gi++) {
+        memset(p->dq + gi * p->nq * p->D, 0, (size_t)(p->nq * p->D) * sizeof(float));
+        memset(p->dk + gi * p->nk * p->D, 0, (size_t)(p->nk * p->D) * sizeof(float));
+        memset(p->dv + gi * p->nk * p->Dv, 0, (size_t)(p->nk * p->Dv) * sizeof(float));
+        for (int64_t it = gi * p->items; it < (gi + 1) * p->items; it++) {
+            const int64_t *qrow = p->qrows + it * p->wq, *krow = p->krows + it * p->wk;
+            load_keys(p, &s, krow);
+            for (int64_t i = 0; i < p->wq; i += BLOCK) {
+                float lse[BLOCK], Drow[BLOCK];
+                const float *bias[BLOCK];
+                for (int r = 0; r < BLOCK; r++) {
+                    if (i + r < p->wq) {
+                        int64_t row = qrow[i + r];
+                        load_row(qr[r], p->q + row * p->D, p->D, Dp);
+                        load_row(gr[r], p->g + row * p->Dv, p->Dv, Dvp);
+                        float d = 0;
+                        for (int64_t e = 0; e < p->Dv; e++) d += p->g[row * p->Dv + e] * p->o[row * p->Dv + e];
+                        Drow[r] = d;
+                        lse[r] = p->lse[row];
+                        bias[r] = p->bias ? p->bias + (it * p->wq + i + r) * p->wk : NULL;
+                    } else { /* a block past the item's last query: zero rows, no probability */
+                        zero_row(qr[r], Dp);
+                        zero_row(gr[r], Dvp);
+                        Drow[r] = 0.0f;
+                        lse[r] = __builtin_inff();
+                        bias[r] = NULL;
+                    }
+                }
+                times_rows(qr, s.kt, Dp, Kp, sr);  /* S = Q Kᵀ */
+                times_rows(gr, s.vt, Dvp, Kp, dpr); /* dP = dO Vᵀ */
+                probabilities(p, sr, dpr, bias, lse, Drow);
+                times_rows(dpr, s.kr, Kp, Dp, dqr); /* dQ = dS K */
+                for (int r = 0; r < BLOCK && i + r < p->wq; r++) {
+                    float *dst = p->dq + qrow[i + r] * p->D;
+                    for (int64_t e = 0; e < p->D; e++) dst[e] += dqr[r][e];
+                }
+                rank_rows(s.dkb, dpr, qr, Kp, Dp);  /* dK += dSᵀ Q */
+                rank_rows(s.dvb, sr, gr, Kp, Dvp);  /* dV += Pᵀ dO */
+            }
+            for (int64_t j = 0; j < p->wk; j++) {
+                float *dk = p->dk + krow[j] * p->D, *dv = p->dv + krow[j] * p->Dv;
+                for (int64_t e = 0; e < p->D; e++) dk[e] += s.dkb[j * Dp + e];
+                for (int64_t e = 0; e < p->Dv; e++) dv[e] += s.dvb[j * Dvp + e];
+            }
+        }
+    }
+    scratch_free(&s);
+    return 0;
+}
+
+/* q (groups·nq, D), g and o (groups·nq, Dv), lse (groups·nq) (+inf: a row with no key); k (groups·nk, D),
+ * v (groups·nk, Dv); qrows (groups, items, wq) and krows (groups, items, wk): each item's rows, those of
+ * group gi in [gi·nq, (gi+1)·nq) and [gi·nk, (gi+1)·nk); bias (groups, items, wq, wk) or NULL. Writes dq,
+ * dk, dv (the shapes of q, k, v): the groups run in parallel, each zeroing and then adding into its own
+ * rows. Returns 0, or -1 when a thread's scratch could not be allocated. */
+int sa_items_bwd_f32(const float *q, const float *k, const float *v, const float *g, const float *o,
+                     const float *lse, const int64_t *qrows, const int64_t *krows, const float *bias,
+                     int64_t groups, int64_t items, int64_t wq, int64_t wk, int64_t D, int64_t Dv, int64_t nq,
+                     int64_t nk, double scale, float *dq, float *dk, float *dv, int threads) {
+    items_job p = {.q = q, .k = k, .v = v, .g = g, .o = o, .lse = lse, .bias = bias, .qrows = qrows,
+                   .krows = krows, .items = items, .wq = wq, .wk = wk, .D = D, .Dv = Dv, .Dp = padded(D),
+                   .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq, .nk = nk, .scale = (float)scale, .dq = dq,
+                   .dk = dk, .dv = dv};
+    return sa_parallel_rows(groups, threads, item_groups, &p);
+}
