@@ -139,7 +139,7 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
 def top_k_path(request, monkeypatch):
     """The native kernels, or the PyTorch ops they replace (the path without a compiler): top_k, the
     stable orders, LSH's buckets, TopK's value mixing and backward, and routing's pair counts, row
-    scatters and items backward."""
+    scatters and items kernels."""
     if request.param == "native":
         if not native.available():
             pytest.skip(f"native kernels unavailable: {native.status()}")
@@ -151,6 +151,7 @@ def top_k_path(request, monkeypatch):
         monkeypatch.setattr(native, "dot_rows", lambda a, cols, b: None)
         monkeypatch.setattr(native, "pair_counts", lambda qi, ki, N, S, neg_log=False: None)
         monkeypatch.setattr(native, "scatter_groups", lambda w, cols, src, groups, keys: None)
+        monkeypatch.setattr(native, "items_forward", lambda *args: None)
         monkeypatch.setattr(native, "items_backward", lambda *args: None)
     return request.param
 
@@ -674,10 +675,11 @@ def test_routing_fused_kernel_path_equals_the_plain_path(shape, causal, masked, 
 @pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
 @pytest.mark.parametrize("shape", [(1, 2, 2, 100, 100, 8, 8), (2, 4, 2, 50, 70, 13, 5), (1, 2, 1, 300, 300, 64, 64)],
                          ids=lambda s: "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s))
-def test_routing_native_backward_matches_the_kernel_backward(shape, causal, masked, monkeypatch):
-    """float32: the native items backward (rows read and gradients added by index) against the fused kernel's
-    backward on gathered items, both against the float64 plain path (the tolerance rule, the kernel's error
-    as the baseline); padded keys get exactly zero dK and dV, and queries without a key exactly zero dQ."""
+def test_routing_native_items_match_the_fused_kernel(shape, causal, masked, monkeypatch):
+    """float32: the native items forward and backward (rows read, outputs and gradients added by index)
+    against the fused kernel on gathered items, both against the float64 plain path (the tolerance rule,
+    the kernel's error as the baseline); padded keys get exactly zero dK and dV, and queries without a key
+    exactly zero output and dQ."""
     from sparse_attention.dynamic import routing
 
     B, Hq, Hkv, N, S, D, Dv = shape
@@ -690,11 +692,13 @@ def test_routing_native_backward_matches_the_kernel_backward(shape, causal, mask
         return mech.attend(a, b, c, key_padding_mask=kpm, scale=D**-0.5, dropout_p=0.0)
 
     calls = []
-    items_backward = native.items_backward
-    monkeypatch.setattr(native, "items_backward", lambda *a: calls.append(1) or items_backward(*a))
+    for name in ("items_forward", "items_backward"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, n=name, f=kernel: calls.append(n) or f(*a))
     native_run = run_and_grad(run, *(t.float() for t in (q, k, v)), g.float())
-    assert calls, "the native backward did not run"
-    monkeypatch.setattr(native, "items_backward", lambda *a: None)
+    assert calls == ["items_forward", "items_backward"], f"the native kernels did not both run: {calls}"
+    for name in ("items_forward", "items_backward"):
+        monkeypatch.setattr(native, name, lambda *a: None)
     kernel_run = run_and_grad(run, *(t.float() for t in (q, k, v)), g.float())
     monkeypatch.setattr(routing, "all_finite", lambda *t: False)  # the plain-op path, in float64
     golden = run_and_grad(run, q, k, v, g)
@@ -705,7 +709,9 @@ def test_routing_native_backward_matches_the_kernel_backward(shape, causal, mask
             assert torch.equal(grad[kpm[:, None, :, None].expand_as(grad)], torch.zeros_like(grad)[
                 kpm[:, None, :, None].expand_as(grad)]), f"{name}: nonzero at a padded key"
     no_key = golden[0].abs().sum(-1) == 0  # (B, Hq, N): rows whose output is exactly 0 have no key
-    assert torch.equal(native_run[1][no_key], torch.zeros_like(native_run[1][no_key])), "dq: nonzero without a key"
+    assert bool(no_key.any()), "the case must have queries without a key"
+    for name, t in (("out", native_run[0]), ("dq", native_run[1])):
+        assert torch.equal(t[no_key], torch.zeros_like(t[no_key])), f"{name}: nonzero without a key"
 
 
 @pytest.mark.parametrize("lengths", [(0, 5), (5, 0), (0, 0)], ids=["no-queries", "no-keys", "empty"])

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "bucket_order", "dot_rows", "items_backward", "linear_backward", "linear_forward", "linear_map",
-           "lsh_buckets", "mix_rows", "pair_counts", "scatter_groups", "status", "topk_rows"]
+__all__ = ["available", "bucket_order", "dot_rows", "items_backward", "items_forward", "linear_backward",
+           "linear_forward", "linear_map", "lsh_buckets", "mix_rows", "pair_counts", "scatter_groups", "status",
+           "topk_rows"]
 
 _DIR = Path(__file__).parent
 _SOURCES = ["topk.c", "lsh.c", "mix.c", "routing.c", "linear.c", "items.c"]
@@ -93,6 +94,7 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_linear_causal_fwd_f32": "p p p p p p i i i i i i i d p p t",
     "sa_linear_causal_bwd_f32": "p p p p p p p p p i i i i i i i p p p t",
     "sa_items_bwd_f32": "p p p p p p p p p i i i i i i i i d p p p t",
+    "sa_items_fwd_f32": "p p p p p p i i i i i i i i d p p p t",
     "sa_linear_vector_bytes": "",
     "sa_openmp": "",
 }
@@ -355,6 +357,39 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, *, neg_log: 
     return out
 
 
+def _item_rows(qrows: torch.Tensor, krows: torch.Tensor, Nq: int, Nk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's item rows (G, I, w) -> rows of the flattened (G·N, ·) tensors, contiguous."""
+    G = qrows.shape[0]
+    return ((qrows + (torch.arange(G) * Nq).view(G, 1, 1)).contiguous(),
+            (krows + (torch.arange(G) * Nk).view(G, 1, 1)).contiguous())
+
+
+def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor,
+                  bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Softmax attention over items whose rows are given by index, each query's items merged: (out, M, Z).
+
+    q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv); qrows (G, I, wq), krows (G, I, wk) and bias (G, I, wq, wk)
+    as for :func:`items_backward`. A query's softmax runs over every (item, key) pair it is in, with
+    p = exp(scale·q·k + bias); out (G, Nq, Dv) is its normalised output, and its log-sum-exp is M + log Z
+    with M (G, Nq) the largest of its items' row maxima and Z (G, Nq) > 0 (a query in no item, or with no
+    allowed key: out 0, M -inf, Z 0). float32 on CPU with vectors of 32 bytes or more, else None."""
+    found = _args((qrows, krows), (q, k, v, bias))
+    if found is None or found[0].sa_linear_vector_bytes() < 32:
+        return None
+    lib, (qrows, krows, q, k, v, bias) = found
+    G, Nq, D = q.shape
+    Nk, Dv = k.shape[1], v.shape[2]
+    _, I, wq = qrows.shape
+    wk = krows.shape[2]
+    qrows, krows = _item_rows(qrows, krows, Nq, Nk)
+    out, M, Z = q.new_empty(G, Nq, Dv), q.new_empty(G, Nq), q.new_empty(G, Nq)
+    if G and lib.sa_items_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), qrows.data_ptr(), krows.data_ptr(),
+                                  _ptr(bias), G, I, wq, wk, D, Dv, Nq, Nk, scale, out.data_ptr(), M.data_ptr(),
+                                  Z.data_ptr(), _threads(G)):
+        raise MemoryError("native items forward: no memory for a thread's scratch")
+    return out, M, Z
+
+
 def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor, bias: torch.Tensor | None,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -376,9 +411,7 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     _, I, wq = qrows.shape
     wk = krows.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    base_q = (torch.arange(G) * Nq).view(G, 1, 1)  # rows of the flattened (G·Nq, ·) tensors
-    base_k = (torch.arange(G) * Nk).view(G, 1, 1)
-    qrows, krows = (qrows + base_q).contiguous(), (krows + base_k).contiguous()
+    qrows, krows = _item_rows(qrows, krows, Nq, Nk)
     if G and lib.sa_items_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), o.data_ptr(),
                                   lse.data_ptr(), qrows.data_ptr(), krows.data_ptr(), _ptr(bias), G, I, wq, wk, D,
                                   Dv, Nq, Nk, scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(G)):

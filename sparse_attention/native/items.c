@@ -1,9 +1,15 @@
-/* The backward of softmax attention over small items whose rows are given by index (routing's clusters,
- * sparse_attention/dynamic/routing.py): each item is wq query rows against wk key rows, read straight from
- * the token tensors, with an additive bias per pair; the gradients are added straight into the tokens'
- * rows. It replaces gathering the items' rows, PyTorch's fused kernel backward (whose gradients are fresh
- * zero-filled tensors) and scattering its gradients back.
+/* Softmax attention over small items whose rows are given by index (routing's clusters,
+ * sparse_attention/dynamic/routing.py), forward and backward: each item is wq query rows against wk key
+ * rows, read straight from the token tensors, with an additive bias per pair; outputs and gradients go
+ * straight into the tokens' rows. They replace gathering the items' rows, PyTorch's fused kernel (whose
+ * outputs and gradients are fresh per-item tensors, the gradients zero-filled) and scattering back.
  *
+ * Forward: per item and query, m = the row's largest score, o = Σ exp(s - m) v and l = Σ exp(s - m); a
+ * query in several items gets out = Σ exp(m - M) o / Z with M the largest m and Z = Σ exp(m - M) l, so
+ * its softmax runs over the union of its items' keys (each pair as often as it occurs: the caller's bias
+ * lowers repeated pairs). M and Z are returned; the log-sum-exp is M + log Z.
+ *
+ * Backward:
  * The probabilities are p = exp(scale q.k + bias - lse) with the caller's lse per query row (its softmax
  * over every item it is in: the gradient of the union softmax), and the output o per query row for
  * D = dO.o. Per item, for each block of 4 queries:
@@ -23,17 +29,19 @@ typedef struct {
     const int64_t *qrows, *krows;
     int64_t items, wq, wk, D, Dv, Dp, Dvp, Kp, nq, nk;
     float scale;
-    float *dq, *dk, *dv;
+    float *dq, *dk, *dv;  /* backward */
+    float *out, *M, *Z;   /* forward */
 } items_job;
 
 typedef struct {
-    float *kt, *vt, *kr, *dkb, *dvb, *rows;
+    float *kt, *vt, *kr, *vr, *dkb, *dvb, *rows;
 } items_scratch;
 
 static void scratch_free(items_scratch *s) {
     free(s->kt);
     free(s->vt);
     free(s->kr);
+    free(s->vr);
     free(s->dkb);
     free(s->dvb);
     free(s->rows);
@@ -43,24 +51,144 @@ static int scratch_init(items_scratch *s, const items_job *p) {
     s->kt = aligned_floats(p->Dp * p->Kp);   /* Kᵀ (Dp, Kp) */
     s->vt = aligned_floats(p->Dvp * p->Kp);  /* Vᵀ (Dvp, Kp) */
     s->kr = aligned_floats(p->Kp * p->Dp);   /* K (Kp, Dp) */
+    s->vr = aligned_floats(p->Kp * p->Dvp);  /* V (Kp, Dvp) */
     s->dkb = aligned_floats(p->Kp * p->Dp);  /* the item's dK */
     s->dvb = aligned_floats(p->Kp * p->Dvp); /* the item's dV */
     s->rows = aligned_floats(BLOCK * (2 * p->Dp + p->Dvp + 2 * p->Kp));
-    if (s->kt && s->vt && s->kr && s->dkb && s->dvb && s->rows) return 0;
+    if (s->kt && s->vt && s->kr && s->vr && s->dkb && s->dvb && s->rows) return 0;
     scratch_free(s);
     return -1;
 }
 
-/* the item's keys and values: Kᵀ, Vᵀ and K in padded slots (the pad columns of Kᵀ and Vᵀ stay 0) */
-static void load_keys(const items_job *p, const items_scratch *s, const int64_t *krow) {
+/* the item's keys as Kᵀ (pad columns stay 0), and for the forward its values as rows, for the backward its
+ * values as Vᵀ and its keys as rows, with the item's dK and dV zeroed */
+static void load_keys(const items_job *p, const items_scratch *s, const int64_t *krow, int forward) {
     for (int64_t j = 0; j < p->wk; j++) {
         const float *kx = p->k + krow[j] * p->D, *vx = p->v + krow[j] * p->Dv;
-        load_row(s->kr + j * p->Dp, kx, p->D, p->Dp);
         for (int64_t e = 0; e < p->D; e++) s->kt[e * p->Kp + j] = kx[e];
-        for (int64_t e = 0; e < p->Dv; e++) s->vt[e * p->Kp + j] = vx[e];
+        if (forward) {
+            load_row(s->vr + j * p->Dvp, vx, p->Dv, p->Dvp);
+        } else {
+            load_row(s->kr + j * p->Dp, kx, p->D, p->Dp);
+            for (int64_t e = 0; e < p->Dv; e++) s->vt[e * p->Kp + j] = vx[e];
+        }
     }
-    memset(s->dkb, 0, (size_t)(p->Kp * p->Dp) * sizeof(float));
-    memset(s->dvb, 0, (size_t)(p->Kp * p->Dvp) * sizeof(float));
+    if (!forward) {
+        memset(s->dkb, 0, (size_t)(p->Kp * p->Dp) * sizeof(float));
+        memset(s->dvb, 0, (size_t)(p->Kp * p->Dvp) * sizeof(float));
+    }
+}
+
+/* rows of a block of 4 queries in the item's scratch: q (Dp), dq (Dp), dO (Dvp), s and dp (Kp) */
+static void block_rows(const items_job *p, const items_scratch *s, float **qr, float **dqr, float **gr, float **sr,
+                       float **dpr) {
+    for (int r = 0; r < BLOCK; r++) {
+        qr[r] = s->rows + r * p->Dp;
+        dqr[r] = s->rows + (BLOCK + r) * p->Dp;
+        gr[r] = s->rows + 2 * BLOCK * p->Dp + r * p->Dvp;
+        sr[r] = s->rows + BLOCK * (2 * p->Dp + p->Dvp) + r * p->Kp;
+        dpr[r] = s->rows + BLOCK * (2 * p->Dp + p->Dvp + p->Kp) + r * p->Kp;
+    }
+}
+
+static inline float exp1(float x) { return x >= -87.0f ? exp_lanes(splat(x))[0] : 0.0f; }
+
+static inline float lane_max(vf a) {
+    float m = a[0];
+    for (int64_t l = 1; l < VL; l++) m = a[l] > m ? a[l] : m;
+    return m;
+}
+
+/* forward: per group, every item's slots (unnormalised outputs, row maxima and sums), then each query's
+ * slots merged into its row of out, M and Z */
+static int forward_groups(void *arg, int64_t g0, int64_t g1) {
+    const items_job *p = arg;
+    const int64_t Dp = p->Dp, Dvp = p->Dvp, Kp = p->Kp, slots = p->items * p->wq;
+    items_scratch s;
+    if (scratch_init(&s, p)) return -1;
+    float *so = aligned_floats(slots * Dvp), *sm = aligned_floats(slots), *sl = aligned_floats(slots);
+    if (!so || !sm || !sl) {
+        free(so);
+        free(sm);
+        free(sl);
+        scratch_free(&s);
+        return -1;
+    }
+    float *qr[BLOCK], *dqr[BLOCK], *gr[BLOCK], *sr[BLOCK], *dpr[BLOCK], *orow[BLOCK];
+    block_rows(p, &s, qr, dqr, gr, sr, dpr);
+    vi lane;
+    for (int64_t l = 0; l < VL; l++) lane[l] = (int32_t)l;
+    for (int64_t gi = g0; gi < g1; gi++) {
+        for (int64_t it = gi * p->items; it < (gi + 1) * p->items; it++) {
+            const int64_t *qrow = p->qrows + it * p->wq, *krow = p->krows + it * p->wk;
+            const int64_t slot0 = (it - gi * p->items) * p->wq;
+            load_keys(p, &s, krow, 1);
+            for (int64_t i = 0; i < p->wq; i += BLOCK) {
+                for (int r = 0; r < BLOCK; r++) {
+                    if (i + r < p->wq) {
+                        load_row(qr[r], p->q + qrow[i + r] * p->D, p->D, Dp);
+                        orow[r] = so + (slot0 + i + r) * Dvp;
+                    } else {
+                        zero_row(qr[r], Dp);
+                        orow[r] = gr[r]; /* a block past the item's last query: computed, not kept */
+                    }
+                }
+                times_rows(qr, s.kt, Dp, Kp, sr); /* S = Q Kᵀ */
+                for (int r = 0; r < BLOCK; r++) {
+                    const float *bias = p->bias && i + r < p->wq ? p->bias + (it * p->wq + i + r) * p->wk : NULL;
+                    vf sc = splat(p->scale), mx = splat(-__builtin_inff());
+                    for (int64_t c = 0; c < Kp; c += VL) { /* scores; -inf past the item's keys */
+                        vf x = *(vf *)(sr[r] + c) * sc;
+                        if (bias) x += load_part(bias + c, p->wk - c);
+                        x = pick(lane < (int32_t)(p->wk - c), x, splat(-__builtin_inff()));
+                        *(vf *)(sr[r] + c) = x;
+                        mx = pick(x > mx, x, mx);
+                    }
+                    float m = lane_max(mx);
+                    vf shift = splat(m == -__builtin_inff() ? 0.0f : m), sum = {0};
+                    for (int64_t c = 0; c < Kp; c += VL) {
+                        vf x = *(vf *)(sr[r] + c) - shift;
+                        vf pr = pick(x >= -87.0f, exp_lanes(x), splat(0.0f));
+                        *(vf *)(sr[r] + c) = pr;
+                        sum += pr;
+                    }
+                    if (i + r < p->wq) {
+                        sm[slot0 + i + r] = m;
+                        sl[slot0 + i + r] = lane_sum(sum);
+                    }
+                }
+                times_rows(sr, s.vr, Kp, Dvp, orow); /* o = P V, unnormalised */
+            }
+        }
+        /* merge: M = the largest row maximum, Z = Σ exp(m - M) l, out = Σ exp(m - M) o / Z */
+        const int64_t *qrow = p->qrows + gi * slots;
+        float *M = p->M, *Z = p->Z;
+        for (int64_t t = gi * p->nq; t < (gi + 1) * p->nq; t++) {
+            M[t] = -__builtin_inff();
+            Z[t] = 0.0f;
+        }
+        memset(p->out + gi * p->nq * p->Dv, 0, (size_t)(p->nq * p->Dv) * sizeof(float));
+        for (int64_t j = 0; j < slots; j++) M[qrow[j]] = sm[j] > M[qrow[j]] ? sm[j] : M[qrow[j]];
+        for (int64_t j = 0; j < slots; j++) {
+            int64_t t = qrow[j];
+            if (sm[j] == -__builtin_inff()) continue; /* a slot with no key */
+            float w = exp1(sm[j] - M[t]);
+            Z[t] += w * sl[j];
+            float *dst = p->out + t * p->Dv;
+            const float *src = so + j * Dvp;
+            for (int64_t e = 0; e < p->Dv; e++) dst[e] += w * src[e];
+        }
+        for (int64_t t = gi * p->nq; t < (gi + 1) * p->nq; t++)
+            if (Z[t] > 0.0f) {
+                float inv = 1.0f / Z[t], *dst = p->out + t * p->Dv;
+                for (int64_t e = 0; e < p->Dv; e++) dst[e] *= inv;
+            }
+    }
+    free(so);
+    free(sm);
+    free(sl);
+    scratch_free(&s);
+    return 0;
 }
 
 /* P and scale·dS for a block of query rows in place of S and dP; bias rows (wk) or NULL. The pad columns
@@ -80,26 +208,20 @@ static void probabilities(const items_job *p, float *const *s, float *const *dp,
     }
 }
 
-static int item_groups(void *arg, int64_t g0, int64_t g1) {
+static int backward_groups(void *arg, int64_t g0, int64_t g1) {
     const items_job *p = arg;
     items_scratch s;
     if (scratch_init(&s, p)) return -1;
     const int64_t Dp = p->Dp, Dvp = p->Dvp, Kp = p->Kp;
-    float *qr[BLOCK], *gr[BLOCK], *dqr[BLOCK], *sr[BLOCK], *dpr[BLOCK];
-    for (int r = 0; r < BLOCK; r++) {
-        qr[r] = s.rows + r * Dp;
-        dqr[r] = s.rows + (BLOCK + r) * Dp;
-        gr[r] = s.rows + 2 * BLOCK * Dp + r * Dvp;
-        sr[r] = s.rows + BLOCK * (2 * Dp + Dvp) + r * Kp;
-        dpr[r] = s.rows + BLOCK * (2 * Dp + Dvp + Kp) + r * Kp;
-    }
+    float *qr[BLOCK], *dqr[BLOCK], *gr[BLOCK], *sr[BLOCK], *dpr[BLOCK];
+    block_rows(p, &s, qr, dqr, gr, sr, dpr);
     for (int64_t gi = g0; gi < g1; gi++) {
         memset(p->dq + gi * p->nq * p->D, 0, (size_t)(p->nq * p->D) * sizeof(float));
         memset(p->dk + gi * p->nk * p->D, 0, (size_t)(p->nk * p->D) * sizeof(float));
         memset(p->dv + gi * p->nk * p->Dv, 0, (size_t)(p->nk * p->Dv) * sizeof(float));
         for (int64_t it = gi * p->items; it < (gi + 1) * p->items; it++) {
             const int64_t *qrow = p->qrows + it * p->wq, *krow = p->krows + it * p->wk;
-            load_keys(p, &s, krow);
+            load_keys(p, &s, krow, 0);
             for (int64_t i = 0; i < p->wq; i += BLOCK) {
                 float lse[BLOCK], Drow[BLOCK];
                 const float *bias[BLOCK];
@@ -156,5 +278,17 @@ int sa_items_bwd_f32(const float *q, const float *k, const float *v, const float
                    .krows = krows, .items = items, .wq = wq, .wk = wk, .D = D, .Dv = Dv, .Dp = padded(D),
                    .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq, .nk = nk, .scale = (float)scale, .dq = dq,
                    .dk = dk, .dv = dv};
-    return sa_parallel_rows(groups, threads, item_groups, &p);
+    return sa_parallel_rows(groups, threads, backward_groups, &p);
+}
+
+/* q (groups·nq, D), k (groups·nk, D), v (groups·nk, Dv); qrows, krows and bias as for sa_items_bwd_f32.
+ * Writes out (groups·nq, Dv), M and Z (groups·nq): a query in no item, or whose items hold no allowed key,
+ * gets out 0, M -inf and Z 0. Returns 0, or -1 when a thread's scratch could not be allocated. */
+int sa_items_fwd_f32(const float *q, const float *k, const float *v, const int64_t *qrows, const int64_t *krows,
+                     const float *bias, int64_t groups, int64_t items, int64_t wq, int64_t wk, int64_t D, int64_t Dv,
+                     int64_t nq, int64_t nk, double scale, float *out, float *M, float *Z, int threads) {
+    items_job p = {.q = q, .k = k, .v = v, .bias = bias, .qrows = qrows, .krows = krows, .items = items, .wq = wq,
+                   .wk = wk, .D = D, .Dv = Dv, .Dp = padded(D), .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq,
+                   .nk = nk, .scale = (float)scale, .out = out, .M = M, .Z = Z};
+    return sa_parallel_rows(groups, threads, forward_groups, &p);
 }
