@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import assert_within_baseline
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -298,3 +299,67 @@ def test_native_pair_counts_count_the_shared_clusters(K):
                                rtol=0, atol=0)  # the same float64 log, rounded once
     with pytest.raises(ValueError, match=r"\[0, 40\)"):
         native.pair_counts(qi + N, ki, N, S)
+
+
+def _items_reference(q, k, v, qrows, krows, bias, scale):
+    """Union softmax over items, in q's dtype: each query's (item, key) pairs, -1 slots left out; (out, lse)."""
+    G, Nq, _ = q.shape
+    out = torch.zeros(G, Nq, v.shape[-1], dtype=q.dtype)
+    lse = torch.full((G, Nq), float("-inf"), dtype=q.dtype)
+    bias = bias.to(q.dtype)
+    for gi in range(G):
+        for t in range(Nq):
+            logits, values = [], []
+            for i, j in zip(*torch.nonzero(qrows[gi] == t, as_tuple=True), strict=True):
+                keep = krows[gi, i] >= 0
+                logits.append(k[gi, krows[gi, i][keep]] @ q[gi, t] * scale + bias[gi, i, j][keep])
+                values.append(v[gi, krows[gi, i][keep]])
+            if logits and torch.isfinite(torch.cat(logits)).any():
+                s, vals = torch.cat(logits), torch.cat(values)
+                lse[gi, t] = torch.logsumexp(s, 0)
+                out[gi, t] = torch.softmax(s, 0) @ vals
+    return out, lse
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(3, 20, 13, 13, 5, 7, 11), (2, 30, 16, 40, 4, 17, 33), (1, 9, 3, 5, 3, 2, 1)],
+                         ids=lambda s: "G{}-N{}-D{}-Dv{}-I{}-wq{}-wk{}".format(*s))
+@pytest.mark.parametrize("bias_rows", ["full", "one-row"])
+def test_native_items_forward_and_backward(shape, bias_rows):
+    """Softmax attention over items given by row indices (queries in several items, -1 slots, a bias with
+    -inf entries, expanded or full) against a loop over each query's pairs: output, log-sum-exp and the
+    three gradients, by the tolerance rule (float64 golden, the loop in float32 as the baseline)."""
+    G, N, D, Dv, I, wq, wk = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    q, g = torch.randn(G, N, D, generator=gen), torch.randn(G, N, Dv, generator=gen)
+    k, v = torch.randn(G, N + 3, D, generator=gen), torch.randn(G, N + 3, Dv, generator=gen)
+    qrows = torch.stack([torch.randperm(N, generator=gen)[:wq] for _ in range(G * I)]).view(G, I, wq)
+    krows = torch.stack([torch.randperm(N + 3, generator=gen)[:wk] for _ in range(G * I)]).view(G, I, wk)
+    qrows[0, 0, -1] = -1  # an empty query slot
+    krows[-1, -1, 0] = -1  # an empty key slot (its bias is -inf below)
+    rows = 1 if bias_rows == "one-row" else wq
+    bias = torch.randn(G, I, rows, wk, generator=gen)
+    bias[0, 1 % I, 0, :] = float("-inf")  # an item row with no allowed key
+    bias[..., 0] = torch.where(krows[..., None, 0] < 0, float("-inf"), bias[..., 0])
+    bias = bias.expand(G, I, wq, wk)
+    scale = 0.37
+    out, M, Z = native.items_forward(q, k, v, qrows, krows, bias, scale)
+    lse = torch.where(Z > 0, M + torch.log(Z), float("-inf"))
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        x = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        o, l = _items_reference(*x, qrows, krows, bias, scale)
+        o.backward(g.to(dtype))
+        runs[dtype] = (o.detach(), l.detach(), *(t.grad for t in x))
+    finite = torch.isfinite(runs[torch.float64][1])
+    assert torch.equal(torch.isfinite(lse), finite), "rows without a key differ"
+    assert torch.equal(out[~finite], torch.zeros_like(out[~finite])), "a row without a key: output 0"
+    grads = native.items_backward(q, k, v, g, out, torch.where(finite, lse, float("inf")), qrows, krows, bias, scale)
+    impl = (out, lse[finite], *grads)
+    lp = (runs[torch.float32][0], runs[torch.float32][1][finite], *runs[torch.float32][2:])
+    golden = (runs[torch.float64][0], runs[torch.float64][1][finite], *runs[torch.float64][2:])
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), impl, lp, golden, strict=True):
+        assert_within_baseline(name, a, b, c, grad=name.startswith("d"))
+    unused = torch.ones(G, N, dtype=torch.bool)
+    unused[torch.arange(G).view(G, 1, 1).expand_as(qrows)[qrows >= 0], qrows[qrows >= 0]] = False
+    assert torch.equal(grads[0][unused], torch.zeros_like(grads[0][unused])), "dq: a query in no item"

@@ -93,8 +93,8 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_linear_bwd_f32": "p p p p p p p p p p i i i i i i i p p p t",
     "sa_linear_causal_fwd_f32": "p p p p p p i i i i i i i d p p t",
     "sa_linear_causal_bwd_f32": "p p p p p p p p p i i i i i i i p p p t",
-    "sa_items_bwd_f32": "p p p p p p p p p i i i i i i i i d p p p t",
-    "sa_items_fwd_f32": "p p p p p p i i i i i i i i d p p p t",
+    "sa_items_bwd_f32": "p p p p p p p p p p i i i i i i i i i d p p p t",
+    "sa_items_fwd_f32": "p p p p p p p i i i i i i i i i d p p p t",
     "sa_linear_vector_bytes": "",
     "sa_openmp": "",
 }
@@ -358,10 +358,24 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, *, neg_log: 
 
 
 def _item_rows(qrows: torch.Tensor, krows: torch.Tensor, Nq: int, Nk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's item rows (G, I, w) -> rows of the flattened (G·N, ·) tensors, contiguous."""
+    """Each group's item rows (G, I, w) -> rows of the flattened (G·N, ·) tensors (-1 stays -1), contiguous."""
     G = qrows.shape[0]
-    return ((qrows + (torch.arange(G) * Nq).view(G, 1, 1)).contiguous(),
-            (krows + (torch.arange(G) * Nk).view(G, 1, 1)).contiguous())
+    return tuple(torch.where(rows >= 0, rows + (torch.arange(G) * n).view(G, 1, 1), -1).contiguous()
+                 for rows, n in ((qrows, Nq), (krows, Nk)))
+
+
+def _item_bias(bias: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, int] | None:
+    """A bias (G, I, wq, wk), possibly expanded (stride 0), as the kernels read it: the tensor (its last
+    dimension contiguous), each item's first entry (G·I,) and the row stride; None when it does not qualify."""
+    if bias is None:
+        return None, None, 0
+    if bias.dtype != torch.float32 or bias.device.type != "cpu" or (bias.requires_grad and torch.is_grad_enabled()):
+        return None
+    if bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    G, I = bias.shape[:2]
+    boff = (torch.arange(G) * bias.stride(0)).view(G, 1) + torch.arange(I) * bias.stride(1)
+    return bias, boff.reshape(-1).contiguous(), bias.stride(2)
 
 
 def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor,
@@ -373,10 +387,10 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
     p = exp(scale·q·k + bias); out (G, Nq, Dv) is its normalised output, and its log-sum-exp is M + log Z
     with M (G, Nq) the largest of its items' row maxima and Z (G, Nq) > 0 (a query in no item, or with no
     allowed key: out 0, M -inf, Z 0). float32 on CPU with vectors of 32 bytes or more, else None."""
-    found = _args((qrows, krows), (q, k, v, bias))
-    if found is None or found[0].sa_linear_vector_bytes() < 32:
+    found, item_bias = _args((qrows, krows), (q, k, v)), _item_bias(bias)
+    if found is None or item_bias is None or found[0].sa_linear_vector_bytes() < 32:
         return None
-    lib, (qrows, krows, q, k, v, bias) = found
+    (lib, (qrows, krows, q, k, v)), (bias, boff, brow) = found, item_bias
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
     _, I, wq = qrows.shape
@@ -384,8 +398,8 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
     qrows, krows = _item_rows(qrows, krows, Nq, Nk)
     out, M, Z = q.new_empty(G, Nq, Dv), q.new_empty(G, Nq), q.new_empty(G, Nq)
     if G and lib.sa_items_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), qrows.data_ptr(), krows.data_ptr(),
-                                  _ptr(bias), G, I, wq, wk, D, Dv, Nq, Nk, scale, out.data_ptr(), M.data_ptr(),
-                                  Z.data_ptr(), _threads(G)):
+                                  _ptr(bias), _ptr(boff), brow, G, I, wq, wk, D, Dv, Nq, Nk, scale, out.data_ptr(),
+                                  M.data_ptr(), Z.data_ptr(), _threads(G)):
         raise MemoryError("native items forward: no memory for a thread's scratch")
     return out, M, Z
 
@@ -397,15 +411,16 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     output gradient g, the output o and the log-sum-exp lse of every query row.
 
     q (G, Nq, D), g and o (G, Nq, Dv), lse (G, Nq) (+inf for a row with no key); k (G, Nk, D), v (G, Nk, Dv);
-    qrows (G, I, wq) and krows (G, I, wk): each of group gi's I items' rows, in [0, Nq) and [0, Nk) (not
-    checked: the caller's own indices); bias (G, I, wq, wk) additive (-inf: not attended) or None. Item
-    (gi, i) pairs its queries with its keys with p = exp(scale·q·k + bias - lse); rows in several items add
-    up. float32 on CPU, when the build has vectors of 32 bytes or more (narrower ones are slower than the
-    fused kernel, as for linear attention); else None (see native/items.c)."""
-    found = _args((qrows, krows), (q, k, v, g, o, lse, bias))
-    if found is None or found[0].sa_linear_vector_bytes() < 32:
+    qrows (G, I, wq) and krows (G, I, wk): each of group gi's I items' rows, in [0, Nq) and [0, Nk), or -1
+    for an empty slot (not checked: the caller's own indices); bias (G, I, wq, wk) additive (-inf: not
+    attended, and at every empty key slot), possibly expanded (stride 0: not copied), or None. Item (gi, i)
+    pairs its queries with its keys with p = exp(scale·q·k + bias - lse); rows in several items add up.
+    float32 on CPU, when the build has vectors of 32 bytes or more (narrower ones are slower than the fused
+    kernel, as for linear attention); else None (see native/items.c)."""
+    found, item_bias = _args((qrows, krows), (q, k, v, g, o, lse)), _item_bias(bias)
+    if found is None or item_bias is None or found[0].sa_linear_vector_bytes() < 32:
         return None
-    lib, (qrows, krows, q, k, v, g, o, lse, bias) = found
+    (lib, (qrows, krows, q, k, v, g, o, lse)), (bias, boff, brow) = found, item_bias
     G, Nq, D = q.shape
     Nk, Dv = k.shape[1], v.shape[2]
     _, I, wq = qrows.shape
@@ -413,8 +428,9 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qrows, krows = _item_rows(qrows, krows, Nq, Nk)
     if G and lib.sa_items_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), o.data_ptr(),
-                                  lse.data_ptr(), qrows.data_ptr(), krows.data_ptr(), _ptr(bias), G, I, wq, wk, D,
-                                  Dv, Nq, Nk, scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _threads(G)):
+                                  lse.data_ptr(), qrows.data_ptr(), krows.data_ptr(), _ptr(bias), _ptr(boff), brow,
+                                  G, I, wq, wk, D, Dv, Nq, Nk, scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                  _threads(G)):
         raise MemoryError("native items backward: no memory for a thread's scratch")
     return dq, dk, dv
 

@@ -26,8 +26,8 @@
 
 typedef struct {
     const float *q, *k, *v, *g, *o, *lse, *bias;
-    const int64_t *qrows, *krows;
-    int64_t items, wq, wk, D, Dv, Dp, Dvp, Kp, nq, nk;
+    const int64_t *qrows, *krows, *boff; /* boff: each item's first bias entry */
+    int64_t items, wq, wk, D, Dv, Dp, Dvp, Kp, nq, nk, brow; /* brow: bias row stride (0: one row) */
     float scale;
     float *dq, *dk, *dv;  /* backward */
     float *out, *M, *Z;   /* forward */
@@ -61,16 +61,19 @@ static int scratch_init(items_scratch *s, const items_job *p) {
 }
 
 /* the item's keys as Kᵀ (pad columns stay 0), and for the forward its values as rows, for the backward its
- * values as Vᵀ and its keys as rows, with the item's dK and dV zeroed */
+ * values as Vᵀ and its keys as rows, with the item's dK and dV zeroed; a negative row is a zero key */
 static void load_keys(const items_job *p, const items_scratch *s, const int64_t *krow, int forward) {
     for (int64_t j = 0; j < p->wk; j++) {
-        const float *kx = p->k + krow[j] * p->D, *vx = p->v + krow[j] * p->Dv;
-        for (int64_t e = 0; e < p->D; e++) s->kt[e * p->Kp + j] = kx[e];
+        const int64_t row = krow[j]; /* negative: an empty slot, a zero key (its bias says -inf) */
+        const float *kx = row < 0 ? NULL : p->k + row * p->D, *vx = row < 0 ? NULL : p->v + row * p->Dv;
+        for (int64_t e = 0; e < p->D; e++) s->kt[e * p->Kp + j] = row < 0 ? 0.0f : kx[e];
         if (forward) {
-            load_row(s->vr + j * p->Dvp, vx, p->Dv, p->Dvp);
+            if (row < 0) zero_row(s->vr + j * p->Dvp, p->Dvp);
+            else load_row(s->vr + j * p->Dvp, vx, p->Dv, p->Dvp);
         } else {
-            load_row(s->kr + j * p->Dp, kx, p->D, p->Dp);
-            for (int64_t e = 0; e < p->Dv; e++) s->vt[e * p->Kp + j] = vx[e];
+            if (row < 0) zero_row(s->kr + j * p->Dp, p->Dp);
+            else load_row(s->kr + j * p->Dp, kx, p->D, p->Dp);
+            for (int64_t e = 0; e < p->Dv; e++) s->vt[e * p->Kp + j] = row < 0 ? 0.0f : vx[e];
         }
     }
     if (!forward) {
@@ -126,7 +129,8 @@ static int forward_groups(void *arg, int64_t g0, int64_t g1) {
             for (int64_t i = 0; i < p->wq; i += BLOCK) {
                 for (int r = 0; r < BLOCK; r++) {
                     if (i + r < p->wq) {
-                        load_row(qr[r], p->q + qrow[i + r] * p->D, p->D, Dp);
+                        if (qrow[i + r] < 0) zero_row(qr[r], Dp); /* an empty slot: merged into no row */
+                        else load_row(qr[r], p->q + qrow[i + r] * p->D, p->D, Dp);
                         orow[r] = so + (slot0 + i + r) * Dvp;
                     } else {
                         zero_row(qr[r], Dp);
@@ -135,7 +139,7 @@ static int forward_groups(void *arg, int64_t g0, int64_t g1) {
                 }
                 times_rows(qr, s.kt, Dp, Kp, sr); /* S = Q Kᵀ */
                 for (int r = 0; r < BLOCK; r++) {
-                    const float *bias = p->bias && i + r < p->wq ? p->bias + (it * p->wq + i + r) * p->wk : NULL;
+                    const float *bias = p->bias && i + r < p->wq ? p->bias + p->boff[it] + (i + r) * p->brow : NULL;
                     vf sc = splat(p->scale), mx = splat(-__builtin_inff());
                     for (int64_t c = 0; c < Kp; c += VL) { /* scores; -inf past the item's keys */
                         vf x = *(vf *)(sr[r] + c) * sc;
@@ -168,10 +172,11 @@ static int forward_groups(void *arg, int64_t g0, int64_t g1) {
             Z[t] = 0.0f;
         }
         memset(p->out + gi * p->nq * p->Dv, 0, (size_t)(p->nq * p->Dv) * sizeof(float));
-        for (int64_t j = 0; j < slots; j++) M[qrow[j]] = sm[j] > M[qrow[j]] ? sm[j] : M[qrow[j]];
+        for (int64_t j = 0; j < slots; j++)
+            if (qrow[j] >= 0) M[qrow[j]] = sm[j] > M[qrow[j]] ? sm[j] : M[qrow[j]];
         for (int64_t j = 0; j < slots; j++) {
             int64_t t = qrow[j];
-            if (sm[j] == -__builtin_inff()) continue; /* a slot with no key */
+            if (t < 0 || sm[j] == -__builtin_inff()) continue; /* an empty slot, or one with no key */
             float w = exp1(sm[j] - M[t]);
             Z[t] += w * sl[j];
             float *dst = p->out + t * p->Dv;
@@ -226,7 +231,7 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
                 float lse[BLOCK], Drow[BLOCK];
                 const float *bias[BLOCK];
                 for (int r = 0; r < BLOCK; r++) {
-                    if (i + r < p->wq) {
+                    if (i + r < p->wq && qrow[i + r] >= 0) {
                         int64_t row = qrow[i + r];
                         load_row(qr[r], p->q + row * p->D, p->D, Dp);
                         load_row(gr[r], p->g + row * p->Dv, p->Dv, Dvp);
@@ -234,8 +239,8 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
                         for (int64_t e = 0; e < p->Dv; e++) d += p->g[row * p->Dv + e] * p->o[row * p->Dv + e];
                         Drow[r] = d;
                         lse[r] = p->lse[row];
-                        bias[r] = p->bias ? p->bias + (it * p->wq + i + r) * p->wk : NULL;
-                    } else { /* a block past the item's last query: zero rows, no probability */
+                        bias[r] = p->bias ? p->bias + p->boff[it] + (i + r) * p->brow : NULL;
+                    } else { /* past the item's last query, or an empty slot: zero rows, no probability */
                         zero_row(qr[r], Dp);
                         zero_row(gr[r], Dvp);
                         Drow[r] = 0.0f;
@@ -248,6 +253,7 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
                 probabilities(p, sr, dpr, bias, lse, Drow);
                 times_rows(dpr, s.kr, Kp, Dp, dqr); /* dQ = dS K */
                 for (int r = 0; r < BLOCK && i + r < p->wq; r++) {
+                    if (qrow[i + r] < 0) continue;
                     float *dst = p->dq + qrow[i + r] * p->D;
                     for (int64_t e = 0; e < p->D; e++) dst[e] += dqr[r][e];
                 }
@@ -255,6 +261,7 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
                 rank_rows(s.dvb, sr, gr, Kp, Dvp);  /* dV += Pᵀ dO */
             }
             for (int64_t j = 0; j < p->wk; j++) {
+                if (krow[j] < 0) continue;
                 float *dk = p->dk + krow[j] * p->D, *dv = p->dv + krow[j] * p->Dv;
                 for (int64_t e = 0; e < p->D; e++) dk[e] += s.dkb[j * Dp + e];
                 for (int64_t e = 0; e < p->Dv; e++) dv[e] += s.dvb[j * Dvp + e];
@@ -267,28 +274,32 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
 
 /* q (groups·nq, D), g and o (groups·nq, Dv), lse (groups·nq) (+inf: a row with no key); k (groups·nk, D),
  * v (groups·nk, Dv); qrows (groups, items, wq) and krows (groups, items, wk): each item's rows, those of
- * group gi in [gi·nq, (gi+1)·nq) and [gi·nk, (gi+1)·nk); bias (groups, items, wq, wk) or NULL. Writes dq,
- * dk, dv (the shapes of q, k, v): the groups run in parallel, each zeroing and then adding into its own
- * rows. Returns 0, or -1 when a thread's scratch could not be allocated. */
+ * group gi in [gi·nq, (gi+1)·nq) and [gi·nk, (gi+1)·nk), or -1 for an empty slot (no query; no key: the
+ * bias must be -inf there); bias NULL, or item it's row i at bias + boff[it] + i·brow (wk entries; brow 0:
+ * one row for all). Writes dq, dk, dv (the shapes of q, k, v): the groups run in parallel, each zeroing and
+ * then adding into its own rows. Returns 0, or -1 when a thread's scratch could not be allocated. */
 int sa_items_bwd_f32(const float *q, const float *k, const float *v, const float *g, const float *o,
                      const float *lse, const int64_t *qrows, const int64_t *krows, const float *bias,
-                     int64_t groups, int64_t items, int64_t wq, int64_t wk, int64_t D, int64_t Dv, int64_t nq,
-                     int64_t nk, double scale, float *dq, float *dk, float *dv, int threads) {
+                     const int64_t *boff, int64_t brow, int64_t groups, int64_t items, int64_t wq, int64_t wk,
+                     int64_t D, int64_t Dv, int64_t nq, int64_t nk, double scale, float *dq, float *dk, float *dv,
+                     int threads) {
     items_job p = {.q = q, .k = k, .v = v, .g = g, .o = o, .lse = lse, .bias = bias, .qrows = qrows,
-                   .krows = krows, .items = items, .wq = wq, .wk = wk, .D = D, .Dv = Dv, .Dp = padded(D),
-                   .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq, .nk = nk, .scale = (float)scale, .dq = dq,
-                   .dk = dk, .dv = dv};
+                   .krows = krows, .boff = boff, .items = items, .wq = wq, .wk = wk, .D = D, .Dv = Dv,
+                   .Dp = padded(D), .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq, .nk = nk, .brow = brow,
+                   .scale = (float)scale, .dq = dq, .dk = dk, .dv = dv};
     return sa_parallel_rows(groups, threads, backward_groups, &p);
 }
 
-/* q (groups·nq, D), k (groups·nk, D), v (groups·nk, Dv); qrows, krows and bias as for sa_items_bwd_f32.
+/* q (groups·nq, D), k (groups·nk, D), v (groups·nk, Dv); qrows, krows and the bias as for sa_items_bwd_f32.
  * Writes out (groups·nq, Dv), M and Z (groups·nq): a query in no item, or whose items hold no allowed key,
  * gets out 0, M -inf and Z 0. Returns 0, or -1 when a thread's scratch could not be allocated. */
 int sa_items_fwd_f32(const float *q, const float *k, const float *v, const int64_t *qrows, const int64_t *krows,
-                     const float *bias, int64_t groups, int64_t items, int64_t wq, int64_t wk, int64_t D, int64_t Dv,
-                     int64_t nq, int64_t nk, double scale, float *out, float *M, float *Z, int threads) {
-    items_job p = {.q = q, .k = k, .v = v, .bias = bias, .qrows = qrows, .krows = krows, .items = items, .wq = wq,
-                   .wk = wk, .D = D, .Dv = Dv, .Dp = padded(D), .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq,
-                   .nk = nk, .scale = (float)scale, .out = out, .M = M, .Z = Z};
+                     const float *bias, const int64_t *boff, int64_t brow, int64_t groups, int64_t items, int64_t wq,
+                     int64_t wk, int64_t D, int64_t Dv, int64_t nq, int64_t nk, double scale, float *out, float *M,
+                     float *Z, int threads) {
+    items_job p = {.q = q, .k = k, .v = v, .bias = bias, .qrows = qrows, .krows = krows, .boff = boff,
+                   .items = items, .wq = wq, .wk = wk, .D = D, .Dv = Dv, .Dp = padded(D), .Dvp = padded(Dv),
+                   .Kp = padded(wk), .nq = nq, .nk = nk, .brow = brow, .scale = (float)scale, .out = out, .M = M,
+                   .Z = Z};
     return sa_parallel_rows(groups, threads, forward_groups, &p);
 }
