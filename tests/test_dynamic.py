@@ -380,6 +380,51 @@ def test_lsh_fused_kernel_path_equals_the_plain_path(shape, causal, exclude_self
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
+@pytest.mark.parametrize("exclude_self", [False, True], ids=["", "shared-qk"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 130, 130, 13, 5), (1, 2, 1, 64, 90, 8, 8), (1, 2, 2, 256, 256, 64, 64)],
+                         ids=lambda s: "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s))
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_lsh_native_items_match_the_fused_kernel(shape, causal, exclude_self, masked, rounds, monkeypatch):
+    """float32: the rounds on the native items kernels (chunks against their key windows, rows read and results
+    added by index, GQA heads grouped by key/value head) against the fused kernel path, both against the
+    float64 plain path by the tolerance rule; padded keys get exactly zero dK and dV."""
+    B, Hq, Hkv, N, S, D, Dv = shape
+    if exclude_self and N != S:
+        pytest.skip("shared-QK needs N == S")
+    mech = LSH(16, n_hashes=rounds, seed=1, causal=causal, exclude_self=exclude_self, shared_qk=exclude_self)
+    kpm = padding_mask(B, S) if masked else None
+    q, k, v = make_qkv(B, Hq, Hkv, N, S, D, Dv, dtype=torch.float64, requires_grad=False)
+    g = torch.randn(B, Hq, N, Dv, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def fused(a, b, c):
+        return mech.attend(a, b, c, key_padding_mask=kpm, scale=D**-0.5, dropout_p=0.0)
+
+    def plain(a, b, c):
+        qo, ko, qc, kc, C, ks = mech._chunks(a, b, kpm)
+        return mech._attend_math(a, b, c, qo, ko, qc, kc, C, ks, kpm, D**-0.5, 0.0)
+
+    calls = []
+    for name in ("items_forward", "items_backward"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, n=name, f=kernel: calls.append(n) or f(*a))
+    native_run = run_and_grad(fused, *(t.float() for t in (q, k, v)), g.float())
+    assert calls == ["items_forward", "items_backward"], f"the native kernels did not both run: {calls}"
+    for name in ("items_forward", "items_backward"):
+        monkeypatch.setattr(native, name, lambda *a: None)
+    kernel_run = run_and_grad(fused, *(t.float() for t in (q, k, v)), g.float())
+    golden = run_and_grad(plain, q, k, v, g)
+    for name, impl, ref, gold in zip(("out", "dq", "dk", "dv"), native_run, kernel_run, golden, strict=True):
+        assert_within_baseline(name, impl, ref, gold, grad=name != "out")
+    if kpm is not None:  # padded keys: not a single pair, so exactly 0
+        pad = kpm[:, None, :, None]
+        for name, grad in (("dk", native_run[2]), ("dv", native_run[3])):
+            assert torch.equal(grad[pad.expand_as(grad)], torch.zeros_like(grad)[pad.expand_as(grad)]), \
+                f"{name}: nonzero at a padded key"
+
+
 @pytest.mark.parametrize("kw", [{}, {"n_hashes": 3}, {"shared_qk": True}, {"causal": True, "n_buckets": 6}],
                          ids=["one-round", "three-rounds", "shared-qk", "causal"])
 def test_lsh_native_hashing_equals_the_torch_path(kw, monkeypatch):

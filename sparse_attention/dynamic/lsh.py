@@ -330,7 +330,9 @@ def _drop_self(add, valid, n_keys, q_slot, k_order, ks, N):
 
 
 class _SortedChunks(torch.autograd.Function):
-    """LSH attention of every round on the fused kernel; gathers and scatters by index_select / index_add.
+    """LSH attention of every round on the native items kernels (``native.items_forward`` / ``items_backward``:
+    each chunk of sorted queries against its window of sorted keys, rows read and results added by index,
+    the rounds merged per query; float32), else on the fused kernel with gathers and scatters.
 
     q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); q_idx (R, B, Hq, C·bs) and k_idx (R, B, Hq,
     (C + 1)·ks) the sorted slots' original indices per round (-1 = empty); add (R, B, Hq, C, bs or 1, 2ks),
@@ -345,6 +347,37 @@ class _SortedChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_idx, k_idx, add, has_key, scale, ks):
+        B, Hq, N, D = q.shape
+        Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        qrows, krows, bias = _native_items(q_idx, k_idx, add, ks, Hkv, N)
+        found = native.items_forward(q.reshape(B * Hkv, -1, D), k.reshape(B * Hkv, S, D), v.reshape(B * Hkv, S, Dv),
+                                     qrows, krows, bias, scale)
+        ctx.native = found is not None
+        if not ctx.native:
+            return _SortedChunks._kernel_forward(ctx, q, k, v, q_idx, k_idx, add, has_key, scale, ks)
+        out, M, Z = found
+        lse = torch.where(Z > 0, M + torch.log(Z), float("inf"))  # no key: +inf, every p = 0 in the backward
+        out = out.view(B, Hq, N, Dv)
+        ctx.save_for_backward(q, k, v, qrows, krows, bias, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        if not ctx.native:
+            return _SortedChunks._kernel_backward(ctx, g)
+        q, k, v, qrows, krows, bias, out, lse = ctx.saved_tensors
+        groups = lse.shape[0]
+        grads = native.items_backward(q.reshape(*lse.shape, -1), k.reshape(groups, -1, k.shape[-1]),
+                                      v.reshape(groups, -1, v.shape[-1]), g.to(out.dtype).reshape(*lse.shape, -1),
+                                      out.reshape(*lse.shape, -1), lse, qrows, krows, bias, ctx.scale)
+        assert grads is not None, "the native items forward ran, so its backward does"
+        dq, dk, dv = (x.view(t.shape).to(t.dtype) for x, t in zip(grads, (q, k, v), strict=True))
+        return dq, dk, dv, None, None, None, None, None, None
+
+    @staticmethod
+    def _kernel_forward(ctx, q, k, v, q_idx, k_idx, add, has_key, scale, ks):
         B, Hq, N, D = q.shape
         Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
         R = q_idx.shape[0]
@@ -380,8 +413,7 @@ class _SortedChunks(torch.autograd.Function):
         return out[..., :Dv].contiguous() if D != Dv else out
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
+    def _kernel_backward(ctx, g):
         qs, kk, vv, q_idx, slot, add, o, lse, qflat, kflat = ctx.saved_tensors
         (B, Hq, N, D), (_, Hkv, S, _), (*_, Dv), q_dtype, k_dtype, v_dtype = ctx.shapes
         RBH, C, bs, E = qs.shape
@@ -403,6 +435,31 @@ class _SortedChunks(torch.autograd.Function):
         dk, dv = (_fold_windows(t, ks, kflat, B * Hkv, S, R).view(B, Hkv, S, E) for t in (gk, gv))
         return (dq[..., :D].to(q_dtype), dk[..., :D].to(k_dtype), dv[..., :Dv].to(v_dtype),
                 None, None, None, None, None, None)
+
+
+def _native_items(q_idx, k_idx, add, ks, Hkv, N):
+    """The sorted chunks as the native items kernels take them (index tensors and a view of the mask).
+
+    Groups are the key/value heads (B·Hkv): a group's items are the chunks of its query heads and rounds,
+    (G, R, C) in order, each bs query slots (-1: empty) against its window of 2ks key slots (the previous
+    chunk and its own; -1: empty). Returns qrows (B·Hkv, G·R·C, bs) into the group's G·N query rows,
+    krows (B·Hkv, G·R·C, 2ks) into its S key rows, and the mask as a (B, Hkv, G, R, C, bs, 2ks) view (not
+    copied)."""
+    R, B, Hq = q_idx.shape[:3]
+    G = Hq // Hkv
+    C = k_idx.shape[-1] // ks - 1
+    bs = q_idx.shape[-1] // C
+
+    def by_group(x):  # (R, B, Hq, C, ...) -> (B, Hkv, G, R, C, ...)
+        return x.view(R, B, Hkv, G, *x.shape[3:]).movedim(0, 3)
+
+    head = (torch.arange(G, device=q_idx.device) * N).view(1, 1, G, 1, 1, 1)  # each query head's rows in its group
+    q_slots = by_group(q_idx.view(R, B, Hq, C, bs))
+    qrows = torch.where(q_slots >= 0, q_slots + head, -1).reshape(B * Hkv, G * R * C, bs)
+    k_win = _windows(k_idx.view(R * B, Hq, -1, 1), ks).view(R, B, Hq, C, 2 * ks)
+    krows = by_group(k_win).reshape(B * Hkv, G * R * C, 2 * ks)
+    bias = by_group(add.expand(R, B, Hq, C, bs, 2 * ks))
+    return qrows, krows, bias
 
 
 def _rows_by_round(idx: torch.Tensor, Hx: int, L: int) -> torch.Tensor:

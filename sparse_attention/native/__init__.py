@@ -365,17 +365,20 @@ def _item_rows(qrows: torch.Tensor, krows: torch.Tensor, Nq: int, Nk: int) -> tu
 
 
 def _item_bias(bias: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, int] | None:
-    """A bias (G, I, wq, wk), possibly expanded (stride 0), as the kernels read it: the tensor (its last
-    dimension contiguous), each item's first entry (G·I,) and the row stride; None when it does not qualify."""
+    """A bias (..., wq, wk) whose leading dimensions run over the items in order (G·I in all), any strides
+    (expanded, permuted: not copied), as the kernels read it: the tensor (its last dimension contiguous),
+    each item's first entry (G·I,) and the row stride; None when it does not qualify."""
     if bias is None:
         return None, None, 0
     if bias.dtype != torch.float32 or bias.device.type != "cpu" or (bias.requires_grad and torch.is_grad_enabled()):
         return None
     if bias.stride(-1) != 1:
         bias = bias.contiguous()
-    G, I = bias.shape[:2]
-    boff = (torch.arange(G) * bias.stride(0)).view(G, 1) + torch.arange(I) * bias.stride(1)
-    return bias, boff.reshape(-1).contiguous(), bias.stride(2)
+    lead = bias.shape[:-2]
+    boff = torch.zeros(lead, dtype=torch.long)
+    for d, (n, stride) in enumerate(zip(lead, bias.stride(), strict=False)):
+        boff = boff + (torch.arange(n) * stride).view(*[1] * d, n, *[1] * (len(lead) - d - 1))
+    return bias, boff.reshape(-1).contiguous(), bias.stride(-2)
 
 
 def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor,
@@ -412,8 +415,9 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
 
     q (G, Nq, D), g and o (G, Nq, Dv), lse (G, Nq) (+inf for a row with no key); k (G, Nk, D), v (G, Nk, Dv);
     qrows (G, I, wq) and krows (G, I, wk): each of group gi's I items' rows, in [0, Nq) and [0, Nk), or -1
-    for an empty slot (not checked: the caller's own indices); bias (G, I, wq, wk) additive (-inf: not
-    attended, and at every empty key slot), possibly expanded (stride 0: not copied), or None. Item (gi, i)
+    for an empty slot (not checked: the caller's own indices); bias additive (-inf: not attended, and at
+    every empty key slot), (G, I, wq, wk) or any (..., wq, wk) whose leading dimensions run over the G·I
+    items in order, with any strides (an expanded or permuted view is read in place), or None. Item (gi, i)
     pairs its queries with its keys with p = exp(scale·q·k + bias - lse); rows in several items add up.
     float32 on CPU, when the build has vectors of 32 bytes or more (narrower ones are slower than the fused
     kernel, as for linear attention); else None (see native/items.c)."""
