@@ -380,6 +380,27 @@ def test_lsh_fused_kernel_path_equals_the_plain_path(shape, causal, exclude_self
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _native_and_kernel_runs(fn, q, k, v, g, monkeypatch):
+    """fn's output and gradients (float32) on the native items kernels, checked to run, then on the fused
+    kernel (the native kernels patched out)."""
+    calls = []
+    for name in ("items_forward", "items_backward"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, n=name, f=kernel: calls.append(n) or f(*a))
+    native_run = run_and_grad(fn, *(t.float() for t in (q, k, v)), g.float())
+    assert calls == ["items_forward", "items_backward"], f"the native kernels did not both run: {calls}"
+    for name in ("items_forward", "items_backward"):
+        monkeypatch.setattr(native, name, lambda *a: None)
+    return native_run, run_and_grad(fn, *(t.float() for t in (q, k, v)), g.float())
+
+
+def _assert_padded_keys_get_no_gradient(kpm, dk, dv):
+    """Padded keys are in no pair: their dK and dV rows are exactly 0."""
+    for name, grad in (("dk", dk), ("dv", dv)):
+        pad = kpm[:, None, :, None].expand_as(grad)
+        assert torch.equal(grad[pad], torch.zeros_like(grad[pad])), f"{name}: nonzero at a padded key"
+
+
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 @pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
 @pytest.mark.parametrize("exclude_self", [False, True], ids=["", "shared-qk"])
@@ -406,23 +427,12 @@ def test_lsh_native_items_match_the_fused_kernel(shape, causal, exclude_self, ma
         qo, ko, qc, kc, C, ks = mech._chunks(a, b, kpm)
         return mech._attend_math(a, b, c, qo, ko, qc, kc, C, ks, kpm, D**-0.5, 0.0)
 
-    calls = []
-    for name in ("items_forward", "items_backward"):
-        kernel = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, n=name, f=kernel: calls.append(n) or f(*a))
-    native_run = run_and_grad(fused, *(t.float() for t in (q, k, v)), g.float())
-    assert calls == ["items_forward", "items_backward"], f"the native kernels did not both run: {calls}"
-    for name in ("items_forward", "items_backward"):
-        monkeypatch.setattr(native, name, lambda *a: None)
-    kernel_run = run_and_grad(fused, *(t.float() for t in (q, k, v)), g.float())
+    native_run, kernel_run = _native_and_kernel_runs(fused, q, k, v, g, monkeypatch)
     golden = run_and_grad(plain, q, k, v, g)
     for name, impl, ref, gold in zip(("out", "dq", "dk", "dv"), native_run, kernel_run, golden, strict=True):
         assert_within_baseline(name, impl, ref, gold, grad=name != "out")
-    if kpm is not None:  # padded keys: not a single pair, so exactly 0
-        pad = kpm[:, None, :, None]
-        for name, grad in (("dk", native_run[2]), ("dv", native_run[3])):
-            assert torch.equal(grad[pad.expand_as(grad)], torch.zeros_like(grad)[pad.expand_as(grad)]), \
-                f"{name}: nonzero at a padded key"
+    if kpm is not None:
+        _assert_padded_keys_get_no_gradient(kpm, *native_run[2:])
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_hashes": 3}, {"shared_qk": True}, {"causal": True, "n_buckets": 6}],
@@ -736,23 +746,13 @@ def test_routing_native_items_match_the_fused_kernel(shape, causal, masked, monk
     def run(a, b, c):
         return mech.attend(a, b, c, key_padding_mask=kpm, scale=D**-0.5, dropout_p=0.0)
 
-    calls = []
-    for name in ("items_forward", "items_backward"):
-        kernel = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, n=name, f=kernel: calls.append(n) or f(*a))
-    native_run = run_and_grad(run, *(t.float() for t in (q, k, v)), g.float())
-    assert calls == ["items_forward", "items_backward"], f"the native kernels did not both run: {calls}"
-    for name in ("items_forward", "items_backward"):
-        monkeypatch.setattr(native, name, lambda *a: None)
-    kernel_run = run_and_grad(run, *(t.float() for t in (q, k, v)), g.float())
+    native_run, kernel_run = _native_and_kernel_runs(run, q, k, v, g, monkeypatch)
     monkeypatch.setattr(routing, "all_finite", lambda *t: False)  # the plain-op path, in float64
     golden = run_and_grad(run, q, k, v, g)
     for name, impl, ref, gold in zip(("out", "dq", "dk", "dv"), native_run, kernel_run, golden, strict=True):
         assert_within_baseline(name, impl, ref, gold, grad=name != "out")
-    if kpm is not None:  # padded keys: not a single pair, so exactly 0
-        for name, grad in (("dk", native_run[2]), ("dv", native_run[3])):
-            assert torch.equal(grad[kpm[:, None, :, None].expand_as(grad)], torch.zeros_like(grad)[
-                kpm[:, None, :, None].expand_as(grad)]), f"{name}: nonzero at a padded key"
+    if kpm is not None:
+        _assert_padded_keys_get_no_gradient(kpm, *native_run[2:])
     no_key = golden[0].abs().sum(-1) == 0  # (B, Hq, N): rows whose output is exactly 0 have no key
     assert bool(no_key.any()), "the case must have queries without a key"
     for name, t in (("out", native_run[0]), ("dq", native_run[1])):

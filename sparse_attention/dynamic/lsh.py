@@ -355,8 +355,8 @@ class _SortedChunks(torch.autograd.Function):
         ctx.native = found is not None
         if not ctx.native:
             return _SortedChunks._kernel_forward(ctx, q, k, v, q_idx, k_idx, add, has_key, scale, ks)
-        out, M, Z = found
-        lse = torch.where(Z > 0, M + torch.log(Z), float("inf"))  # no key: +inf, every p = 0 in the backward
+        out, lse = found
+        lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # no key: +inf, every p = 0 in the backward
         out = out.view(B, Hq, N, Dv)
         ctx.save_for_backward(q, k, v, qrows, krows, bias, out, lse)
         ctx.scale = scale

@@ -319,15 +319,12 @@ class _RoutedItems(torch.autograd.Function):
         found = native.items_forward(q.reshape(BH, N, D), k.reshape(BH, S, D), v.reshape(BH, S, Dv),
                                      qi.view(BH, K, wq), ki.view(BH, K, wk), add, scale)
         if found is not None:
-            out, M, Z = found
-            LSE = torch.where(Z > 0, M + torch.log(Z), float("-inf"))  # (B·H, N)
-            out = out.view(B, H, N, Dv)
+            out, LSE = found[0].view(B, H, N, Dv), found[1]  # LSE (B·H, N)
         else:
             out, LSE = _kernel_forward(q, k, v, qi, ki, add, has_key, scale)
         ctx.save_for_backward(q, k, v, qi, ki, add, out, LSE)
         ctx.scale = scale
         return out
-
 
     @staticmethod
     @once_differentiable

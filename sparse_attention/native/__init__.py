@@ -382,14 +382,15 @@ def _item_bias(bias: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Te
 
 
 def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor,
-                  bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Softmax attention over items whose rows are given by index, each query's items merged: (out, M, Z).
+                  bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Softmax attention over items whose rows are given by index, each query's items merged: (out, lse).
 
-    q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv); qrows (G, I, wq), krows (G, I, wk) and bias (G, I, wq, wk)
-    as for :func:`items_backward`. A query's softmax runs over every (item, key) pair it is in, with
-    p = exp(scale·q·k + bias); out (G, Nq, Dv) is its normalised output, and its log-sum-exp is M + log Z
-    with M (G, Nq) the largest of its items' row maxima and Z (G, Nq) > 0 (a query in no item, or with no
-    allowed key: out 0, M -inf, Z 0). float32 on CPU with vectors of 32 bytes or more, else None."""
+    q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv); qrows (G, I, wq), krows (G, I, wk) and bias as for
+    :func:`items_backward`. A query's softmax runs over every (item, key) pair it is in, with
+    p = exp(scale·q·k + bias); out (G, Nq, Dv) is its normalised output and lse (G, Nq) its log-sum-exp
+    (a query in no item, or with no allowed key: out 0, lse -inf). The kernel returns the largest of the
+    query's row maxima M and Z = Σ exp(m - M)·l; lse = M + log Z. float32 on CPU with vectors of 32 bytes
+    or more, else None."""
     found, item_bias = _args((qrows, krows), (q, k, v)), _item_bias(bias)
     if found is None or item_bias is None or found[0].sa_linear_vector_bytes() < 32:
         return None
@@ -404,7 +405,7 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
                                   _ptr(bias), _ptr(boff), brow, G, I, wq, wk, D, Dv, Nq, Nk, scale, out.data_ptr(),
                                   M.data_ptr(), Z.data_ptr(), _threads(G)):
         raise MemoryError("native items forward: no memory for a thread's scratch")
-    return out, M, Z
+    return out, torch.where(Z > 0, M + torch.log(Z), float("-inf"))
 
 
 def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, o: torch.Tensor,
