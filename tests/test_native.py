@@ -324,7 +324,7 @@ def _items_reference(q, k, v, qrows, krows, bias, scale):
 @needs_native
 @pytest.mark.parametrize("shape", [(3, 20, 13, 13, 5, 7, 11), (2, 30, 16, 40, 4, 17, 33), (1, 9, 3, 5, 3, 2, 1)],
                          ids=lambda s: "G{}-N{}-D{}-Dv{}-I{}-wq{}-wk{}".format(*s))
-@pytest.mark.parametrize("bias_rows", ["full", "one-row"])
+@pytest.mark.parametrize("bias_rows", ["full", "one-row", "one-row-unexpanded"])
 def test_native_items_forward_and_backward(shape, bias_rows):
     """Softmax attention over items given by row indices (queries in several items, -1 slots, a bias with
     -inf entries, expanded or full) against a loop over each query's pairs: output, log-sum-exp and the
@@ -337,13 +337,14 @@ def test_native_items_forward_and_backward(shape, bias_rows):
     krows = torch.stack([torch.randperm(N + 3, generator=gen)[:wk] for _ in range(G * I)]).view(G, I, wk)
     qrows[0, 0, -1] = -1  # an empty query slot
     krows[-1, -1, 0] = -1  # an empty key slot (its bias is -inf below)
-    rows = 1 if bias_rows == "one-row" else wq
+    rows = wq if bias_rows == "full" else 1
     bias = torch.randn(G, I, rows, wk, generator=gen)
     bias[0, 1 % I, 0, :] = float("-inf")  # an item row with no allowed key
     bias[..., 0] = torch.where(krows[..., None, 0] < 0, float("-inf"), bias[..., 0])
+    given = bias if bias_rows == "one-row-unexpanded" else bias.expand(G, I, wq, wk)  # size-1 rows: shared
     bias = bias.expand(G, I, wq, wk)
     scale = 0.37
-    out, lse = native.items_forward(q, k, v, qrows, krows, bias, scale)
+    out, lse = native.items_forward(q, k, v, qrows, krows, given, scale)
     runs = {}
     for dtype in (torch.float32, torch.float64):
         x = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
@@ -353,7 +354,7 @@ def test_native_items_forward_and_backward(shape, bias_rows):
     finite = torch.isfinite(runs[torch.float64][1])
     assert torch.equal(torch.isfinite(lse), finite), "rows without a key differ"
     assert torch.equal(out[~finite], torch.zeros_like(out[~finite])), "a row without a key: output 0"
-    grads = native.items_backward(q, k, v, g, out, torch.where(finite, lse, float("inf")), qrows, krows, bias, scale)
+    grads = native.items_backward(q, k, v, g, out, torch.where(finite, lse, float("inf")), qrows, krows, given, scale)
     impl = (out, lse[finite], *grads)
     lp = (runs[torch.float32][0], runs[torch.float32][1][finite], *runs[torch.float32][2:])
     golden = (runs[torch.float64][0], runs[torch.float64][1][finite], *runs[torch.float64][2:])

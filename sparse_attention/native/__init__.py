@@ -364,12 +364,16 @@ def _item_rows(qrows: torch.Tensor, krows: torch.Tensor, Nq: int, Nk: int) -> tu
                  for rows, n in ((qrows, Nq), (krows, Nk)))
 
 
-def _item_bias(bias: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, int] | None:
-    """A bias (..., wq, wk) whose leading dimensions run over the items in order (G·I in all), any strides
-    (expanded, permuted: not copied), as the kernels read it: the tensor (its last dimension contiguous),
-    each item's first entry (G·I,) and the row stride; None when it does not qualify."""
+def _item_bias(bias: torch.Tensor | None, items: int, wq: int, wk: int) -> \
+        tuple[torch.Tensor | None, torch.Tensor | None, int] | None:
+    """A bias (..., wq or 1, wk) whose leading dimensions run over the items in order (``items`` in all), any
+    strides (expanded, permuted: not copied), as the kernels read it: the tensor (its last dimension
+    contiguous), each item's first entry (items,) and the row stride (0 for one row shared by the item's
+    queries); None when it does not qualify."""
     if bias is None:
         return None, None, 0
+    if bias.shape[-2] not in (1, wq) or bias.shape[-1] != wk or math.prod(bias.shape[:-2]) != items:
+        raise ValueError(f"bias must be (..., {wq} or 1, {wk}) over {items} items, got {tuple(bias.shape)}")
     if bias.dtype != torch.float32 or bias.device.type != "cpu" or (bias.requires_grad and torch.is_grad_enabled()):
         return None
     if bias.stride(-1) != 1:
@@ -378,7 +382,7 @@ def _item_bias(bias: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Te
     boff = torch.zeros(lead, dtype=torch.long)
     for d, (n, stride) in enumerate(zip(lead, bias.stride(), strict=False)):
         boff = boff + (torch.arange(n) * stride).view(*[1] * d, n, *[1] * (len(lead) - d - 1))
-    return bias, boff.reshape(-1).contiguous(), bias.stride(-2)
+    return bias, boff.reshape(-1).contiguous(), 0 if bias.shape[-2] == 1 else bias.stride(-2)
 
 
 def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor,
@@ -391,14 +395,14 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
     (a query in no item, or with no allowed key: out 0, lse -inf). The kernel returns the largest of the
     query's row maxima M and Z = Σ exp(m - M)·l; lse = M + log Z. float32 on CPU with vectors of 32 bytes
     or more, else None."""
-    found, item_bias = _args((qrows, krows), (q, k, v)), _item_bias(bias)
+    G, I, wq = qrows.shape
+    wk = krows.shape[2]
+    found, item_bias = _args((qrows, krows), (q, k, v)), _item_bias(bias, G * I, wq, wk)
     if found is None or item_bias is None or found[0].sa_linear_vector_bytes() < 32:
         return None
     (lib, (qrows, krows, q, k, v)), (bias, boff, brow) = found, item_bias
-    G, Nq, D = q.shape
+    Nq, D = q.shape[1:]
     Nk, Dv = k.shape[1], v.shape[2]
-    _, I, wq = qrows.shape
-    wk = krows.shape[2]
     qrows, krows = _item_rows(qrows, krows, Nq, Nk)
     out, M, Z = q.new_empty(G, Nq, Dv), q.new_empty(G, Nq), q.new_empty(G, Nq)
     if G and lib.sa_items_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), qrows.data_ptr(), krows.data_ptr(),
@@ -417,19 +421,20 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     q (G, Nq, D), g and o (G, Nq, Dv), lse (G, Nq) (+inf for a row with no key); k (G, Nk, D), v (G, Nk, Dv);
     qrows (G, I, wq) and krows (G, I, wk): each of group gi's I items' rows, in [0, Nq) and [0, Nk), or -1
     for an empty slot (not checked: the caller's own indices); bias additive (-inf: not attended, and at
-    every empty key slot), (G, I, wq, wk) or any (..., wq, wk) whose leading dimensions run over the G·I
-    items in order, with any strides (an expanded or permuted view is read in place), or None. Item (gi, i)
+    every empty key slot), (G, I, wq or 1, wk) or any (..., wq or 1, wk) whose leading dimensions run over
+    the G·I items in order, with any strides (an expanded or permuted view is read in place; one row is
+    shared by the item's queries), or None. Item (gi, i)
     pairs its queries with its keys with p = exp(scale·q·k + bias - lse); rows in several items add up.
     float32 on CPU, when the build has vectors of 32 bytes or more (narrower ones are slower than the fused
     kernel, as for linear attention); else None (see native/items.c)."""
-    found, item_bias = _args((qrows, krows), (q, k, v, g, o, lse)), _item_bias(bias)
+    G, I, wq = qrows.shape
+    wk = krows.shape[2]
+    found, item_bias = _args((qrows, krows), (q, k, v, g, o, lse)), _item_bias(bias, G * I, wq, wk)
     if found is None or item_bias is None or found[0].sa_linear_vector_bytes() < 32:
         return None
     (lib, (qrows, krows, q, k, v, g, o, lse)), (bias, boff, brow) = found, item_bias
-    G, Nq, D = q.shape
+    Nq, D = q.shape[1:]
     Nk, Dv = k.shape[1], v.shape[2]
-    _, I, wq = qrows.shape
-    wk = krows.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qrows, krows = _item_rows(qrows, krows, Nq, Nk)
     if G and lib.sa_items_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), o.data_ptr(),
