@@ -1,8 +1,10 @@
-/* Softmax attention over small items whose rows are given by index (routing's clusters,
- * sparse_attention/dynamic/routing.py), forward and backward: each item is wq query rows against wk key
- * rows, read straight from the token tensors, with an additive bias per pair; outputs and gradients go
- * straight into the tokens' rows. They replace gathering the items' rows, PyTorch's fused kernel (whose
- * outputs and gradients are fresh per-item tensors, the gradients zero-filled) and scattering back.
+/* Softmax attention over small items whose rows are given by index (routing's clusters and LSH's sorted
+ * chunks against their key windows, sparse_attention/dynamic/routing.py and lsh.py), forward and backward:
+ * each item is wq query rows against wk key rows (-1: an empty slot), read straight from the token tensors,
+ * with an additive bias per pair; outputs and gradients go straight into the tokens' rows. They replace
+ * gathering the items' rows, PyTorch's fused kernel (whose outputs and gradients are fresh per-item
+ * tensors, the gradients zero-filled) and scattering back. Each group of items (a batch entry and head, or
+ * key/value head) owns its rows and runs on one thread.
  *
  * Forward: per item and query, m = the row's largest score, o = Σ exp(s - m) v and l = Σ exp(s - m); a
  * query in several items gets out = Σ exp(m - M) o / Z with M the largest m and Z = Σ exp(m - M) l, so
