@@ -337,12 +337,12 @@ class _SortedChunks(torch.autograd.Function):
     q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); q_idx (R, B, Hq, C·bs) and k_idx (R, B, Hq,
     (C + 1)·ks) the sorted slots' original indices per round (-1 = empty); add (R, B, Hq, C, bs or 1, 2ks),
     or (1, 1, 1, C, bs, 2ks) shared by all, the additive mask (-log of the pair's round count, or 0; -inf:
-    not attended); has_key (R, B, Hq, C, bs
-    or 1) bool, False where a query has no key in that round (output 0, LSE -inf). Returns (B, Hq, N, Dv).
-    The rounds are folded into the kernel's batch and merged through their log-sum-exps; the backward
-    gives the kernel each query's merged output and LSE, which is exactly the gradient of the softmax over
-    the union of the rounds' pairs (its probabilities and dO·O are then the global ones). The sorted q, k,
-    v are kept for the backward (O(R·N·D), no regathering).
+    not attended); has_key (R, B, Hq, C, bs or 1) bool, False where a query has no key in that round
+    (output 0, LSE -inf). Returns (B, Hq, N, Dv). Either way each query's rounds are merged into one
+    softmax over the union of their pairs, and the backward takes each query's merged output and LSE,
+    which is exactly that softmax's gradient (its probabilities and dO·O are then the global ones). The
+    native path keeps only q, k, v, the indices and the merged output; the fused kernel's folds the rounds
+    into its batch, merges them through their log-sum-exps and keeps the sorted q, k, v (O(R·N·D)).
     """
 
     @staticmethod
