@@ -101,9 +101,9 @@ class Routing(DynamicPattern):
         SIM_CHUNK_ELEMENTS, one batched matmul per block; its heads share one top-k call), so no L x K
         tensor exists: with K growing with L it would be O(L²). The tokens are not normalised: a block's
         scores against the unit centroids are scaled by each token's inverse norm in place, which ranks
-        alike without a normalised copy of x. ``buf`` (optional, >= SIM_CHUNK_ELEMENTS elements of x's
-        dtype) holds the blocks; a caller scoring queries and keys passes one to both. Members come in no
-        particular order within a cluster (``topk.top_k``).
+        alike without a normalised copy of x. ``buf`` (optional, a flat tensor of x's dtype; replaced
+        when too small) holds the blocks; a caller scoring queries and keys passes one to both. Members
+        come in no particular order within a cluster (``topk.top_k``).
         """
         B, _, L, D = x.shape
         if self.centroids.shape[-1] != D:
