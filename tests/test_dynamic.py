@@ -759,6 +759,28 @@ def test_routing_native_items_match_the_fused_kernel(shape, causal, masked, monk
         assert torch.equal(t[no_key], torch.zeros_like(t[no_key])), f"{name}: nonzero without a key"
 
 
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("name", ["routing", "lsh"])
+def test_native_items_do_not_depend_on_threads(name):
+    """The native items kernels run each group (routing: a batch entry and head; LSH: a key/value head) on one
+    thread in a fixed order, with no atomics: one thread and two give identical bits, output and gradients
+    (a deterministic backward, RELIABILITY's determinism row)."""
+    mech = {"routing": Routing(_centroids((6, 16)), capacity=40),
+            "lsh": LSH(16, n_hashes=2, seed=3)}[name]
+    q, k, v = make_qkv(2, 4, 2, 150, 150, 16, seed=6)
+    g = torch.randn(2, 4, 150, 16, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run_and_grad(lambda a, b, c: sa.attention(a, b, c, mech), q, k, v, g)
+        torch.set_num_threads(1)
+        one = run_and_grad(lambda a, b, c: sa.attention(a, b, c, mech), q, k, v, g)
+    finally:
+        torch.set_num_threads(threads)
+    for grad_name, a, b in zip(("out", "dq", "dk", "dv"), one, two, strict=True):
+        assert torch.equal(a, b), grad_name
+
+
 @pytest.mark.parametrize("lengths", [(0, 5), (5, 0), (0, 0)], ids=["no-queries", "no-keys", "empty"])
 @pytest.mark.parametrize("name", ["topk", "probsparse", "lsh", "routing"])
 def test_content_mechanisms_with_empty_lengths(name, lengths):
