@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_qkv
+from conftest import assert_within_baseline, make_qkv
 
 import sparse_attention as sa
 from sparse_attention.dynamic import LSH, Routing, explain, sinkhorn, sinkhorn_attention
@@ -23,6 +23,26 @@ def test_reformer_attention_is_shared_qk_lsh_on_normalised_keys():
     assert qk.grad is not None and torch.isfinite(qk.grad).all()
     # the keys are the normalised queries, so hashing them once buckets the queries the same way
     assert torch.equal(kept, explain(qk, k, LSH(4, 2, seed=3, exclude_self=True)))
+
+
+def test_reformer_key_normalisation_gradient_in_float32():
+    """float32 (the native backward on CPU): the closed-form gradient against autograd through F.normalize in
+    float32, both against float64 (the tolerance rule); a zero row is divided by eps, not by its norm."""
+    from sparse_attention.nn.content_based import _UnitRows
+
+    gen = torch.Generator().manual_seed(7)
+    x64 = torch.randn(2, 3, 70, 64, generator=gen, dtype=torch.float64)
+    x64[0, 0, 0] = 0.0  # (batch entry 0 is left out of the tolerance rule below)
+    g64 = torch.randn(2, 3, 70, 64, generator=gen, dtype=torch.float64)
+    grads = {}
+    for name, fn, dtype in (("ours", _UnitRows.apply, torch.float32),
+                            ("lp", lambda t: torch.nn.functional.normalize(t, dim=-1), torch.float32),
+                            ("golden", lambda t: torch.nn.functional.normalize(t, dim=-1), torch.float64)):
+        x = x64.to(dtype).requires_grad_()
+        (grads[name],) = torch.autograd.grad(fn(x), x, g64.to(dtype))
+    rows = slice(1, None)  # the zero row's gradient (~1e12) would set every tolerance: checked on its own
+    assert_within_baseline("dx", grads["ours"][rows], grads["lp"][rows], grads["golden"][rows], grad=True)
+    torch.testing.assert_close(grads["ours"][0, 0, 0], g64[0, 0, 0].float() / 1e-12, rtol=1e-6, atol=0)
 
 
 def test_routing_attention_updates_centroids_only_in_training():

@@ -41,7 +41,7 @@ import torch
 
 __all__ = ["available", "bucket_order", "dot_rows", "items_backward", "items_forward", "linear_backward",
            "linear_forward", "linear_map", "lsh_buckets", "mix_rows", "pair_counts", "scatter_groups", "status",
-           "topk_rows"]
+           "topk_rows", "unit_rows_backward"]
 
 _DIR = Path(__file__).parent
 _SOURCES = ["topk.c", "lsh.c", "mix.c", "routing.c", "linear.c", "items.c"]
@@ -87,6 +87,7 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_mix_rows_f32": "p p i i p i p t",
     "sa_dot_rows_f32": "p p i i p i p t",
     "sa_scatter_groups_f32": "p p i i i i p i p t",
+    "sa_unit_rows_bwd_f32": "p p p i i d p t",
     "sa_member_bits": "p i i i i p t",
     "sa_pair_counts": "p p i i i i p p i i p p t",
     "sa_linear_fwd_f32": "p p p p p p i i i i i i i d p p p t",
@@ -293,6 +294,23 @@ def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tens
         lib.sa_mix_rows_f32(w_c.data_ptr(), cols_c.data_ptr(), rows, k, v.data_ptr(), v.shape[1], out.data_ptr(),
                             _threads(rows))
     return out.view(*w.shape[:-1], v.shape[1])
+
+
+def unit_rows_backward(y: torch.Tensor, g: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The gradient of y = x / max(|x|, eps) per row, for float32 y, g (..., E) and norm = |x| (..., 1):
+    (g - y (y·g)) / max(norm, eps), with y·g taken as 0 where norm <= eps (those rows are divided by the
+    constant eps); None when the kernels do not take them."""
+    found = _args((), (y, g, norm))
+    if found is None:
+        return None
+    lib, (y, g, norm) = found
+    E = y.shape[-1]
+    rows = y.numel() // E if E else 0
+    dx = torch.empty(y.shape, dtype=torch.float32)
+    if rows:
+        lib.sa_unit_rows_bwd_f32(y.data_ptr(), g.data_ptr(), norm.data_ptr(), rows, E, eps, dx.data_ptr(),
+                                 _threads(rows))
+    return dx
 
 
 def dot_rows(a: torch.Tensor, cols: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:

@@ -100,3 +100,32 @@ int sa_scatter_groups_f32(const float *w, const int64_t *cols, int64_t groups, i
                .keys_per_group = keys_per_group, .out = out};
     return sa_parallel_rows(groups, threads, scatter_groups, &p);
 }
+
+/* The backward of Reformer's shared-QK keys (sparse_attention/nn/content_based.py, _UnitRows: each row
+ * divided by its norm): one pass over the rows instead of PyTorch's dot product, multiply-add and division. */
+typedef struct {
+    const float *y, *g, *norm;
+    int64_t E;
+    float eps;
+    float *dx;
+} unit_job;
+
+static int unit_rows_bwd(void *arg, int64_t r0, int64_t r1) {
+    const unit_job *p = arg;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *y = p->y + r * p->E, *g = p->g + r * p->E;
+        float n = p->norm[r], dot = 0.0f;
+        if (n > p->eps) /* a row divided by eps: y does not depend on |x| */
+            for (int64_t e = 0; e < p->E; e++) dot += y[e] * g[e];
+        float inv = 1.0f / (n > p->eps ? n : p->eps);
+        for (int64_t e = 0; e < p->E; e++) p->dx[r * p->E + e] = (g[e] - y[e] * dot) * inv;
+    }
+    return 0;
+}
+
+/* dx (rows, E) = (g - y (y.g)) / max(norm, eps), the dot product taken as 0 where norm <= eps */
+int sa_unit_rows_bwd_f32(const float *y, const float *g, const float *norm, int64_t rows, int64_t E, double eps,
+                         float *dx, int threads) {
+    unit_job p = {.y = y, .g = g, .norm = norm, .E = E, .eps = (float)eps, .dx = dx};
+    return sa_parallel_rows(rows, threads, unit_rows_bwd, &p);
+}
