@@ -443,8 +443,9 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     the G·I items in order, with any strides (an expanded or permuted view is read in place; one row is
     shared by the item's queries), or None. Item (gi, i)
     pairs its queries with its keys with p = exp(scale·q·k + bias - lse); rows in several items add up.
-    float32 on CPU, when the build has vectors of 32 bytes or more (narrower ones are slower than the fused
-    kernel, as for linear attention); else None (see native/items.c)."""
+    float32 on CPU, when the build has vectors of 32 bytes or more (routing fwd+bwd at N=4096, H=8, ad hoc:
+    with an SSE-only build 114.9 against 76.6 ms for the fused kernel; with AVX2 67.9 against 72.5); else
+    None (see native/items.c)."""
     G, I, wq = qrows.shape
     wk = krows.shape[2]
     found, item_bias = _args((qrows, krows), (q, k, v, g, o, lse)), _item_bias(bias, G * I, wq, wk)
