@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_within_baseline
 
 import sparse_attention as sa
 
@@ -57,3 +58,149 @@ def test_forecasting_example_learns():
     line = r.stdout.strip().splitlines()[-1]
     ours, last, season = (float(part.split()[-1]) for part in line.split("|"))
     assert ours < last and ours < season, line
+
+
+# --- the ProbSparse layer (nn/probsparse_layer.py) ------------------------------------------------------
+
+
+def _composed(m, query, key, value, kpm, *, golden):
+    """The definition: ProbSparse on the layer's projections, then out_proj (fp64: the package reference;
+    otherwise sa.attention, the generic path in the input dtype)."""
+    import torch.nn.functional as F
+
+    (wq, bq), (wk, bk), (wv, bv) = m._in_projections()
+    B, N, E = query.shape
+    S, H, Hkv, D = key.shape[1], m.num_heads, m.num_kv_heads, m.head_dim
+    q = F.linear(query, wq, bq).view(B, N, H, D).transpose(1, 2)
+    k = F.linear(key, wk, bk).view(B, S, Hkv, D).transpose(1, 2)
+    v = F.linear(value, wv, bv).view(B, S, Hkv, D).transpose(1, 2)
+    o = m.attention.reference(q, k, v, key_padding_mask=kpm) if golden else \
+        sa.attention(q, k, v, m.attention, key_padding_mask=kpm)
+    return m.out_proj(o.to(query.dtype).transpose(1, 2).reshape(B, N, E))
+
+
+def _layer_case(causal, bias, factor, kv_heads, cross, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    E, H, B, N = 48, 4, 2, 41
+    S, kdim, vdim = (67, 20, 28) if cross else (N, None, None)
+    m = sa.nn.MultiheadAttention(E, H, attention=sa.ProbSparse(factor, causal=causal, seed=seed),
+                                 num_kv_heads=kv_heads, bias=bias, kdim=kdim, vdim=vdim)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    m = m.to(dtype)
+    query = torch.randn(B, N, E, generator=g, dtype=torch.float64).to(dtype)
+    key = torch.randn(B, S, kdim or E, generator=g, dtype=torch.float64).to(dtype) if cross else query
+    value = torch.randn(B, S, vdim or E, generator=g, dtype=torch.float64).to(dtype) if cross else query
+    kpm = torch.rand(B, S, generator=g) < 0.3
+    kpm[1] = True if cross else kpm[1]  # cross: the second batch entry has no real key at all
+    return m, query, key, value, kpm
+
+
+def _run_layer(fn, m, inputs, grad_out):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    m.zero_grad(set_to_none=True)
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs + list(m.parameters()), grad_out, allow_unused=True)
+    return [out.detach()] + [g if g is not None else torch.zeros_like(t)
+                             for g, t in zip(grads, inputs + list(m.parameters()), strict=True)]
+
+
+# factor 1 -> u = 4 active queries per head; H·u = 16 against Hkv·D = 48 / 24 / 12 projected features:
+# the keys and values are read as inputs (in input space) unless Hkv = 1 or factor 3 (u = 12, H·u = 48)
+LAYER_CASES = [  # (causal, bias, factor, kv_heads, cross, input space)
+    (False, True, 1.0, 4, False, True),
+    (False, False, 1.0, 2, False, True),
+    (False, True, 1.0, 2, True, True),
+    (False, True, 1.0, 1, True, False),
+    (False, True, 3.0, 4, False, False),
+    (True, True, 1.0, 2, False, False),
+    (True, False, 1.0, 4, True, False),
+]
+
+
+@pytest.mark.parametrize(("causal", "bias", "factor", "kv_heads", "cross", "input_space"), LAYER_CASES,
+                         ids=[f"{'causal' if c[0] else 'full'}-{'bias' if c[1] else 'nobias'}-c{c[2]:g}-Hkv{c[3]}-"
+                              f"{'cross' if c[4] else 'self'}" for c in LAYER_CASES])
+def test_probsparse_layer_equals_probsparse_between_projections(monkeypatch, causal, bias, factor, kv_heads,
+                                                                cross, input_space):
+    """MultiheadAttention(ProbSparse) projects only what its active queries need; its output and every
+    gradient (inputs and parameters) equal ProbSparse between the layer's projections, by the tolerance
+    rule, with key padding (cross: one batch entry with no real key)."""
+    import copy
+
+    import sparse_attention.nn.multihead as multihead
+    import sparse_attention.nn.probsparse_layer as layer_mod
+
+    calls = {"layer": 0, "inputs": 0}
+
+    def spy(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(multihead, "probsparse_layer", spy("layer", layer_mod.probsparse_layer))
+    monkeypatch.setattr(layer_mod, "_attend_inputs", spy("inputs", layer_mod._attend_inputs))
+    m, query, key, value, kpm = _layer_case(causal, bias, factor, kv_heads, cross)
+    m64 = copy.deepcopy(m).double()
+    inputs = [query] if not cross else [query, key, value]
+
+    def fused(*t):
+        qkv = (t[0], t[0], t[0]) if not cross else t
+        return m(*qkv, key_padding_mask=kpm, need_weights=False)[0]
+
+    def composed(module, golden):
+        def fn(*t):
+            qkv = (t[0], t[0], t[0]) if not cross else t
+            return _composed(module, *qkv, kpm, golden=golden)
+        return fn
+
+    grad_out = torch.randn(query.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    impl = _run_layer(fused, m, inputs, grad_out.float())
+    assert calls == {"layer": 1, "inputs": int(input_space)}, f"the fused layer did not take the expected path: {calls}"
+    ref_lp = _run_layer(composed(m, golden=False), m, inputs, grad_out.float())
+    golden = _run_layer(composed(m64, golden=True), m64, [t.double() for t in inputs], grad_out)
+    names = ["out"] + [f"d{n}" for n in ("query", "key", "value")[:len(inputs)]] + \
+        [f"d{n}" for n, _ in m.named_parameters()]
+    for i, name in enumerate(names):
+        assert_within_baseline(name, impl[i], ref_lp[i], golden[i], grad=i > 0, min_len=key.shape[1])
+    # float64: the same function, to rounding
+    impl64 = _run_layer(lambda *t: m64(*((t[0],) * 3 if not cross else t), key_padding_mask=kpm,
+                                       need_weights=False)[0], m64, [t.double() for t in inputs], grad_out)
+    for name, a, b in zip(names, impl64, golden, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda s, name=name: f"{name} (float64): {s}")
+
+
+@pytest.mark.parametrize("input_space", [True, False])
+def test_probsparse_layer_dropout_matches_the_generic_path(input_space):
+    """Training mode with dropout: the same weights are dropped (same RNG draws) as on the generic path."""
+    factor = 1.0 if input_space else 3.0
+    m, query, _, _, kpm = _layer_case(False, True, factor, 4, False, dtype=torch.float64)
+    m.dropout = 0.3
+    m.train()
+    (wq, bq), (wk, bk), (wv, bv) = m._in_projections()
+    B, N, E = query.shape
+    grad_out = torch.randn(query.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def generic(x):
+        qkv = [torch.nn.functional.linear(x, w, b).view(B, N, -1, m.head_dim).transpose(1, 2)
+               for w, b in ((wq, bq), (wk, bk), (wv, bv))]
+        o = sa.attention(*qkv, m.attention, key_padding_mask=kpm, dropout_p=0.3)
+        return m.out_proj(o.transpose(1, 2).reshape(B, N, E))
+
+    def seeded(fn, seed):
+        def run(x):
+            torch.manual_seed(seed)
+            return fn(x)
+        return run
+
+    layer = seeded(lambda x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], 11)
+    fused = _run_layer(layer, m, [query], grad_out)
+    expected = _run_layer(seeded(generic, 11), m, [query], grad_out)
+    names = ["out", "dquery"] + [f"d{n}" for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, fused, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda s, name=name: f"{name}: {s}")
+    other = _run_layer(seeded(lambda x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], 12), m, [query],
+                       grad_out)
+    assert not torch.allclose(other[0], fused[0]), "dropout had no effect: the test cannot see a wrong mask"

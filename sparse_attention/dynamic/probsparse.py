@@ -82,21 +82,29 @@ class ProbSparse(DynamicPattern):
             m = keep if m is None else m & keep
         return m
 
+    def key_sample(self, n_q: int, n_k: int, device=None) -> torch.Tensor:
+        """(ceil(n_q / SAMPLE_BLOCK), num_samples(n_k)) key positions: row b is the sample of query block b."""
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randint(n_k, (-(-n_q // SAMPLE_BLOCK), self.num_samples(n_k)), generator=g).to(device)
+
     def active_queries(self, q, k, *, key_padding_mask=None, scale=None) -> torch.Tensor:
         """(B, H, u) indices of the active queries (the top-u of the sparsity measurement)."""
-        B, H, N, D = q.shape
-        S = k.shape[2]
-        scale = D**-0.5 if scale is None else scale
-        nb = -(-N // SAMPLE_BLOCK)
-        g = torch.Generator().manual_seed(self.seed)
-        sample = torch.randint(S, (nb, self.num_samples(S)), generator=g).to(q.device)  # (blocks, s)
+        sample = self.key_sample(q.shape[2], k.shape[2], q.device)
         with torch.no_grad():
-            Hkv = k.shape[1]
+            return self.active_from_sample(q, k[:, :, sample], sample, k.shape[2], key_padding_mask=key_padding_mask,
+                                           scale=scale)
+
+    def active_from_sample(self, q, ks, sample, n_k: int, *, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """``active_queries`` from the sampled keys alone: q (B, H, N, D), ks = k[:, :, sample]
+        (B, Hkv, blocks, s, D) for ``sample = key_sample(N, n_k)``. No gradient."""
+        B, H, N, D = q.shape
+        Hkv, nb = ks.shape[1], sample.shape[0]
+        scale = D**-0.5 if scale is None else scale
+        with torch.no_grad():
             acc = torch.promote_types(q.dtype, torch.float32)
-            ks = k[:, :, sample].to(acc)  # (B, Hkv, blocks, s, D)
             qp = padded(q.to(acc), (0, 0, 0, nb * SAMPLE_BLOCK - N))  # whole blocks (B, H, nb·64, D)
             qs = qp.view(B, Hkv, H // Hkv, nb, SAMPLE_BLOCK, D)
-            s = torch.matmul(qs, ks.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, blocks, 64, s)
+            s = torch.matmul(qs, ks.to(acc).unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, blocks, 64, s)
             s = s.view(B, H, nb * SAMPLE_BLOCK, -1)[:, :, :N] * scale  # (B, H, N, s)
             if key_padding_mask is None:
                 m = s.amax(-1) - s.mean(-1)  # (B, H, N)
@@ -106,7 +114,7 @@ class ProbSparse(DynamicPattern):
                 top = s.masked_fill(~real, float("-inf")).amax(-1)
                 mean = (s * real).sum(-1) / count.clamp_min(1)
                 m = torch.where(count > 0, top - mean, torch.full_like(top, float("-inf")))
-                if N == S:
+                if N == n_k:
                     m = m.masked_fill(key_padding_mask.unsqueeze(1), float("-inf"))
         return m.topk(self.num_active(N), dim=-1).indices.sort(-1).values
 
@@ -151,16 +159,21 @@ class ProbSparse(DynamicPattern):
             out = run * valid.view(1, 1, -1, 1).to(v.dtype)
         return query_heads(out, H)
 
+    def attend_active(self, qa, active, k, v, n_q: int, *, key_padding_mask, scale, dropout_p) -> torch.Tensor:
+        """The active queries' attention: qa (B, H, u, D), the queries at rows ``active`` (B, H, u) of
+        the n_q queries; k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, H, u, Dv) in qa's dtype."""
+        S = k.shape[2]
+        s = grouped_scores(qa, k, scale)  # (B, H, u, S)
+        p = masked_softmax(s, self._allowed(active + (S - n_q), S, key_padding_mask))
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        return grouped_values(p, v).to(qa.dtype)
+
     def attend(self, q, k, v, *, key_padding_mask, scale, dropout_p):
         B, H, N, D = q.shape
-        S = k.shape[2]
         active = self.active_queries(q, k, key_padding_mask=key_padding_mask, scale=scale)  # (B, H, u)
         out = self.lazy_output(v, N, key_padding_mask, H).to(q.dtype)
         qa = q.gather(2, active.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, H, u, D)
-        s = grouped_scores(qa, k, scale)  # (B, H, u, S)
-        allowed = self._allowed(active + (S - N), S, key_padding_mask)
-        p = masked_softmax(s, allowed)
-        if dropout_p > 0:
-            p = F.dropout(p, dropout_p)
-        oa = grouped_values(p, v).to(q.dtype)  # (B, H, u, Dv)
+        oa = self.attend_active(qa, active, k, v, N, key_padding_mask=key_padding_mask, scale=scale,
+                                dropout_p=dropout_p)
         return out.scatter(2, active.unsqueeze(-1).expand(-1, -1, -1, oa.shape[-1]), oa)

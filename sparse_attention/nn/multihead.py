@@ -34,12 +34,14 @@ from .. import registry
 from .._checks import check_bool, check_dropout, check_int
 from ..approx.linear import LinearAttentionState
 from ..dynamic.base import DynamicPattern
+from ..dynamic.probsparse import ProbSparse
 from ..functional import attention as sparse_attention
 from ..patterns import Causal, Full, Pattern, SlidingWindow
 from ..reference import masked_softmax
 from .cache import KVCache, MemoryCache
 from .linear_attention import LinearAttention
 from .performer import PerformerAttention
+from .probsparse_layer import probsparse_layer
 
 _STATE_MECHANISMS = (LinearAttention, PerformerAttention)  # causal: decoded with a LinearAttentionState
 
@@ -241,8 +243,8 @@ class MultiheadAttention(torch.nn.Module):
                          f"{self.attention if self.attention is not None else 'full'}; pass is_causal=True to "
                          "decode with causal masking")
 
-    def _project(self, query, key, value):
-        """The input projections; key and value None -> None (a MemoryCache holds them)."""
+    def _in_projections(self):
+        """((wq, bq), (wk, bk), (wv, bv)): the input projections' weights and biases (None without bias)."""
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:E + kv], b[E + kv:])
@@ -251,6 +253,11 @@ class MultiheadAttention(torch.nn.Module):
             wq, wk, wv = w[:E], w[E:E + kv], w[E + kv:]
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return (wq, bq), (wk, bk), (wv, bv)
+
+    def _project(self, query, key, value):
+        """The input projections; key and value None -> None (a MemoryCache holds them)."""
+        (wq, bq), (wk, bk), (wv, bv) = self._in_projections()
         return (F.linear(query, wq, bq), None if key is None else F.linear(key, wk, bk),
                 None if value is None else F.linear(value, wv, bv))
 
@@ -322,7 +329,13 @@ class MultiheadAttention(torch.nn.Module):
             raise ValueError(f"key and value must share (B, S) with query's B={B}, got key {tuple(key.shape)}, "
                              f"value {tuple(value.shape)} (batch-first view)")
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if cached_kv is None:
+        # ProbSparse projects only what its active queries need (nn/probsparse_layer.py)
+        fused_probsparse = (isinstance(self.attention, ProbSparse) and cache is None and not need_weights
+                            and attn_mask is None and not is_causal and N > 0 and key.shape[1] > 0
+                            and query.dtype in (torch.float32, torch.float64))
+        if fused_probsparse:
+            q = k = v = None
+        elif cached_kv is None:
             q, k, v = self._project(query, key, value)
             k = k.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
             v = v.view(B, -1, Hkv, D).transpose(1, 2)
@@ -331,14 +344,16 @@ class MultiheadAttention(torch.nn.Module):
         else:
             q = self._project(query, None, None)[0]
             k, v = cached_kv
-        q = q.view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+        if q is not None:
+            q = q.view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+        S = key.shape[1] if k is None else k.shape[2]
 
         kpm_bias = None
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, torch.Tensor):
                 raise TypeError(f"key_padding_mask must be a tensor, got {type(key_padding_mask).__name__}")
-            if tuple(key_padding_mask.shape) != (B, k.shape[2]):
-                raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, k.shape[2])}, got "
+            if tuple(key_padding_mask.shape) != (B, S):
+                raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, got "
                                  f"{tuple(key_padding_mask.shape)}")
             if key_padding_mask.dtype != torch.bool:
                 if key_padding_mask.dtype != query.dtype:
@@ -368,13 +383,13 @@ class MultiheadAttention(torch.nn.Module):
                 raise ValueError(f"a cache with window={cache.window} keeps only the last {cache.window} keys, "
                                  f"but the mechanism is {pattern}; use KVCache() (no window) or new_cache()")
             k, v, key_padding_mask = cache.update(k, v, key_padding_mask)
-        S = k.shape[2]
+            S = k.shape[2]
 
         dropout_p = self.dropout if self.training else 0.0
         allowed, bias = self._attn_mask(attn_mask, B, N, S, query.dtype, query.device)
         if kpm_bias is not None:
             bias = kpm_bias if bias is None else bias + kpm_bias
-        weights = None
+        weights = projected = None
         if isinstance(pattern, (torch.nn.Module, DynamicPattern)):
             if need_weights or allowed is not None or bias is not None:
                 raise ValueError(f"{type(pattern).__name__} gives no attention weights and takes no attn_mask or "
@@ -397,10 +412,16 @@ class MultiheadAttention(torch.nn.Module):
                 keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
                 allowed = keep if allowed is None else allowed & keep
             out, weights = dense_attention_with_weights(q, k, v, allowed=allowed, bias=bias, dropout_p=dropout_p)
+        elif fused_probsparse:  # out_proj included
+            projected = probsparse_layer(pattern, query, key, value, self._in_projections(), self.out_proj,
+                                         num_heads=H, num_kv_heads=Hkv, key_padding_mask=key_padding_mask,
+                                         dropout_p=dropout_p)
         else:
             out = sparse_attention(q, k, v, pattern, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
 
-        out = self.out_proj(out.transpose(1, 2).reshape(B, N, self.embed_dim))  # (B, N, E)
+        if projected is None:
+            projected = self.out_proj(out.transpose(1, 2).reshape(B, N, self.embed_dim))  # (B, N, E)
+        out = projected
         if not batched:
             out = out.squeeze(0)
         elif not self.batch_first:
