@@ -266,6 +266,10 @@ def peers_probsparse(s: Setup, n, args):
     s.contenders[f"{proj.describe()} alone"] = Contender(proj, layer=True)
     # our layer: the same function as ProbSparse between 4 Linear, projecting only what the active queries need
     mha = sa.nn.MultiheadAttention(HIDDEN, H, attention=mech)
+    with torch.no_grad():  # the 4 Linear's weights: the output checks below show the same function
+        mha.in_proj_weight.copy_(torch.cat([ours.proj[nm].weight for nm in ("q", "k", "v")]))
+        mha.in_proj_bias.copy_(torch.cat([ours.proj[nm].bias for nm in ("q", "k", "v")]))
+        mha.out_proj.load_state_dict(ours.out.state_dict())
     layer = "ours sa.nn.MultiheadAttention(ProbSparse)"
     s.contenders[layer] = Contender(Output(mha, lambda r: r[0], self_attention=True), layer=True)
     s.pairs.append(Pair("HF InformerProbSparseAttention (q,k,v,out proj)", layer))
