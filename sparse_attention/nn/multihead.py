@@ -139,7 +139,8 @@ class MultiheadAttention(torch.nn.Module):
         attention: "full" (default), a registry name (``sa.mechanisms()``, built with its
             defaults; a "module" mechanism such as "performer" or "linformer" is built for this
             layer's D, H and Hkv, device and dtype), a :class:`~sparse_attention.Pattern`, a content-based mechanism
-            (``DynamicPattern``: TopK, ProbSparse, ...; no weights, no attn_mask, no cache),
+            (``DynamicPattern``: TopK, ProbSparse, ...; no weights, no attn_mask, no cache; ProbSparse in
+            float32/float64 projects only what its active queries need, see ``nn/probsparse_layer.py``),
             or a module taking head-split
             q (B, H, N, D), k, v (B, Hkv, S, D) and ``key_padding_mask`` (e.g.
             ``sa.nn.PerformerAttention``; such modules return no weights and take no attn_mask).
