@@ -79,6 +79,16 @@ def run_and_grad(fn, q, k, v, g):
     return out.detach(), dq, dk, dv
 
 
+def run_layer(fn, m: torch.nn.Module, inputs: list, grad_out: torch.Tensor) -> list:
+    """[out, d(each input)..., d(each parameter of m)...] of out = fn(*inputs) for the upstream gradient
+    grad_out (cast to the output's dtype); a gradient that does not reach a tensor is 0."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    targets = inputs + list(m.parameters())
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, targets, grad_out.to(out.dtype), allow_unused=True)
+    return [out.detach()] + [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets, strict=True)]
+
+
 def check_against_reference(fn, q, k, v, pattern, *, key_padding_mask=None, scale=None, seed=0,
                             grads: bool = True) -> tuple:
     """Run ``fn`` and the reference (fp64 golden and input-dtype ref_lp); apply the rule to out and grads.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_within_baseline
+from conftest import assert_within_baseline, run_layer
 
 import sparse_attention as sa
 
@@ -97,15 +97,6 @@ def _layer_case(causal, bias, factor, kv_heads, cross, dtype=torch.float32, seed
     return m, query, key, value, kpm
 
 
-def _run_layer(fn, m, inputs, grad_out):
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    m.zero_grad(set_to_none=True)
-    out = fn(*inputs)
-    grads = torch.autograd.grad(out, inputs + list(m.parameters()), grad_out, allow_unused=True)
-    return [out.detach()] + [g if g is not None else torch.zeros_like(t)
-                             for g, t in zip(grads, inputs + list(m.parameters()), strict=True)]
-
-
 # factor 1 -> u = 4 active queries per head; H·u = 16 against Hkv·D = 48 / 24 / 12 projected features:
 # the keys and values are read as inputs (in input space) unless Hkv = 1 or factor 3 (u = 12, H·u = 48)
 LAYER_CASES = [  # (causal, bias, factor, kv_heads, cross, input space)
@@ -157,16 +148,16 @@ def test_probsparse_layer_equals_probsparse_between_projections(monkeypatch, cau
         return fn
 
     grad_out = torch.randn(query.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    impl = _run_layer(fused, m, inputs, grad_out.float())
+    impl = run_layer(fused, m, inputs, grad_out.float())
     assert calls == {"layer": 1, "inputs": int(input_space)}, f"the fused layer did not take the expected path: {calls}"
-    ref_lp = _run_layer(composed(m, golden=False), m, inputs, grad_out.float())
-    golden = _run_layer(composed(m64, golden=True), m64, [t.double() for t in inputs], grad_out)
+    ref_lp = run_layer(composed(m, golden=False), m, inputs, grad_out.float())
+    golden = run_layer(composed(m64, golden=True), m64, [t.double() for t in inputs], grad_out)
     names = ["out"] + [f"d{n}" for n in ("query", "key", "value")[:len(inputs)]] + \
         [f"d{n}" for n, _ in m.named_parameters()]
     for i, name in enumerate(names):
         assert_within_baseline(name, impl[i], ref_lp[i], golden[i], grad=i > 0, min_len=key.shape[1])
     # float64: the same function, to rounding
-    impl64 = _run_layer(lambda *t: m64(*((t[0],) * 3 if not cross else t), key_padding_mask=kpm,
+    impl64 = run_layer(lambda *t: m64(*((t[0],) * 3 if not cross else t), key_padding_mask=kpm,
                                        need_weights=False)[0], m64, [t.double() for t in inputs], grad_out)
     for name, a, b in zip(names, impl64, golden, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda s, name=name: f"{name} (float64): {s}")
@@ -196,11 +187,11 @@ def test_probsparse_layer_dropout_matches_the_generic_path(input_space):
         return run
 
     layer = seeded(lambda x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], 11)
-    fused = _run_layer(layer, m, [query], grad_out)
-    expected = _run_layer(seeded(generic, 11), m, [query], grad_out)
+    fused = run_layer(layer, m, [query], grad_out)
+    expected = run_layer(seeded(generic, 11), m, [query], grad_out)
     names = ["out", "dquery"] + [f"d{n}" for n, _ in m.named_parameters()]
     for name, a, b in zip(names, fused, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda s, name=name: f"{name}: {s}")
-    other = _run_layer(seeded(lambda x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], 12), m, [query],
+    other = run_layer(seeded(lambda x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], 12), m, [query],
                        grad_out)
     assert not torch.allclose(other[0], fused[0]), "dropout had no effect: the test cannot see a wrong mask"

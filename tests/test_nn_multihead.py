@@ -291,3 +291,95 @@ def test_half_precision_within_the_rule(dtype, need_weights):
         out, w = m(q, k, v, need_weights=need_weights)
     assert out.dtype == dtype and (w is None or w.dtype == dtype)
     assert_within_baseline("out", out, base, golden)
+
+
+# --- Linformer inside the layer: E and F shorten the inputs before the projections ------------------------
+
+LINFORMER_CASES = [  # (share_kv, bias, cross, padding, per-head E) ; per-head E is not folded
+    (False, True, False, True, False),
+    (True, True, False, False, False),
+    (True, False, False, True, False),
+    (False, False, True, True, False),
+    (True, True, True, False, False),
+    (False, True, False, True, True),
+]
+
+
+@pytest.mark.parametrize(("share_kv", "bias", "cross", "padding", "per_head"), LINFORMER_CASES,
+                         ids=[f"{'shared' if c[0] else 'EF'}-{'bias' if c[1] else 'nobias'}-"
+                              f"{'cross' if c[2] else 'self'}-{'kpm' if c[3] else 'nokpm'}{'-perhead' if c[4] else ''}"
+                              for c in LINFORMER_CASES])
+def test_linformer_layer_folds_e_into_the_inputs(monkeypatch, share_kv, bias, cross, padding, per_head):
+    """MultiheadAttention(LinformerAttention) with one E for all heads mixes the inputs along the sequence
+    first ((E X) W instead of E (X W)); output and every gradient (inputs, projections, E, F) equal
+    Linformer between the layer's projections by the tolerance rule, and in float64 to rounding. A padded
+    position holding NaN stays out of the mixtures."""
+    import copy
+
+    import torch.nn.functional as F
+    from conftest import run_layer
+
+    calls = []
+    original = sa.nn.LinformerAttention.compress_inputs
+    monkeypatch.setattr(sa.nn.LinformerAttention, "compress_inputs",
+                        lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    g = torch.Generator().manual_seed(0)
+    E, H, Hkv, B, N, K, L = 48, 4, 2, 2, 41, 16, 60
+    S, kdim, vdim = (53, 20, 28) if cross else (N, None, None)
+    att = sa.nn.LinformerAttention(L, K, share_kv=share_kv, num_heads=Hkv if per_head else None)
+    m = sa.nn.MultiheadAttention(E, H, attention=att, num_kv_heads=Hkv, bias=bias, kdim=kdim, vdim=vdim)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    query = torch.randn(B, N, E, generator=g, dtype=torch.float64).float()
+    key = torch.randn(B, S, kdim or E, generator=g, dtype=torch.float64).float() if cross else query
+    value = torch.randn(B, S, vdim or E, generator=g, dtype=torch.float64).float() if cross else query
+    kpm = None
+    if padding:
+        kpm = torch.rand(B, S, generator=g) < 0.3
+        kpm[0, 3] = True
+    inputs = [query, key, value] if cross else [query]
+
+    def layer(module, fused_path):
+        def fn(*t):
+            qkv = t if cross else (t[0],) * 3
+            if fused_path:
+                return module(*qkv, key_padding_mask=kpm, need_weights=False)[0]
+            (wq, bq), (wk, bk), (wv, bv) = module._in_projections()
+            q = F.linear(qkv[0], wq, bq).view(B, N, H, -1).transpose(1, 2)
+            k = F.linear(qkv[1], wk, bk).view(B, S, Hkv, -1).transpose(1, 2)
+            v = F.linear(qkv[2], wv, bv).view(B, S, Hkv, -1).transpose(1, 2)
+            if q.dtype == torch.float64:
+                o = sa.approx.reference_linformer_attention(q, k, v, e_proj=module.attention.e_proj,
+                                                            f_proj=module.attention.f_proj, key_padding_mask=kpm)
+            else:
+                o = module.attention(q, k, v, key_padding_mask=kpm)
+            return module.out_proj(o.transpose(1, 2).reshape(B, N, E))
+        return fn
+
+    grad_out = torch.randn(B, N, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    m64 = copy.deepcopy(m).double()
+    impl = run_layer(layer(m, True), m, inputs, grad_out)
+    assert len(calls) == (0 if per_head else 1), f"compress_inputs ran {len(calls)} times"
+    ref_lp = run_layer(layer(m, False), m, inputs, grad_out)
+    golden = run_layer(layer(m64, False), m64, [t.double() for t in inputs], grad_out)
+    names = ["out"] + [f"d{n}" for n in ("query", "key", "value")[:len(inputs)]] + \
+        [f"d{n}" for n, _ in m.named_parameters()]
+    for i, name in enumerate(names):
+        assert_within_baseline(name, impl[i], ref_lp[i], golden[i], grad=i > 0, min_len=K)
+    impl64 = run_layer(layer(m64, True), m64, [t.double() for t in inputs], grad_out)
+    for name, a, b in zip(names, impl64, golden, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda s, name=name: f"{name} (float64): {s}")
+    if padding and cross:  # a NaN at a padded position changes nothing, not even the gradients
+        key_nan = key.clone()
+        key_nan[0, 3] = float("nan")
+        with_nan = run_layer(layer(m, True), m, [query, key_nan, value], grad_out)
+        for name, a, b in zip(names, with_nan, impl, strict=True):
+            assert torch.equal(a, b), f"{name}: a NaN at a padded key position changed it"
+
+
+def test_linformer_layer_refuses_a_sequence_longer_than_e():
+    m = sa.nn.MultiheadAttention(16, 2, attention=sa.nn.LinformerAttention(10, 4))
+    x = torch.randn(1, 11, 16)
+    with pytest.raises(ValueError, match="exceeds"):
+        m(x, x, x, need_weights=False)

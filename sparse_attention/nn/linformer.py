@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from .._checks import check_int
-from ..approx.linformer import linformer_attention
+from .._checks import check_int, check_scale
+from ..approx._common import sdpa
+from ..approx.linformer import check_projection, linformer_attention
 
 
 class LinformerAttention(torch.nn.Module):
@@ -50,3 +51,55 @@ class LinformerAttention(torch.nn.Module):
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         return linformer_attention(q, k, v, e_proj=self.e_proj, f_proj=self.f_proj,
                                    key_padding_mask=key_padding_mask, scale=self.scale)
+
+    def attend_compressed(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """Attention of q (B, Hq, N, D) to already mixed keys E·k and values F·v (B, Hkv, K, D|Dv)."""
+        return sdpa(q, kc, vc, scale=check_scale(self.scale, q.shape[-1]))
+
+    # --- inside a MultiheadAttention: E and F applied before the key/value projections ----------------------
+
+    def folds_projections(self, in_features: int, num_kv_heads: int, head_dim: int, *, shared_input: bool) -> bool:
+        """Whether E·(X W_kᵀ + b_k) is cheaper as (E X) W_kᵀ + (E 1) b_kᵀ (and F likewise) for inputs X of
+        ``in_features``: the sequence is shortened before it is projected. Per input position, the
+        products cost K·in_features per distinct (E or F, input) pair when one E serves every head,
+        against in_features·Hkv·D + K·Hkv·D per projection the other way round. ``shared_input``: the
+        keys and values are one tensor (then one E X serves both when F is E). Per-head E and F
+        (``num_heads`` given) are not folded: each head would mix the whole input."""
+        if self.e_proj.dim() != 2:
+            return False
+        pairs = 1 if (self.f_proj is None and shared_input) else 2
+        folded = pairs * self.k * in_features
+        projected = 2 * (in_features + self.k) * num_kv_heads * head_dim
+        return folded < projected
+
+    def compress_inputs(self, key: torch.Tensor, value: torch.Tensor, k_proj, v_proj, num_kv_heads: int, *,
+                        key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """E·k and F·v from the layer's inputs: key (B, S, kdim), value (B, S, vdim), the projections
+        ``k_proj = (W_k (Hkv·D, kdim), b_k or None)`` and ``v_proj`` alike -> (B, Hkv, K, D) each.
+
+        The same as projecting first (``forward`` on the projected k, v): padded positions are left out
+        of the mixtures (their rows set to 0, bias included), the bias enters as (E keep) b_kᵀ.
+        """
+        B, S = key.shape[:2]
+        e = self.e_proj
+        f = e if self.f_proj is None else self.f_proj
+        check_projection("e_proj", e, num_kv_heads, S, key.dtype, key.device)
+        check_projection("f_proj", f, num_kv_heads, S, key.dtype, key.device)
+        keep = None if key_padding_mask is None else (~key_padding_mask).to(key.dtype)  # (B, S)
+
+        def mixed(p, x):  # E (K, L) sliced to S columns, times the real rows of x (B, S, F) -> (B, K, F)
+            if key_padding_mask is not None:
+                x = torch.where(key_padding_mask.unsqueeze(-1), torch.zeros((), dtype=x.dtype, device=x.device), x)
+            return p[..., :S].to(x.dtype) @ x
+
+        def projected(p, xp, proj):  # (B, K, F) -> (B, Hkv, K, D)
+            w, b = proj
+            out = torch.nn.functional.linear(xp, w)
+            if b is not None:
+                mass = p[..., :S].to(xp.dtype).sum(-1) if keep is None else keep @ p[..., :S].to(xp.dtype).T  # (B|1, K)
+                out = out + mass.unsqueeze(-1) * b
+            return out.view(B, self.k, num_kv_heads, -1).transpose(1, 2)
+
+        xe = mixed(e, key)
+        xf = xe if (f is e and value is key) else mixed(f, value)
+        return projected(e, xe, k_proj), projected(f, xf, v_proj)

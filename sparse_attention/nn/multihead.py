@@ -40,6 +40,7 @@ from ..patterns import Causal, Full, Pattern, SlidingWindow
 from ..reference import masked_softmax
 from .cache import KVCache, MemoryCache
 from .linear_attention import LinearAttention
+from .linformer import LinformerAttention
 from .performer import PerformerAttention
 from .probsparse_layer import probsparse_layer
 
@@ -330,12 +331,17 @@ class MultiheadAttention(torch.nn.Module):
             raise ValueError(f"key and value must share (B, S) with query's B={B}, got key {tuple(key.shape)}, "
                              f"value {tuple(value.shape)} (batch-first view)")
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        # ProbSparse projects only what its active queries need (nn/probsparse_layer.py)
-        fused_probsparse = (isinstance(self.attention, ProbSparse) and cache is None and not need_weights
-                            and attn_mask is None and not is_causal and N > 0 and key.shape[1] > 0
-                            and query.dtype in (torch.float32, torch.float64))
+        # mechanisms that project only what they need (float32/64, no cache, weights or mask): ProbSparse
+        # (nn/probsparse_layer.py), and Linformer with one E for all heads (E and F shorten the inputs first)
+        plain_call = (cache is None and not need_weights and attn_mask is None and not is_causal and N > 0
+                      and key.shape[1] > 0 and query.dtype in (torch.float32, torch.float64))
+        fused_probsparse = plain_call and isinstance(self.attention, ProbSparse)
+        fused_linformer = plain_call and isinstance(self.attention, LinformerAttention) and \
+            self.attention.folds_projections(self.kdim, Hkv, D, shared_input=key is value)
         if fused_probsparse:
             q = k = v = None
+        elif fused_linformer:
+            q, k, v = self._project(query, None, None)[0], None, None
         elif cached_kv is None:
             q, k, v = self._project(query, key, value)
             k = k.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
@@ -398,8 +404,14 @@ class MultiheadAttention(torch.nn.Module):
         if isinstance(cache, LinearAttentionState):  # the new tokens against the running sums
             out = pattern(q, k, v, key_padding_mask=key_padding_mask, state=cache)
         elif module:  # shared_qk (Reformer): the keys are the queries, the key projection is unused
-            out = pattern(q, v, key_padding_mask=key_padding_mask) if shared_qk else \
-                pattern(q, k, v, key_padding_mask=key_padding_mask)
+            if fused_linformer:
+                kc, vc = pattern.compress_inputs(key, value, *self._in_projections()[1:], Hkv,
+                                                 key_padding_mask=key_padding_mask)  # (B, Hkv, K, D) each
+                out = pattern.attend_compressed(q, kc, vc)
+            elif shared_qk:
+                out = pattern(q, v, key_padding_mask=key_padding_mask)
+            else:
+                out = pattern(q, k, v, key_padding_mask=key_padding_mask)
             if dropout_p:
                 out = F.dropout(out, p=dropout_p)  # module mechanisms drop outputs, not weights
         elif need_weights or allowed is not None or bias is not None:
