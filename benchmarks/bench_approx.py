@@ -191,6 +191,17 @@ class _Layer(torch.nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, n, HIDDEN))
 
 
+class _SelfAttention(torch.nn.Module):
+    """x -> layer(x, x, x, need_weights=False)[0] (torch's MultiheadAttention call)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x, x, x, need_weights=False)[0]
+
+
 def bench_peers(args):
     try:
         from linear_attention_transformer.linear_attention_transformer import causal_linear_attn, linear_attn
@@ -227,11 +238,22 @@ def bench_peers(args):
         ours = _Layer(sa.nn.LinformerAttention(n, 256))
         theirs = LinformerSelfAttention(HIDDEN, n, k=256, heads=H)
         x = torch.randn(B, n, HIDDEN)
+        mha = _SelfAttention(sa.nn.MultiheadAttention(HIDDEN, H, attention=sa.nn.LinformerAttention(n, 256)))
+        with torch.no_grad():  # the same weights as `ours` (no input biases, like the peer): the same function
+            mha.layer.in_proj_weight.copy_(torch.cat([ours.to_q.weight, ours.to_k.weight, ours.to_v.weight]))
+            mha.layer.in_proj_bias.zero_()
+            mha.layer.out_proj.load_state_dict(ours.to_out.state_dict())
+            mha.layer.attention.load_state_dict(ours.core.state_dict())
+            diff = (mha(x) - ours(x)).abs().max().item()
         group = {"ours": _layer_fwd_bwd(ours, x), "linformer": _layer_fwd_bwd(theirs, x),
+                 "ours MHA": _layer_fwd_bwd(mha, x),
                  "projections": _layer_fwd_bwd(_Layer(None), x)}  # the 4 projections alone, same group
         r = time_group(group, args.peer_repeats)["best"]
         rows.append([n, "Linformer k=256 layer (dim 512, q/k/v/out projections)", "linformer LinformerSelfAttention",
                      ms(r["ours"]), ms(r["linformer"]), f"{r['linformer'] / r['ours']:.1f}x", "3x"])
+        rows.append([n, f"  the same in sa.nn.MultiheadAttention (E applied before the projections; max |diff| "
+                        f"{diff:.1e})", "linformer LinformerSelfAttention",
+                     ms(r["ours MHA"]), ms(r["linformer"]), f"{r['linformer'] / r['ours MHA']:.1f}x", "3x"])
         t_p, t_o, t_l = r["projections"], r["ours"], r["linformer"]
         core = f"{(t_l - t_p) / (t_o - t_p):.1f}x" if t_o - t_p > 0.1 * t_o else "n/a: ours ~ projections"
         rows.append([n, f"  the same without the 4 projections ({ms(t_p)} ms alone, same group)",
