@@ -82,8 +82,10 @@ def _composed(m, query, key, value, kpm, *, golden):
 def _layer_case(causal, bias, factor, kv_heads, cross, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     E, H, B, N = 48, 4, 2, 41
-    S, kdim, vdim = (67, 20, 28) if cross else (N, None, None)
-    m = sa.nn.MultiheadAttention(E, H, attention=sa.ProbSparse(factor, causal=causal, seed=seed),
+    # causal "sum" cross-attends to fewer keys than queries: the first 12 queries come before every key
+    S, kdim, vdim = (29 if causal == "sum" else 67, 20, 28) if cross else (N, None, None)
+    mech = sa.ProbSparse(factor, causal=bool(causal), seed=seed, causal_lazy=causal or "mean")
+    m = sa.nn.MultiheadAttention(E, H, attention=mech,
                                  num_kv_heads=kv_heads, bias=bias, kdim=kdim, vdim=vdim)
     with torch.no_grad():
         for p in m.parameters():
@@ -99,20 +101,23 @@ def _layer_case(causal, bias, factor, kv_heads, cross, dtype=torch.float32, seed
 
 # factor 1 -> u = 4 active queries per head; H·u = 16 against Hkv·D = 48 / 24 / 12 projected features:
 # the keys and values are read as inputs (in input space) unless Hkv = 1 or factor 3 (u = 12, H·u = 48)
-LAYER_CASES = [  # (causal, bias, factor, kv_heads, cross, input space)
+LAYER_CASES = [  # (causal: False or its lazy rows' "mean"/"sum", bias, factor, kv_heads, cross, input space)
     (False, True, 1.0, 4, False, True),
     (False, False, 1.0, 2, False, True),
     (False, True, 1.0, 2, True, True),
     (False, True, 1.0, 1, True, False),
     (False, True, 3.0, 4, False, False),
-    (True, True, 1.0, 2, False, False),
-    (True, False, 1.0, 4, True, False),
+    ("mean", True, 1.0, 2, False, True),
+    ("mean", False, 1.0, 4, True, True),
+    ("sum", True, 1.0, 2, True, True),
+    ("mean", True, 1.0, 1, False, False),
+    ("mean", True, 3.0, 4, True, False),
 ]
 
 
 @pytest.mark.parametrize(("causal", "bias", "factor", "kv_heads", "cross", "input_space"), LAYER_CASES,
-                         ids=[f"{'causal' if c[0] else 'full'}-{'bias' if c[1] else 'nobias'}-c{c[2]:g}-Hkv{c[3]}-"
-                              f"{'cross' if c[4] else 'self'}" for c in LAYER_CASES])
+                         ids=[f"{'causal-' + c[0] if c[0] else 'full'}-{'bias' if c[1] else 'nobias'}-c{c[2]:g}-"
+                              f"Hkv{c[3]}-{'cross' if c[4] else 'self'}" for c in LAYER_CASES])
 def test_probsparse_layer_equals_probsparse_between_projections(monkeypatch, causal, bias, factor, kv_heads,
                                                                 cross, input_space):
     """MultiheadAttention(ProbSparse) projects only what its active queries need; its output and every
@@ -163,11 +168,12 @@ def test_probsparse_layer_equals_probsparse_between_projections(monkeypatch, cau
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda s, name=name: f"{name} (float64): {s}")
 
 
+@pytest.mark.parametrize("causal", [False, "mean"])
 @pytest.mark.parametrize("input_space", [True, False])
-def test_probsparse_layer_dropout_matches_the_generic_path(input_space):
+def test_probsparse_layer_dropout_matches_the_generic_path(input_space, causal):
     """Training mode with dropout: the same weights are dropped (same RNG draws) as on the generic path."""
     factor = 1.0 if input_space else 3.0
-    m, query, _, _, kpm = _layer_case(False, True, factor, 4, False, dtype=torch.float64)
+    m, query, _, _, kpm = _layer_case(causal, True, factor, 4, False, dtype=torch.float64)
     m.dropout = 0.3
     m.train()
     (wq, bq), (wk, bk), (wv, bv) = m._in_projections()
