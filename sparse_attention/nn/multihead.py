@@ -342,6 +342,9 @@ class MultiheadAttention(torch.nn.Module):
             q = k = v = None
         elif fused_linformer:
             q, k, v = self._project(query, None, None)[0], None, None
+        elif shared_qk and cache is None:  # the keys are the queries: no key projection
+            q, _, v = self._project(query, None, value)
+            k, v = None, v.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
         elif cached_kv is None:
             q, k, v = self._project(query, key, value)
             k = k.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
@@ -403,7 +406,7 @@ class MultiheadAttention(torch.nn.Module):
                                  "float key_padding_mask; call with need_weights=False and a bool key_padding_mask")
         if isinstance(cache, LinearAttentionState):  # the new tokens against the running sums
             out = pattern(q, k, v, key_padding_mask=key_padding_mask, state=cache)
-        elif module:  # shared_qk (Reformer): the keys are the queries, the key projection is unused
+        elif module:  # shared_qk (Reformer): the keys are the queries, the key projection is not computed
             if fused_linformer:
                 kc, vc = pattern.compress_inputs(key, value, *self._in_projections()[1:], Hkv,
                                                  key_padding_mask=key_padding_mask)  # (B, Hkv, K, D) each
