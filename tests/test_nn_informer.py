@@ -201,3 +201,27 @@ def test_probsparse_layer_dropout_matches_the_generic_path(input_space, causal):
     other = run_layer(seeded(lambda x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], 12), m, [query],
                        grad_out)
     assert not torch.allclose(other[0], fused[0]), "dropout had no effect: the test cannot see a wrong mask"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_probsparse_layer_gradgradcheck(monkeypatch, causal):
+    """fp64 gradcheck and gradgradcheck through the input-space path (its backward recomputes the
+    weights from the inputs when a graph of the backward is asked for), with key padding."""
+    import sparse_attention.nn.probsparse_layer as layer_mod
+
+    calls = []
+    original = layer_mod._attend_inputs
+    monkeypatch.setattr(layer_mod, "_attend_inputs", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(16, 2, attention=sa.ProbSparse(1.0, causal=causal)).double()
+    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(2, 10, 16, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, 10, dtype=torch.bool)
+    kpm[1, 7:] = True
+
+    def f(x, kv):
+        return m(x, kv, kv, key_padding_mask=kpm, need_weights=False)[0]
+
+    assert torch.autograd.gradcheck(f, (x, kv))
+    assert torch.autograd.gradgradcheck(f, (x, kv))
+    assert calls, "the input-space path did not run"

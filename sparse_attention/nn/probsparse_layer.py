@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..dynamic.probsparse import ProbSparse
 from ..reference import masked_softmax
@@ -49,8 +48,7 @@ def _heads(w: torch.Tensor, b: torch.Tensor | None, Hkv: int, H: int) -> tuple[t
 class _InputSpaceAttention(torch.autograd.Function):
     """Softmax attention of queries given in input space against the key and value *inputs*:
 
-            p = softmax(t key^T) over the allowed keys (dropout applied), returns
-        (p value, rowsum(p), w_mean value)
+        p = softmax(t key^T) over the allowed keys (dropout applied)  ->  (p value, rowsum(p), w_mean value)
 
     t (B, M, kdim), key (B, S, kdim), value (B, S, vdim), w_mean (B, 1, S) or None (then the third
     output is None), allowed bool broadcastable to (B, M, S) or None -> (B, M, vdim), (B, M, 1), (B, 1, vdim).
@@ -66,13 +64,14 @@ class _InputSpaceAttention(torch.autograd.Function):
         drop = F.dropout(torch.ones_like(p), dropout_p) if dropout_p > 0 else None  # 0 or 1 / (1 - dropout_p)
         pd = p if drop is None else p * drop
         ctx.same_input = key is value
-        ctx.save_for_backward(t, key, value, w_mean, p, drop)
+        ctx.save_for_backward(t, key, value, w_mean, p, drop, allowed)
         return torch.bmm(pd, value), pd.sum(-1, keepdim=True), None if w_mean is None else torch.bmm(w_mean, value)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_pv, d_sum, d_mean):
-        t, key, value, w_mean, p, drop = ctx.saved_tensors
+        t, key, value, w_mean, p, drop, allowed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: p again, from the inputs, so a second backward sees through it
+            p = masked_softmax(torch.bmm(t, key.transpose(1, 2)), allowed)
         pd = p if drop is None else p * drop
         d_p = torch.baddbmm(d_sum, d_pv, value.transpose(1, 2))  # (B, M, S)
         if drop is not None:
