@@ -383,3 +383,31 @@ def test_linformer_layer_refuses_a_sequence_longer_than_e():
     x = torch.randn(1, 11, 16)
     with pytest.raises(ValueError, match="exceeds"):
         m(x, x, x, need_weights=False)
+
+
+@pytest.mark.parametrize("layout", ["seq_first", "unbatched"])
+def test_self_attention_inputs_stay_one_tensor_through_layout_views(monkeypatch, layout):
+    """Sequence-first and unbatched self-attention: query, key and value stay one tensor after the layout
+    views, so ProbSparse's input-space path accumulates the key and value gradients in one buffer; the
+    result equals the batch-first call on copies."""
+    import sparse_attention.nn.probsparse_layer as layer_mod
+
+    same = []
+    original = layer_mod._InputSpaceAttention.forward
+
+    def forward(ctx, *a):
+        out = original(ctx, *a)
+        same.append(ctx.same_input)
+        return out
+
+    monkeypatch.setattr(layer_mod._InputSpaceAttention, "forward", staticmethod(forward))
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(16, 2, attention=sa.ProbSparse(1.0), batch_first=layout == "unbatched")
+    x = torch.randn(12, 2, 16) if layout == "seq_first" else torch.randn(12, 16)
+    out = m(x, x, x, need_weights=False)[0]
+    assert same == [True], f"key and value were not one tensor: {same}"
+    xb = x.transpose(0, 1) if layout == "seq_first" else x.unsqueeze(0)
+    m.batch_first = True
+    expected = m(xb, xb.clone(), xb.clone(), need_weights=False)[0]
+    expected = expected.transpose(0, 1) if layout == "seq_first" else expected.squeeze(0)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)

@@ -101,6 +101,13 @@ def _is_causal(pattern: object) -> bool:
     return isinstance(pattern, Causal) or (isinstance(pattern, SlidingWindow) and pattern.causal)
 
 
+def _views(view, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
+    """``view`` of query, key and value, one view per distinct tensor: self-attention's inputs stay one
+    tensor (the mechanisms that project only what they need share work when key is value)."""
+    done: dict[int, torch.Tensor] = {}
+    return tuple(done.setdefault(id(t), view(t)) for t in (query, key, value))
+
+
 def dense_attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                  allowed: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                                  dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,11 +328,11 @@ class MultiheadAttention(torch.nn.Module):
         batched = query.dim() == 3
         key_in, value_in = key, value
         if not batched:  # (L, E) -> (1, L, E)
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            query, key, value = _views(lambda t: t.unsqueeze(0), query, key, value)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:  # (L, B, E) -> (B, L, E)
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            query, key, value = _views(lambda t: t.transpose(0, 1), query, key, value)
         B, N = query.shape[:2]
         if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
             raise ValueError(f"key and value must share (B, S) with query's B={B}, got key {tuple(key.shape)}, "
