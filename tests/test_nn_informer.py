@@ -213,11 +213,11 @@ def test_probsparse_layer_gradgradcheck(monkeypatch, causal):
     original = layer_mod._attend_inputs
     monkeypatch.setattr(layer_mod, "_attend_inputs", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     torch.manual_seed(0)
-    m = sa.nn.MultiheadAttention(16, 2, attention=sa.ProbSparse(1.0, causal=causal)).double()
-    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
-    kv = torch.randn(2, 10, 16, dtype=torch.float64, requires_grad=True)
-    kpm = torch.zeros(2, 10, dtype=torch.bool)
-    kpm[1, 7:] = True
+    m = sa.nn.MultiheadAttention(8, 2, attention=sa.ProbSparse(1.0, causal=causal)).double()  # u = 3, H·u < 8
+    x = torch.randn(2, 8, 8, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
 
     def f(x, kv):
         return m(x, kv, kv, key_padding_mask=kpm, need_weights=False)[0]
