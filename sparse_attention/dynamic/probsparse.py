@@ -72,7 +72,7 @@ class ProbSparse(DynamicPattern):
     def num_samples(self, n_k: int) -> int:
         return min(n_k, math.ceil(self.factor * math.log(max(n_k, 2))))
 
-    def _allowed(self, pos: torch.Tensor, n_k: int, key_padding_mask) -> torch.Tensor | None:
+    def allowed_keys(self, pos: torch.Tensor, n_k: int, key_padding_mask) -> torch.Tensor | None:
         """Keys the active queries at key-space positions ``pos`` (B, H, u) may see: (B|1, H|1, u|1, S) bool."""
         m = None
         if self.causal:
@@ -123,7 +123,7 @@ class ProbSparse(DynamicPattern):
         S = k.shape[2]
         active = self.active_queries(q, k, key_padding_mask=key_padding_mask, scale=scale)
         rows = torch.ones(B, H, active.shape[-1], S, dtype=torch.bool, device=q.device)
-        allowed = self._allowed(active + (S - N), S, key_padding_mask)
+        allowed = self.allowed_keys(active + (S - N), S, key_padding_mask)
         if allowed is not None:
             rows = rows & allowed
         out = torch.zeros(B, H, N, S, dtype=torch.bool, device=q.device)
@@ -164,7 +164,7 @@ class ProbSparse(DynamicPattern):
         the n_q queries; k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, H, u, Dv) in qa's dtype."""
         S = k.shape[2]
         s = grouped_scores(qa, k, scale)  # (B, H, u, S)
-        p = masked_softmax(s, self._allowed(active + (S - n_q), S, key_padding_mask))
+        p = masked_softmax(s, self.allowed_keys(active + (S - n_q), S, key_padding_mask))
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
         return grouped_values(p, v).to(qa.dtype)

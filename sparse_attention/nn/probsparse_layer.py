@@ -138,7 +138,7 @@ def probsparse_layer(pattern: ProbSparse, query: torch.Tensor, key: torch.Tensor
     else:
         wk_h = _heads(wk, None, Hkv, H)[0]  # (H, D, kdim); the key bias adds q.b_k to a whole row: no effect
         wv_h, bv_h = _heads(wv, bv, Hkv, H)  # (H, D, vdim), (H, D)
-        allowed = pattern._allowed(active + (S - N), S, key_padding_mask)  # (B|1, H|1, u|1, S) or None
+        allowed = pattern.allowed_keys(active + (S - N), S, key_padding_mask)  # (B|1, H|1, u|1, S) or None
         if allowed is not None:
             allowed = allowed.view(allowed.shape[0], 1, S) if allowed.shape[1:3] == (1, 1) else \
                 allowed.expand(B, H, u, S).reshape(B, H * u, S)
@@ -146,19 +146,20 @@ def probsparse_layer(pattern: ProbSparse, query: torch.Tensor, key: torch.Tensor
         lazy_x, alpha = _lazy_inputs(pattern, value, N, key_padding_mask)  # (B, 1|N, vdim), (B, 1|N)
         oa, x_mean = _attend_inputs(qa * scale, key, value, wk_h, wv_h, bv_h, allowed,
                                     None if pattern.causal else lazy_x, dropout_p)
+        vdim = value.shape[-1]
         if pattern.causal:
-            m = out_proj.weight @ wv_h.reshape(E, -1)  # (E, vdim): the value and output projections in one
+            m = out_proj.weight @ wv_h.reshape(E, vdim)  # (E, vdim): the value and output projections in one
             base = F.linear(lazy_x, m, out_proj.bias)  # (B, N, E)
             if bv_h is not None:
                 base = base + alpha.unsqueeze(-1) * (out_proj.weight @ bv_h.reshape(E))
-            lazy_x = lazy_x.gather(1, active.reshape(B, H * u, 1).expand(-1, -1, lazy_x.shape[-1]))  # (B, H·u, vdim)
-            alpha = alpha.gather(1, active.reshape(B, H * u)).view(B, H, u, 1)
+            flat = active.reshape(B, H * u)
+            x_rows = lazy_x.gather(1, flat.unsqueeze(-1).expand(-1, -1, vdim)).view(B, H, u, vdim)
+            a_rows = alpha.gather(1, flat).view(B, H, u, 1)
         else:
-            lazy_x, alpha = x_mean, alpha.view(B, 1, 1, 1)
-        lazy_active = torch.einsum("bhue,hde->bhud", lazy_x.view(B, -1, u if pattern.causal else 1,
-                                                                 lazy_x.shape[-1]).expand(B, H, -1, -1), wv_h)
+            x_rows, a_rows = x_mean.view(B, 1, 1, vdim).expand(B, H, 1, vdim), alpha.view(B, 1, 1, 1)
+        lazy_active = torch.einsum("bhue,hde->bhud", x_rows, wv_h)  # (B, H, u or 1, D)
         if bv_h is not None:
-            lazy_active = lazy_active + alpha * bv_h.unsqueeze(1)
+            lazy_active = lazy_active + a_rows * bv_h.unsqueeze(1)
         if not pattern.causal:
             base = out_proj(lazy_active.reshape(B, 1, E)).expand(B, N, E).contiguous()
     delta = torch.einsum("bhud,ehd->bhue", oa - lazy_active, out_proj.weight.view(E, H, D))  # (B, H, u, E)
