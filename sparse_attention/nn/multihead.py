@@ -151,7 +151,10 @@ class MultiheadAttention(torch.nn.Module):
             float32/float64 projects only what its active queries need, see ``nn/probsparse_layer.py``),
             or a module taking head-split
             q (B, H, N, D), k, v (B, Hkv, S, D) and ``key_padding_mask`` (e.g.
-            ``sa.nn.PerformerAttention``; such modules return no weights and take no attn_mask).
+            ``sa.nn.PerformerAttention``; such modules return no weights and take no attn_mask;
+            ``LinformerAttention`` with one E for all heads applies E and F to the inputs before the key
+            and value projections where that is cheaper, see ``LinformerAttention.folds_projections``;
+            a shared-QK module such as ``ReformerAttention`` gets no key projection).
         num_kv_heads: Hkv key/value heads (grouped-query attention); default None = H. With
             Hkv < H the packed ``in_proj_weight`` is (E + 2·Hkv·D, E), which torch cannot load.
         dropout: dropout on the attention weights, training mode only. Default 0.
