@@ -262,6 +262,26 @@ def test_synthesizer_gradcheck_functional():
     assert torch.autograd.gradcheck(fn, (r, q, k, v, w))
 
 
+def test_synthesizer_unmasked_fast_path_and_empty_rows():
+    """Without causal or padding the softmax is one fused pass: equal to the reference, gradients included; a
+    row of -inf logits is an empty row (output 0, no NaN anywhere), as with a mask."""
+    v = torch.randn(2, 2, 6, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)  # Hq = 4 logits heads over Hkv = 2
+    out = synthesizer_attention(r, v)
+    ref = reference_synthesizer_attention(r, v)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (r, v), g), torch.autograd.grad(ref, (r, v), g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    empty = r.detach().clone()
+    empty[1, 3] = float("-inf")
+    empty.requires_grad_(True)
+    out = synthesizer_attention(empty, v)
+    assert torch.equal(out[:, 1, 3], torch.zeros(2, 3)), "an all -inf row must give 0"
+    dr, dv = torch.autograd.grad(out, (empty, v), torch.randn_like(out))
+    assert torch.isfinite(out).all() and torch.isfinite(dv).all() and torch.isfinite(dr[empty > float("-inf")]).all()
+
+
 def test_synthesizer_errors():
     v = torch.randn(1, 2, 5, 3)
     with pytest.raises(ValueError, match="mode"):

@@ -100,13 +100,20 @@ def synthesizer_attention(
         scores = (1 - alpha) * scores + alpha * dots
     elif q is not None and q.shape[1] != Hq:
         raise ValueError(f"q has {q.shape[1]} heads but logits has {Hq}")
-    keep = torch.ones(N, S, dtype=torch.bool, device=v.device)
-    if causal:
-        keep = torch.tril(keep)
-    if key_padding_mask is not None:
-        keep = keep & ~key_padding_mask[:, None, None, :]  # (B, 1, N, S)
-    p = masked_softmax(scores, keep)  # (…, Hq|1, N, S)
-    vv = zero_padded(v.to(dtype), key_padding_mask).repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, S, Dv)
+    # a row of -inf logits is an empty row (output 0, RELIABILITY.md), which torch.softmax would make NaN
+    empty_row = bool(torch.isneginf(scores.detach().amax(-1)).any())
+    if causal or key_padding_mask is not None or empty_row:
+        keep = torch.ones(N, S, dtype=torch.bool, device=v.device)
+        if causal:
+            keep = torch.tril(keep)
+        if key_padding_mask is not None:
+            keep = keep & ~key_padding_mask[:, None, None, :]  # (B, 1, N, S)
+        p = masked_softmax(scores, keep)  # (…, Hq|1, N, S)
+    else:  # every row has a key: one fused pass over the N x S scores (NaN still propagates)
+        p = torch.softmax(scores, -1)
+    vv = zero_padded(v.to(dtype), key_padding_mask)
+    if Hq > Hkv:
+        vv = vv.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, S, Dv)
     return (p @ vv).to(v.dtype)
 
 

@@ -134,4 +134,4 @@ class _HeadMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(x @ self.w1.to(x.dtype) + self.b1.to(x.dtype))  # (B, H, N, hidden)
-        return h @ self.w2.to(x.dtype) + self.b2.to(x.dtype)  # (B, H, N, d_out)
+        return (h @ self.w2.to(x.dtype)).add_(self.b2.to(x.dtype))  # (B, H, N, d_out); in place: one N x d_out pass
