@@ -23,6 +23,7 @@ def _extra_patterns() -> dict[str, sa.Pattern]:
     return {
         "window8_or_global0": sa.SlidingWindow(8) | sa.Global([0, 5]),
         "causal_and_strided3": sa.Causal() & sa.Strided(3),
+        "strided5_causal": sa.Strided(5, causal=True),  # residue classes where N == S and unpadded
         "longformer_dil2_globals": sa.Longformer(4, global_indices=(0, 3, 20), dilation=2),
         "longformer_causal_dil2": sa.Longformer(5, global_indices=(1,), dilation=2, causal=True),
         "bigbird_b16": sa.BigBird(block=16, window_blocks=3, global_blocks=2, random_blocks=1, seed=3),
@@ -274,3 +275,32 @@ def test_kernel_gradient_rows_without_copies(layout):
     rows, perm = kernel_grad_rows(x, idx)
     want = torch.zeros(11, 4).index_add_(0, idx, logical)
     torch.testing.assert_close(torch.zeros(11, 4).index_add_(0, perm, rows), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("causal", "N", "S", "pad", "residue"), [
+    (False, 97, 97, "one_empty", True), (False, 37, 98, "some", True), (False, 97, 39, None, True),  # S - N: 1, 2 mod 4
+    (True, 97, 97, None, True), (True, 3, 3, None, True), (True, 97, 97, "some", False), (True, 37, 97, None, False),
+], ids=lambda x: str(x))
+def test_strided_runs_as_residue_classes(monkeypatch, causal, N, S, pad, residue):
+    """Strided through backend="auto": dense attention within residue classes where eligible (non-causal; causal
+    with N == S and no padding), the block-sparse layout otherwise; either way equal to the reference."""
+    import sparse_attention.engine as engine
+
+    calls = []
+    original = engine.residue_attention
+    monkeypatch.setattr(engine, "residue_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    pattern = sa.Strided(4, causal=causal)
+    q, k, v = make_qkv(2, 4, 2, N, S, 8, 6, seed=4)
+    kpm = None if pad is None else padding_mask(2, S, all_padded=1 if pad == "one_empty" else None)
+    check_against_reference(_call(pattern, "auto", kpm), q, k, v, pattern, key_padding_mask=kpm)
+    assert bool(calls) == residue, f"residue classes used: {bool(calls)}, expected {residue}"
+
+
+def test_strided_residue_classes_propagate_nan():
+    """A NaN in an attended input reaches the rows that attend it (SDPA's math kernel, not the fused one)."""
+    q, k, v = make_qkv(1, 2, 2, 12, 12, 4, requires_grad=False)
+    q[0, 0, 5] = float("nan")  # query 5: class 1 of stride 4
+    v[0, 1, 2] = float("nan")  # key 2 of head 1: class 2
+    out = sa.attention(q, k, v, sa.Strided(4))
+    assert torch.isnan(out[0, 0, 5]).all() and torch.isnan(out[0, 1, 2::4]).all()
+    assert torch.isfinite(out[0, 0, [0, 1, 2, 3, 4, 6]]).all() and torch.isfinite(out[0, 1, 1::4]).all()

@@ -16,6 +16,7 @@ from ..patterns.base import Pattern
 from .blocksparse import blocksparse_attention
 from .dense import dense_attention, sdpa_native
 from .plan import Plan, build_plan
+from .residue import residue_attention, residue_eligible
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ def _visited_fraction(c: Call) -> float:
 def _dense_auto_reasons(c: Call) -> list[str]:
     if sdpa_native(c.pattern, c.N, c.S, c.padded):
         return []  # SDPA's own fused kernels: no mask is built, O(N) memory
+    if residue_eligible(c.pattern, c.N, c.S, c.padded):
+        return ["the block-sparse engine runs Strided as dense attention within residue classes, 1/stride the work"]
     if c.B * c.Hq * c.N * c.S <= DENSE_AUTO_LIMIT:
         return []
     if c.N * c.S <= DENSE_MASK_LIMIT and _visited_fraction(c) >= DENSE_BLOCK_FRACTION:
@@ -98,6 +101,9 @@ def _run_blocksparse(q, k, v, pattern, *, scale, key_padding_mask=None, dropout_
     from .tuning import choose_block
 
     N, S = q.shape[2], k.shape[2]
+    if residue_eligible(pattern, N, S, key_padding_mask is not None, scale) and block is None:
+        return residue_attention(q, k, v, pattern, scale=scale, key_padding_mask=key_padding_mask,
+                                 dropout_p=dropout_p)  # block-diagonal once each residue class is gathered
     if pattern is None:
         from ..patterns.full import Full
 

@@ -1,0 +1,80 @@
+"""Strided attention as dense attention within residue classes.
+
+``Strided(s)`` lets query i (at key position p = i + S - N) attend key j when (p - j) mod s == 0:
+queries and keys fall into s classes by position mod s, and each class attends only to itself. Put
+each class's tokens side by side and the pattern is block-diagonal: s independent full attentions
+(causal: a causal attention within each class, since the order of positions is kept), each over
+~N/s queries and ~S/s keys. That is 1/s of the dense work with no mask to build, where the pattern
+as blocks of consecutive positions touches every block.
+
+stride 2, N = S = 6: positions 0 2 4 form class 0 and 1 3 5 class 1::
+
+    x . x . x .         class 0: x x x     class 1: x x x
+    . x . x . x                  x x x              x x x
+    x . x . x .                  x x x              x x x
+    ...
+
+The classes are gathered by padding the sequences to a multiple of s and reshaping (query i goes to
+slot i + r with r = (S - N) mod s, so its slot and its key position agree mod s); padded key slots
+are masked (non-causal) or lie after every real query of their class (causal with N == S, the only
+causal case taken here). The attention is PyTorch's fused SDPA over the (B, s·H, ·, ·) classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..patterns.base import Pattern
+from ..patterns.strided import Strided
+from .blocksparse import all_finite
+
+
+def residue_eligible(pattern: Pattern | None, n_q: int, n_k: int, padded: bool, scale: float | None = None) -> bool:
+    """Whether ``residue_attention`` runs this call: Strided, non-causal (any N, S, padding), or causal
+    with N == S and no key padding (SDPA's is_causal; it gives NaN for scale <= 0 on CPU in torch 2.13)."""
+    if not isinstance(pattern, Strided) or n_q == 0 or n_k == 0:
+        return False
+    return not pattern.causal or (n_q == n_k and not padded and (scale is None or scale > 0))
+
+
+def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Strided, *, scale: float,
+                      key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, N, Dv): ``pattern`` (Strided) by classes.
+
+    Call only where ``residue_eligible``. A query whose class holds no real key gets 0 (SDPA's rule for a
+    fully masked row)."""
+    B, Hq, N, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    s = pattern.stride
+    r = (S - N) % s  # query i sits at slot i + r: slot and key position i + S - N agree mod s
+    mq, mk = math.ceil((N + r) / s), math.ceil(S / s)  # class lengths (slots per class)
+
+    def classes(x: torch.Tensor, front: int, m: int) -> torch.Tensor:
+        # (B, H, L, E) -> (B, s·H, m, E), class-major (head c·H + h): GQA maps c·Hq + h to c·Hkv + h // G
+        H, L, E = x.shape[1:]
+        x = F.pad(x, (0, 0, front, m * s - front - L))
+        return x.view(B, H, m, s, E).permute(0, 3, 1, 2, 4).reshape(B, s * H, m, E)
+
+    qc, kc, vc = classes(q, r, mq), classes(k, 0, mk), classes(v, 0, mk)
+    mask = None
+    if not pattern.causal and (key_padding_mask is not None or mk * s != S):
+        real = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
+        real = F.pad(real, (0, mk * s - S), value=False).view(B, mk, s).transpose(1, 2)  # (B, s, mk): real key slots
+        mask = real[:, :, None, None, :].expand(B, s, Hq, 1, mk).reshape(B, s * Hq, 1, mk)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=pattern.causal, scale=scale, enable_gqa=Hq != Hkv)
+
+    if all_finite(q, k, v):
+        out = sdpa()
+    else:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused kernels turn NaN query rows into zeros (#141128)
+            out = sdpa()
+    Dv = out.shape[-1]
+    out = out.view(B, s, Hq, mq, Dv).permute(0, 2, 3, 1, 4).reshape(B, Hq, mq * s, Dv)  # slots in position order
+    return out[:, :, r:r + N]
