@@ -279,16 +279,21 @@ def test_kernel_gradient_rows_without_copies(layout):
 
 @pytest.mark.parametrize(("causal", "N", "S", "pad", "residue"), [
     (False, 97, 97, "one_empty", True), (False, 37, 98, "some", True), (False, 97, 39, None, True),  # S - N: 1, 2 mod 4
-    (True, 97, 97, None, True), (True, 3, 3, None, True), (True, 97, 97, "some", False), (True, 37, 97, None, False),
+    (True, 97, 97, None, True), (True, 3, 3, None, True), (True, 97, 97, "some", True), (True, 37, 98, None, True),
+    (True, 97, 39, "one_empty", True), (True, 97, 97, "some", False),  # the last: mask over the limit (set to 0)
 ], ids=lambda x: str(x))
 def test_strided_runs_as_residue_classes(monkeypatch, causal, N, S, pad, residue):
-    """Strided through backend="auto": dense attention within residue classes where eligible (non-causal; causal
-    with N == S and no padding), the block-sparse layout otherwise; either way equal to the reference."""
+    """Strided through backend="auto": dense attention within residue classes (causal: SDPA's triangle, or a
+    shifted triangle mask for N != S or key padding), the block-sparse layout where the causal padded mask would
+    be too large; either way equal to the reference."""
     import sparse_attention.engine as engine
+    import sparse_attention.engine.residue as residue_mod
 
     calls = []
     original = engine.residue_attention
     monkeypatch.setattr(engine, "residue_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    if not residue:
+        monkeypatch.setattr(residue_mod, "CAUSAL_PADDED_MASK_LIMIT", 0)
     pattern = sa.Strided(4, causal=causal)
     q, k, v = make_qkv(2, 4, 2, N, S, 8, 6, seed=4)
     kpm = None if pad is None else padding_mask(2, S, all_padded=1 if pad == "one_empty" else None)

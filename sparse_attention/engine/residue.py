@@ -16,8 +16,10 @@ stride 2, N = S = 6: positions 0 2 4 form class 0 and 1 3 5 class 1::
 
 The classes are gathered by padding the sequences to a multiple of s and reshaping (query i goes to
 slot i + r with r = (S - N) mod s, so its slot and its key position agree mod s); padded key slots
-are masked (non-causal) or lie after every real query of their class (causal with N == S, the only
-causal case taken here). The attention is PyTorch's fused SDPA over the (B, s·H, ·, ·) classes.
+are masked (non-causal) or lie after every key a real query may see (causal). Causal attention within a
+class is a triangle shifted by (S - N - r) / s slots: SDPA's own is_causal when the shift is 0 and there
+is no key padding, else a small (N/s, S/s) mask (with key padding, one per batch entry and class). The
+attention is PyTorch's fused SDPA over the (B, s·H, ·, ·) classes.
 """
 
 from __future__ import annotations
@@ -32,21 +34,31 @@ from ..patterns.base import Pattern
 from ..patterns.strided import Strided
 from .blocksparse import all_finite
 
+# causal with key padding needs a (B, stride, N/stride, S/stride) mask: above this many elements (per batch
+# entry) the block-sparse layout takes the call instead
+CAUSAL_PADDED_MASK_LIMIT = 1 << 24
+
 
 def residue_eligible(pattern: Pattern | None, n_q: int, n_k: int, padded: bool, scale: float | None = None) -> bool:
-    """Whether ``residue_attention`` runs this call: Strided, non-causal (any N, S, padding), or causal
-    with N == S and no key padding (SDPA's is_causal; it gives NaN for scale <= 0 on CPU in torch 2.13)."""
+    """Whether ``residue_attention`` runs this call: Strided, except causal with key padding when its mask
+    would exceed CAUSAL_PADDED_MASK_LIMIT elements per batch entry, and causal with N == S unpadded and
+    scale <= 0 (that case uses SDPA's is_causal, which gives NaN for scale <= 0 on CPU in torch 2.13)."""
     if not isinstance(pattern, Strided) or n_q == 0 or n_k == 0:
         return False
-    return not pattern.causal or (n_q == n_k and not padded and (scale is None or scale > 0))
+    if not pattern.causal:
+        return True
+    if padded:
+        s = pattern.stride
+        return s * math.ceil((n_q + (n_k - n_q) % s) / s) * math.ceil(n_k / s) <= CAUSAL_PADDED_MASK_LIMIT
+    return n_q != n_k or scale is None or scale > 0
 
 
 def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Strided, *, scale: float,
                       key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, N, Dv): ``pattern`` (Strided) by classes.
 
-    Call only where ``residue_eligible``. A query whose class holds no real key gets 0 (SDPA's rule for a
-    fully masked row)."""
+    Call only where ``residue_eligible``. A query with no allowed key (its class holds no real key, or,
+    causal, none at or before it) gets 0 (SDPA's rule for a fully masked row)."""
     B, Hq, N, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     s = pattern.stride
@@ -60,15 +72,23 @@ def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         return x.view(B, H, m, s, E).permute(0, 3, 1, 2, 4).reshape(B, s * H, m, E)
 
     qc, kc, vc = classes(q, r, mq), classes(k, 0, mk), classes(v, 0, mk)
+    # causal: class slot m holds the query at position c + s·m + (S - N - r), so it sees key slots t <= m + shift
+    shift = (S - N - r) // s
+    is_causal = pattern.causal and shift == 0 and key_padding_mask is None  # SDPA's own triangle, no mask
     mask = None
-    if not pattern.causal and (key_padding_mask is not None or mk * s != S):
+    if key_padding_mask is not None or (not pattern.causal and mk * s != S):
         real = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
         real = F.pad(real, (0, mk * s - S), value=False).view(B, mk, s).transpose(1, 2)  # (B, s, mk): real key slots
-        mask = real[:, :, None, None, :].expand(B, s, Hq, 1, mk).reshape(B, s * Hq, 1, mk)
+        mask = real[:, :, None, None, :]  # (B, s, 1, 1, mk)
+    if pattern.causal and not is_causal:  # (causal padded slots lie after every key a real query may see)
+        tri = torch.ones(mq, mk, dtype=torch.bool, device=q.device).tril(shift)
+        mask = tri if mask is None else mask & tri  # (mq, mk) or (B, s, 1, mq, mk)
+    if mask is not None and mask.dim() == 5:  # class-major heads, as the classes
+        mask = mask.expand(B, s, Hq, *mask.shape[-2:]).reshape(B, s * Hq, *mask.shape[-2:])
 
     def sdpa():
         return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=dropout_p,
-                                              is_causal=pattern.causal, scale=scale, enable_gqa=Hq != Hkv)
+                                              is_causal=is_causal, scale=scale, enable_gqa=Hq != Hkv)
 
     if all_finite(q, k, v):
         out = sdpa()
