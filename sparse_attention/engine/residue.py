@@ -19,7 +19,7 @@ slot i + r with r = (S - N) mod s, so its slot and its key position agree mod s)
 are masked (non-causal) or lie after every key a real query may see (causal). Causal attention within a
 class is a triangle shifted by (S - N - r) / s slots: SDPA's own is_causal when the shift is 0 and there
 is no key padding, else a small (N/s, S/s) mask (with key padding, one per batch entry and class). The
-attention is PyTorch's fused SDPA over the (B, s·H, ·, ·) classes.
+attention is PyTorch's fused SDPA over the classes as (B·s, H, ·, ·).
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     mq, mk = math.ceil((N + r) / s), math.ceil(S / s)  # class lengths (slots per class)
 
     def classes(x: torch.Tensor, front: int, m: int) -> torch.Tensor:
-        # (B, H, L, E) -> (B, s·H, m, E), class-major (head c·H + h): GQA maps c·Hq + h to c·Hkv + h // G
+        # (B, H, L, E) -> (B·s, H, m, E): the classes join the batch, so a mask per class broadcasts over heads
         H, L, E = x.shape[1:]
         x = F.pad(x, (0, 0, front, m * s - front - L))
-        return x.view(B, H, m, s, E).permute(0, 3, 1, 2, 4).reshape(B, s * H, m, E)
+        return x.view(B, H, m, s, E).permute(0, 3, 1, 2, 4).reshape(B * s, H, m, E)
 
     qc, kc, vc = classes(q, r, mq), classes(k, 0, mk), classes(v, 0, mk)
     # causal: class slot m holds the query at position c + s·m + (S - N - r), so it sees key slots t <= m + shift
@@ -79,12 +79,10 @@ def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     if key_padding_mask is not None or (not pattern.causal and mk * s != S):
         real = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
         real = F.pad(real, (0, mk * s - S), value=False).view(B, mk, s).transpose(1, 2)  # (B, s, mk): real key slots
-        mask = real[:, :, None, None, :]  # (B, s, 1, 1, mk)
+        mask = real.reshape(B * s, 1, 1, mk)
     if pattern.causal and not is_causal:  # (causal padded slots lie after every key a real query may see)
         tri = torch.ones(mq, mk, dtype=torch.bool, device=q.device).tril(shift)
-        mask = tri if mask is None else mask & tri  # (mq, mk) or (B, s, 1, mq, mk)
-    if mask is not None and mask.dim() == 5:  # class-major heads, as the classes
-        mask = mask.expand(B, s, Hq, *mask.shape[-2:]).reshape(B, s * Hq, *mask.shape[-2:])
+        mask = tri if mask is None else mask & tri  # (mq, mk) or (B·s, 1, mq, mk)
 
     def sdpa():
         return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=dropout_p,
