@@ -309,3 +309,21 @@ def test_strided_residue_classes_propagate_nan():
     out = sa.attention(q, k, v, sa.Strided(4))
     assert torch.isnan(out[0, 0, 5]).all() and torch.isnan(out[0, 1, 2::4]).all()
     assert torch.isfinite(out[0, 0, [0, 1, 2, 3, 4, 6]]).all() and torch.isfinite(out[0, 1, 1::4]).all()
+
+
+@pytest.mark.parametrize(("pattern", "residue"), [
+    (sa.Causal() & sa.Strided(4), True), (sa.Strided(4) & sa.Strided(4, causal=True), True),
+    (sa.Strided(4) & sa.Strided(2), False), (sa.Causal() & sa.Strided(4) & sa.SlidingWindow(9), False),
+], ids=["causal_and_strided", "strided_and_causal_strided", "two_strides", "with_window"])
+def test_strided_intersections_run_as_residue_classes(monkeypatch, pattern, residue):
+    """An intersection of Strided(s) and Causal() parts is Strided(s, causal=True) and runs by residue classes;
+    other intersections keep the layout. Both equal the reference (N != S, padding)."""
+    import sparse_attention.engine as engine
+
+    calls = []
+    original = engine.residue_attention
+    monkeypatch.setattr(engine, "residue_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q, k, v = make_qkv(2, 4, 2, 37, 98, 8, 6, seed=6)
+    kpm = padding_mask(2, 98)
+    check_against_reference(_call(pattern, "auto", kpm), q, k, v, pattern, key_padding_mask=kpm)
+    assert bool(calls) == residue

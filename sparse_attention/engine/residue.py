@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..patterns.base import Pattern
+from ..patterns.base import Intersection, Pattern
+from ..patterns.full import Causal
 from ..patterns.strided import Strided
 from .blocksparse import all_finite
 
@@ -39,11 +40,27 @@ from .blocksparse import all_finite
 CAUSAL_PADDED_MASK_LIMIT = 1 << 24
 
 
+def as_strided(pattern: Pattern | None) -> Strided | None:
+    """``pattern`` as one Strided: itself, or an intersection of Strided(s) (one s) and Causal() parts, which
+    is Strided(s, causal=True) (both align queries bottom-right). None otherwise."""
+    if isinstance(pattern, Strided):
+        return pattern
+    if not isinstance(pattern, Intersection):
+        return None
+    strided = [p for p in pattern.parts if isinstance(p, Strided)]
+    if not strided or len({p.stride for p in strided}) != 1 or \
+            not all(isinstance(p, (Strided, Causal)) for p in pattern.parts):
+        return None
+    causal = any(isinstance(p, Causal) or p.causal for p in pattern.parts)
+    return Strided(strided[0].stride, causal=causal)
+
+
 def residue_eligible(pattern: Pattern | None, n_q: int, n_k: int, padded: bool, scale: float | None = None) -> bool:
     """Whether ``residue_attention`` runs this call: Strided, except causal with key padding when its mask
     would exceed CAUSAL_PADDED_MASK_LIMIT elements per batch entry, and causal with N == S unpadded and
     scale <= 0 (that case uses SDPA's is_causal, which gives NaN for scale <= 0 on CPU in torch 2.13)."""
-    if not isinstance(pattern, Strided) or n_q == 0 or n_k == 0:
+    pattern = as_strided(pattern)
+    if pattern is None or n_q == 0 or n_k == 0:
         return False
     if not pattern.causal:
         return True
@@ -53,12 +70,14 @@ def residue_eligible(pattern: Pattern | None, n_q: int, n_k: int, padded: bool, 
     return n_q != n_k or scale is None or scale > 0
 
 
-def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Strided, *, scale: float,
+def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, scale: float,
                       key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, N, Dv): ``pattern`` (Strided) by classes.
+    """q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, N, Dv): ``pattern`` (a Strided, see
+    ``as_strided``) by classes.
 
     Call only where ``residue_eligible``. A query with no allowed key (its class holds no real key, or,
     causal, none at or before it) gets 0 (SDPA's rule for a fully masked row)."""
+    pattern = as_strided(pattern)
     B, Hq, N, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     s = pattern.stride
