@@ -10,10 +10,12 @@ __all__ = ["masked_softmax", "zero_padded", "compute_dtype", "softmax_attention"
 
 
 def zero_padded(x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """x (B, H, S, ·) with the rows of padded keys set to 0 by ``where`` (so inf/NaN there never leak)."""
+    """x (B, H, S, ·), or the inputs (B, S, ·), with the rows of padded keys set to 0 by ``where`` (so
+    inf/NaN there never leak)."""
     if key_padding_mask is None:
         return x
-    return torch.where(key_padding_mask[:, None, :, None], torch.zeros((), dtype=x.dtype, device=x.device), x)
+    pad = key_padding_mask[:, :, None] if x.dim() == 3 else key_padding_mask[:, None, :, None]
+    return torch.where(pad, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -55,6 +55,13 @@ def as_strided(pattern: Pattern | None) -> Strided | None:
     return Strided(strided[0].stride, causal=causal)
 
 
+def _slots(n_q: int, n_k: int, s: int) -> tuple[int, int, int]:
+    """(r, mq, mk): query i sits at slot i + r, r = (S - N) mod s, so its slot and its key position
+    i + S - N agree mod s; mq and mk are the slots per class of the queries and the keys."""
+    r = (n_k - n_q) % s
+    return r, math.ceil((n_q + r) / s), math.ceil(n_k / s)
+
+
 def residue_eligible(pattern: Pattern | None, n_q: int, n_k: int, padded: bool, scale: float | None = None) -> bool:
     """Whether ``residue_attention`` runs this call: Strided, except causal with key padding when its mask
     would exceed CAUSAL_PADDED_MASK_LIMIT elements per batch entry, and causal with N == S unpadded and
@@ -65,8 +72,8 @@ def residue_eligible(pattern: Pattern | None, n_q: int, n_k: int, padded: bool, 
     if not pattern.causal:
         return True
     if padded:
-        s = pattern.stride
-        return s * math.ceil((n_q + (n_k - n_q) % s) / s) * math.ceil(n_k / s) <= CAUSAL_PADDED_MASK_LIMIT
+        _, mq, mk = _slots(n_q, n_k, pattern.stride)
+        return pattern.stride * mq * mk <= CAUSAL_PADDED_MASK_LIMIT
     return n_q != n_k or scale is None or scale > 0
 
 
@@ -81,8 +88,7 @@ def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     B, Hq, N, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     s = pattern.stride
-    r = (S - N) % s  # query i sits at slot i + r: slot and key position i + S - N agree mod s
-    mq, mk = math.ceil((N + r) / s), math.ceil(S / s)  # class lengths (slots per class)
+    r, mq, mk = _slots(N, S, s)
 
     def classes(x: torch.Tensor, front: int, m: int) -> torch.Tensor:
         # (B, H, L, E) -> (B·s, H, m, E): the classes join the batch, so a mask per class broadcasts over heads

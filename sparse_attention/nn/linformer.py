@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._checks import check_int, check_scale
-from ..approx._common import sdpa
+from ..approx._common import sdpa, zero_padded
 from ..approx.linformer import check_projection, linformer_attention
 
 
@@ -88,9 +88,7 @@ class LinformerAttention(torch.nn.Module):
         keep = None if key_padding_mask is None else (~key_padding_mask).to(key.dtype)  # (B, S)
 
         def mixed(p, x):  # E (K, L) sliced to S columns, times the real rows of x (B, S, F) -> (B, K, F)
-            if key_padding_mask is not None:
-                x = torch.where(key_padding_mask.unsqueeze(-1), torch.zeros((), dtype=x.dtype, device=x.device), x)
-            return p[..., :S].to(x.dtype) @ x
+            return p[..., :S].to(x.dtype) @ zero_padded(x, key_padding_mask)
 
         def projected(p, xp, proj):  # (B, K, F) -> (B, Hkv, K, D)
             w, b = proj

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..approx._common import zero_padded
 from ..dynamic.probsparse import ProbSparse
 from ..reference import masked_softmax
 
@@ -134,7 +135,6 @@ def probsparse_layer(pattern: ProbSparse, query: torch.Tensor, key: torch.Tensor
             out = lazy.scatter(2, active.unsqueeze(-1).expand(-1, -1, -1, D), oa)  # (B, H, N, D)
             return out_proj(out.transpose(1, 2).reshape(B, N, E))
         lazy_active = pattern.lazy_output(v, 1, key_padding_mask, H)  # (B, H, 1, D): the mean of V
-        base = out_proj(lazy_active.reshape(B, 1, E)).expand(B, N, E).contiguous()
     else:
         wk_h = _heads(wk, None, Hkv, H)[0]  # (H, D, kdim); the key bias adds q.b_k to a whole row: no effect
         wv_h, bv_h = _heads(wv, bv, Hkv, H)  # (H, D, vdim), (H, D)
@@ -160,8 +160,8 @@ def probsparse_layer(pattern: ProbSparse, query: torch.Tensor, key: torch.Tensor
         lazy_active = torch.einsum("bhue,hde->bhud", x_rows, wv_h)  # (B, H, u or 1, D)
         if bv_h is not None:
             lazy_active = lazy_active + a_rows * bv_h.unsqueeze(1)
-        if not pattern.causal:
-            base = out_proj(lazy_active.reshape(B, 1, E)).expand(B, N, E).contiguous()
+    if not pattern.causal:  # one row: every lazy row of a head outputs the same mean
+        base = out_proj(lazy_active.reshape(B, 1, E)).expand(B, N, E).contiguous()
     delta = torch.einsum("bhud,ehd->bhue", oa - lazy_active, out_proj.weight.view(E, H, D))  # (B, H, u, E)
     rows = (active + N * torch.arange(B, device=active.device).view(B, 1, 1)).reshape(-1)
     return base.view(B * N, E).index_add_(0, rows, delta.reshape(-1, E)).view(B, N, E)
@@ -183,8 +183,7 @@ def _lazy_inputs(pattern: ProbSparse, value: torch.Tensor, n_q: int, key_padding
     if not pattern.causal:
         real = keep.sum(1, keepdim=True)  # (B, 1)
         return (keep / real.clamp_min(1)).unsqueeze(1), (real > 0).to(value.dtype)
-    x = value if key_padding_mask is None else torch.where(key_padding_mask.unsqueeze(-1), 0.0, value)
-    run, count = x.cumsum(1), keep.cumsum(1)  # (B, S, vdim), (B, S)
+    run, count = zero_padded(value, key_padding_mask).cumsum(1), keep.cumsum(1)  # (B, S, vdim), (B, S)
     if n_q != S:
         pos = torch.arange(n_q, device=value.device) + (S - n_q)  # key-space positions
         valid = (pos >= 0).to(value.dtype)
