@@ -617,6 +617,35 @@ def test_sinkhorn_attention_equals_the_loop_reference(N, block, hard, causal):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("N", "block"), [(23, 5), (130, 64)])
+def test_sinkhorn_float32_matches_the_reference(N, block, causal, monkeypatch):
+    """float32 (the native items kernels where built) against the fp64 loop reference by the tolerance rule,
+    output and the gradients of q, k, v and the sorting scores; the baseline is the same call on plain
+    float32 ops (the path non-finite inputs take)."""
+    from sparse_attention.engine import blocksparse
+
+    B, H, D = 2, 2, 16
+    q, k, v = make_qkv(B, H, H, N, N, D, dtype=torch.float64, seed=34)
+    nb = -(-N // block)
+    logits = torch.randn(B, H, nb, nb, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kpm = padding_mask(B, N)
+    g = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def run(fn, dtype):
+        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, logits)]
+        out = fn(*x[:3], sinkhorn(x[3], 8, causal=causal), block=block, causal=causal, key_padding_mask=kpm)
+        return [out.detach(), *(torch.zeros_like(t) if d is None else d for d, t in
+                                zip(torch.autograd.grad(out, x, g.to(dtype), allow_unused=True), x, strict=True))]
+
+    golden = run(sinkhorn_reference, torch.float64)
+    impl = run(sinkhorn_attention, torch.float32)
+    monkeypatch.setattr(blocksparse, "all_finite", lambda *t: False)
+    baseline = run(sinkhorn_attention, torch.float32)
+    for i, name in enumerate(("out", "dq", "dk", "dv", "dlogits")):
+        assert_within_baseline(name, impl[i], baseline[i], golden[i], grad=i > 0, min_len=block)
+
+
 def test_sinkhorn_is_doubly_stochastic_and_identity_sort_is_block_local():
     p = sinkhorn(torch.randn(3, 6, 6, dtype=torch.float64), 60)
     torch.testing.assert_close(p.sum(-1), torch.ones(3, 6, dtype=torch.float64), atol=1e-9, rtol=0)

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import check_against_reference, make_qkv, padding_mask, run_and_grad
+from conftest import assert_within_baseline, check_against_reference, make_qkv, padding_mask, run_and_grad
 
 import sparse_attention as sa
 from sparse_attention.engine import _run_blocksparse
@@ -229,30 +229,85 @@ def test_long_sequences_auto_backend(name, NS):
     check_against_reference(_call(pattern, "auto", kpm), q, k, v, pattern, key_padding_mask=kpm)
 
 
-@pytest.mark.parametrize(("lead", "Lq", "Lk", "D", "Dv", "row_broadcast"), [
-    ((2, 3), 5, 9, 4, 4, False), ((6,), 7, 7, 4, 3, True), ((2, 2, 3), 4, 10, 8, 8, False)])
-def test_items_attention_matches_masked_softmax(lead, Lq, Lk, D, Dv, row_broadcast):
-    """The fused-kernel batch of independent items (used by Sinkhorn) against plain masked softmax in fp64,
-    output and gradients; rows with no allowed key give 0, a mask may broadcast over rows."""
-    from sparse_attention.engine.blocksparse import items_attention
-    from sparse_attention.reference import masked_softmax
+ITEM_SHAPES = [((2, 3), 5, 9, 4, 4, "mask"), ((6,), 7, 7, 4, 3, "row_broadcast"), ((2, 2, 3), 4, 10, 8, 8, "mask"),
+               ((3,), 6, 11, 5, 7, "none"), ((2, 5), 64, 128, 16, 16, "mask")]
 
+
+def _items_case(lead, Lq, Lk, D, Dv, allowed_kind):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*lead, L, E, generator=gen, dtype=torch.float64)
                for L, E in ((Lq, D), (Lk, D), (Lk, Dv)))
-    allowed = torch.rand(*lead, 1 if row_broadcast else Lq, Lk, generator=gen) < 0.6
-    if not row_broadcast:
+    allowed = None
+    if allowed_kind != "none":
+        allowed = torch.rand(*lead, 1 if allowed_kind == "row_broadcast" else Lq, Lk, generator=gen) < 0.6
+    if allowed_kind == "mask":
         allowed[..., 0, :] = False  # a row with no key
     g = torch.randn(*lead, Lq, Dv, generator=gen, dtype=torch.float64)
+    return q, k, v, allowed, g
+
+
+@pytest.mark.parametrize("path", ["native", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("lead", "Lq", "Lk", "D", "Dv", "allowed_kind"), ITEM_SHAPES)
+def test_items_attention_matches_masked_softmax(lead, Lq, Lk, D, Dv, allowed_kind, dtype, path, monkeypatch):
+    """The batch of independent items (used by Sinkhorn) against plain masked softmax, output and gradients:
+    float32 on the native items kernels, or on PyTorch's fused kernel when they are unavailable (float64
+    always: to 1e-10); rows with no allowed key give exactly 0, a mask may broadcast over rows or be None."""
+    from sparse_attention import native
+    from sparse_attention.engine import blocksparse
+    from sparse_attention.reference import masked_softmax
+
+    if path == "native" and (dtype != torch.float32 or not native.items_available()):
+        pytest.skip("the native items kernels take float32 only, and need a build with 32-byte vectors")
+    if path == "fused":
+        monkeypatch.setattr(native, "items_available", lambda: False)
+    calls = []
+
+    def spy(*args, forward=native.items_forward):
+        found = forward(*args)
+        calls.append(found is not None)
+        return found
+    monkeypatch.setattr(native, "items_forward", spy)
+    q, k, v, allowed, g = _items_case(lead, Lq, Lk, D, Dv, allowed_kind)
+    mask = torch.ones(Lq, Lk, dtype=torch.bool) if allowed is None else allowed.expand(*lead, Lq, Lk)
 
     def plain(a, b, c):
-        return masked_softmax(a @ b.transpose(-1, -2) * 0.3, allowed.expand(*lead, Lq, Lk)) @ c
+        return masked_softmax(a @ b.transpose(-1, -2) * 0.3, mask) @ c
 
-    fast = run_and_grad(lambda a, b, c: items_attention(a, b, c, allowed, scale=0.3), q, k, v, g)
-    for name, x, y in zip(("out", "dq", "dk", "dv"), fast, run_and_grad(plain, q, k, v, g), strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
-    if not row_broadcast:
-        assert torch.equal(fast[0][..., 0, :], torch.zeros_like(fast[0][..., 0, :]))
+    x = [t.to(dtype) for t in (q, k, v, g)]
+    fast = run_and_grad(lambda a, b, c: blocksparse.items_attention(a, b, c, allowed, scale=0.3), *x)
+    assert calls == [path == "native"], f"expected the {path} path, native calls: {calls}"
+    golden = run_and_grad(plain, q, k, v, g)
+    if dtype == torch.float64:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), fast, golden, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    else:
+        baseline = run_and_grad(plain, *x)
+        for i, name in enumerate(("out", "dq", "dk", "dv")):
+            assert_within_baseline(name, fast[i], baseline[i], golden[i], grad=i > 0, min_len=min(Lq, Lk))
+    if allowed_kind == "mask":
+        assert torch.equal(fast[0][..., 0, :], torch.zeros_like(fast[0][..., 0, :])), "a row with no key: 0"
+        assert torch.equal(fast[1][..., 0, :], torch.zeros_like(fast[1][..., 0, :])), "a row with no key: dq 0"
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_items_attention_propagates_nan(where):
+    """A NaN in an item's query, key or value makes the rows that read it NaN (the native and fused kernels
+    would turn a NaN score into probability 0 or a zero row: non-finite inputs take the plain path); other
+    items stay finite."""
+    from sparse_attention.engine.blocksparse import items_attention
+
+    q, k, v, allowed, _ = _items_case((4,), 6, 9, 8, 8, "none")
+    q, k, v = (t.float() for t in (q, k, v))
+    {"q": q, "k": k, "v": v}[where][2, 3, 1] = float("nan")
+    out = items_attention(q, k, v, allowed, scale=0.3)
+    nan_rows = out.isnan().any(-1)
+    expected = torch.zeros(4, 6, dtype=torch.bool)
+    expected[2, 3 if where == "q" else slice(None)] = True
+    assert torch.equal(nan_rows, expected), f"NaN rows {nan_rows.nonzero().tolist()}"
+    # a NaN key spoils every score of its item's rows, a NaN value one column of them, a NaN query its row
+    spoilt = {"q": out[2, 3], "k": out[2], "v": out[2, :, 1]}[where]
+    assert bool(spoilt.isnan().all()), f"NaN in {where}: {spoilt}"
 
 
 @pytest.mark.parametrize("layout", ["kernel", "contiguous"])

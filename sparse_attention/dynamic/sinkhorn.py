@@ -19,8 +19,9 @@ rows); block 0 has no sorted block. With P the identity and causal=False every q
 sees its own block twice with the same values, which leaves the softmax average
 unchanged: block-local attention.
 
-The attention itself runs on PyTorch's fused CPU kernel (``engine.blocksparse.items_attention``:
-every query block is an item against its 2·block keys); the sorting is plain differentiable ops.
+The attention itself is ``engine.blocksparse.items_attention`` (every query block an item against its
+2·block keys: the native items kernels in float32, else PyTorch's fused CPU kernel); the sorting is plain
+differentiable ops.
 """
 
 from __future__ import annotations

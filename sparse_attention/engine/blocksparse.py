@@ -29,7 +29,9 @@ import bisect
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from .. import native
 from ..reference import masked_softmax
 from .plan import Plan, Segment
 
@@ -413,23 +415,51 @@ def blocksparse_attention(q, k, v, plan: Plan, *, scale: float, key_padding_mask
 
 
 class _ItemsFunction(torch.autograd.Function):
-    """The fused kernel on a batch of items, forward and backward. q (B, I, Lq, E), k, v (B, I, Lk, E),
-    add: additive mask broadcastable to (B, I, Lq, Lk) with 0 / -inf, and allowed (its bool form)."""
+    """Softmax attention inside each of I items, forward and backward: q (I, Lq, D), k (I, Lk, D),
+    v (I, Lk, Dv); ``add`` the additive mask (0 / -inf), (..., Lq or 1, Lk) with its leading dimensions
+    running over the items in order (expanded views are read in place).
+
+    On the native items kernels when they take the call (float32; each item one group of rows, read in
+    place, its outputs and gradients written straight into the result: no per-item copies, no zero-filled
+    gradients); else on PyTorch's fused kernel with the items as its batch (finite inputs only: it turns a
+    NaN row into zeros), one head size E = max(D, Dv) (zero columns change no score or output)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, add, has_key, scale):
-        o, lse = _fwd(q, k, v, 0.0, False, attn_mask=add, scale=scale)
-        # a row with no allowed key: the kernel reports lse 0; +inf makes every exp(score - lse) 0 below
-        lse = torch.where(has_key, lse, torch.full_like(lse, float("inf")))
-        ctx.save_for_backward(q, k, v, add, o, lse)
+    def forward(ctx, q, k, v, add, scale):
+        I, Lq, _ = q.shape
+        Lk = k.shape[1]
         ctx.scale = scale
-        return o
+        rows = tuple(torch.arange(L, device=q.device).expand(I, 1, L) for L in (Lq, Lk))  # each item's own rows
+        found = native.items_forward(q, k, v, *rows, add, scale)
+        ctx.native = found is not None
+        if ctx.native:
+            out, lse = found
+            lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # no key: +inf, every p = 0 below
+            ctx.save_for_backward(q, k, v, add, out, lse, *rows)
+            return out
+        E = max(q.shape[-1], v.shape[-1])
+        q4, k4, v4 = (F.pad(t, (0, E - t.shape[-1])).unsqueeze(1) for t in (q, k, v))
+        add4 = add.expand(*add.shape[:-2], add.shape[-2], Lk).reshape(I, 1, add.shape[-2], Lk)
+        # a row with no allowed key: the kernel reports lse 0, and exp(-inf - 0) = 0 in its backward
+        o, lse = _fwd(q4, k4, v4, 0.0, False, attn_mask=add4, scale=scale)
+        ctx.save_for_backward(q4, k4, v4, add4, o, lse)
+        ctx.dims = q.shape[-1], v.shape[-1]
+        return o[:, 0, :, :v.shape[-1]]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
-        q, k, v, add, o, lse = ctx.saved_tensors
-        gq, gk, gv = _bwd(g.contiguous(), q, k, v, o, lse, 0.0, False, attn_mask=add, scale=ctx.scale)
-        return gq, gk, gv, None, None, None
+        if ctx.native:
+            q, k, v, add, out, lse, qrows, krows = ctx.saved_tensors
+            grads = native.items_backward(q, k, v, g, out, lse, qrows, krows, add, ctx.scale)
+            if grads is None:  # the forward ran on these kernels: they stay available
+                raise RuntimeError(f"native items backward unavailable: {native.status()}")
+            return (*grads, None, None)
+        q4, k4, v4, add4, o, lse = ctx.saved_tensors
+        D, Dv = ctx.dims
+        g4 = F.pad(g, (0, o.shape[-1] - Dv)).unsqueeze(1).contiguous()
+        gq, gk, gv = _bwd(g4, q4, k4, v4, o, lse, 0.0, False, attn_mask=add4, scale=ctx.scale)
+        return gq[:, 0, :, :D], gk[:, 0, :, :D], gv[:, 0, :, :Dv], None, None
 
 
 def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, *,
@@ -438,20 +468,17 @@ def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
 
     q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) with the same leading dims; ``allowed`` bool
     broadcastable to (..., Lq, Lk), True = may attend (None = all). A row with no allowed key gives 0.
-    On CPU with finite inputs this is one call of the fused kernel (no Lq x Lk tensor besides the
-    mask); otherwise plain differentiable ops. Returns (..., Lq, Dv) in q's dtype.
+    On CPU with finite inputs this is one call of the native items kernels (float32) or of PyTorch's fused
+    kernel, with no Lq x Lk tensor besides the mask; otherwise plain differentiable ops. Returns
+    (..., Lq, Dv) in q's dtype.
     """
     lead, (Lq, D), (Lk, Dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
+    if allowed is None:
+        allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device)
     if q.device.type != "cpu" or not all_finite(q, k, v):
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         return torch.matmul(masked_softmax(s, allowed), v.to(s.dtype)).to(q.dtype)
-    E = max(D, Dv)  # the kernel wants one head size: zero columns change no score or output
-    q4, k4, v4 = (F.pad(t, (0, E - t.shape[-1])).reshape(-1, 1, t.shape[-2], E) if t.shape[-1] != E
-                  else t.reshape(-1, 1, t.shape[-2], E) for t in (q, k, v))
-    if allowed is None:
-        allowed = torch.ones((), dtype=torch.bool, device=q.device)
     allowed = allowed.expand(*lead, allowed.shape[-2], Lk)  # rows may stay broadcast (size 1)
-    allowed = allowed.reshape(-1, 1, *allowed.shape[-2:])
-    add = _additive(allowed, q4.dtype)
-    out = _ItemsFunction.apply(q4, k4, v4, add, allowed.any(-1), scale)
-    return out[..., :Dv].reshape(*lead, Lq, Dv)
+    add = _additive(allowed, q.dtype)
+    out = _ItemsFunction.apply(q.reshape(-1, Lq, D), k.reshape(-1, Lk, D), v.reshape(-1, Lk, Dv), add, scale)
+    return out.reshape(*lead, Lq, Dv)

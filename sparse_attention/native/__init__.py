@@ -184,6 +184,13 @@ def available() -> bool:
     return _load() is not None
 
 
+def items_available() -> bool:
+    """Whether the items kernels (``items_forward`` / ``items_backward``) run here: loaded, with vectors of
+    32 bytes or more (an SSE-only build is slower than PyTorch's fused kernel, see ``items_backward``)."""
+    lib = _load()
+    return lib is not None and lib.sa_linear_vector_bytes() >= 32
+
+
 def status() -> str:
     """Why the native kernels are (or are not) in use."""
     _load()
@@ -416,7 +423,7 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
     G, I, wq = qrows.shape
     wk = krows.shape[2]
     found, item_bias = _args((qrows, krows), (q, k, v)), _item_bias(bias, G * I, wq, wk)
-    if found is None or item_bias is None or found[0].sa_linear_vector_bytes() < 32:
+    if found is None or item_bias is None or not items_available():
         return None
     (lib, (qrows, krows, q, k, v)), (bias, boff, brow) = found, item_bias
     Nq, D = q.shape[1:]
@@ -449,7 +456,7 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     G, I, wq = qrows.shape
     wk = krows.shape[2]
     found, item_bias = _args((qrows, krows), (q, k, v, g, o, lse)), _item_bias(bias, G * I, wq, wk)
-    if found is None or item_bias is None or found[0].sa_linear_vector_bytes() < 32:
+    if found is None or item_bias is None or not items_available():
         return None
     (lib, (qrows, krows, q, k, v, g, o, lse)), (bias, boff, brow) = found, item_bias
     Nq, D = q.shape[1:]
