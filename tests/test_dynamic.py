@@ -646,6 +646,53 @@ def test_sinkhorn_float32_matches_the_reference(N, block, causal, monkeypatch):
         assert_within_baseline(name, impl[i], baseline[i], golden[i], grad=i > 0, min_len=block)
 
 
+def _unrolled_sinkhorn(x, n_iters=4, temperature=0.6):
+    x = x / temperature
+    for _ in range(n_iters):
+        x = x - torch.logsumexp(x, -1, keepdim=True)
+        x = x - torch.logsumexp(x, -2, keepdim=True)
+    return torch.exp(x)
+
+
+def test_sinkhorn_gradient_is_the_unrolled_iterations():
+    """sinkhorn's own backward (recomputed half-steps) against autograd through the unrolled log-space
+    iterations, first and second order; gradcheck and gradgradcheck in float64."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    p, want = sinkhorn(logits, 4, temperature=0.6), _unrolled_sinkhorn(logits)
+    torch.testing.assert_close(p, want, atol=1e-14, rtol=1e-14)
+    (d1,) = torch.autograd.grad(p, logits, g, create_graph=True)
+    (w1,) = torch.autograd.grad(want, logits, g, create_graph=True)
+    torch.testing.assert_close(d1, w1, atol=1e-12, rtol=1e-12)
+    (d2,) = torch.autograd.grad((d1 * g).sum(), logits)
+    (w2,) = torch.autograd.grad((w1 * g).sum(), logits)
+    torch.testing.assert_close(d2, w2, atol=1e-11, rtol=1e-11)
+    x = torch.randn(1, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: sinkhorn(t, 3), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: sinkhorn(t, 3), (x,))
+
+
+def test_sinkhorn_empty_row_is_sinkhorn_of_the_rest():
+    """A row of -inf scores stays empty (probability 0, gradient 0, no NaN anywhere): the other rows get
+    exactly the iterations on the matrix without that row, value and gradient. (Autograd through the
+    iterations gives NaN gradients everywhere here: logsumexp's backward on an all -inf row.)"""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    logits[2] = float("-inf")
+    logits.requires_grad_()
+    g = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    p = sinkhorn(logits, 4, temperature=0.6)
+    (dp,) = torch.autograd.grad(p, logits, g)
+    rest = [0, 1, 3, 4, 5]
+    sub = logits.detach()[rest].requires_grad_()
+    want = _unrolled_sinkhorn(sub)
+    (dwant,) = torch.autograd.grad(want, sub, g[rest])
+    assert torch.equal(p[2], torch.zeros(6, dtype=torch.float64)) and torch.equal(dp[2], torch.zeros_like(dp[2]))
+    torch.testing.assert_close(p[rest], want, atol=1e-14, rtol=1e-14)
+    torch.testing.assert_close(dp[rest], dwant, atol=1e-12, rtol=1e-12)
+
+
 def test_sinkhorn_is_doubly_stochastic_and_identity_sort_is_block_local():
     p = sinkhorn(torch.randn(3, 6, 6, dtype=torch.float64), 60)
     torch.testing.assert_close(p.sum(-1), torch.ones(3, 6, dtype=torch.float64), atol=1e-9, rtol=0)

@@ -30,19 +30,43 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
 from ..engine.blocksparse import items_attention
 from .base import padded
 
 
-def _normalise_rows_and_columns(log_p: torch.Tensor, n_iters: int) -> torch.Tensor:
-    """``n_iters`` Sinkhorn iterations in log space (rows, then columns; empty rows/columns stay -inf)."""
+def _normalise(x: torch.Tensor, n_iters: int) -> list[torch.Tensor]:
+    """The states after each half-step of ``n_iters`` Sinkhorn iterations in log space (rows, then columns;
+    an empty row or column stays -inf)."""
+    states = []
     for _ in range(n_iters):
-        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True).nan_to_num(neginf=0.0)
-        log_p = log_p - torch.logsumexp(log_p, -2, keepdim=True).nan_to_num(neginf=0.0)
-    return log_p
+        for dim in (-1, -2):
+            x = x - torch.logsumexp(x, dim, keepdim=True).nan_to_num(neginf=0.0)
+            states.append(x)
+    return states
+
+
+class _SinkhornIterations(torch.autograd.Function):
+    """``n_iters`` log-space Sinkhorn iterations with their exact gradient, keeping only the input: the
+    backward recomputes the states y of the half-steps and applies each one's gradient,
+    dx = dy - exp(y) * sum(dy) along the normalised dimension (the softmax's), last to first. (Autograd
+    would keep ~2 nb x nb tensors per half-step; PyTorch's checkpoint did this recomputation with autograd's
+    bookkeeping and took ~1.6x the time at nb = 64.)"""
+
+    @staticmethod
+    def forward(ctx, x, n_iters):
+        ctx.save_for_backward(x)
+        ctx.n_iters = n_iters
+        return _normalise(x, n_iters)[-1]
+
+    @staticmethod
+    def backward(ctx, g):  # plain differentiable ops: a graph of the backward, when asked for, is exact too
+        (x,) = ctx.saved_tensors
+        states = _normalise(x, ctx.n_iters)
+        for y, dim in zip(reversed(states), [-2, -1] * ctx.n_iters, strict=True):
+            g = g - torch.exp(y) * g.sum(dim, keepdim=True)
+        return g, None
 
 
 def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.75, hard: bool = False,
@@ -63,11 +87,8 @@ def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.7
         log_p = log_p.masked_fill(~allowed, float("-inf"))
         log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True).nan_to_num(neginf=0.0)
         n_iters = 0
-    if n_iters and log_p.requires_grad:
-        # recomputed in the backward: autograd would otherwise keep ~2 nb x nb tensors per iteration
-        log_p = checkpoint(_normalise_rows_and_columns, log_p, n_iters, use_reentrant=False)
-    else:
-        log_p = _normalise_rows_and_columns(log_p, n_iters)
+    if n_iters:
+        log_p = _SinkhornIterations.apply(log_p, n_iters)
     p = torch.exp(log_p)
     if hard:
         p = F.one_hot(p.argmax(-1), nb).to(p.dtype) * (p.sum(-1, keepdim=True) > 0)
