@@ -12,8 +12,11 @@ import torch
 def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """softmax over the last dim restricted to ``keep`` (broadcastable bool, None = all).
 
-    A row with nothing kept gives exactly 0 (not NaN); a NaN score still propagates.
+    A row with nothing kept gives exactly 0 (not NaN); a NaN score still propagates. No columns: the
+    (empty) scores themselves.
     """
+    if scores.shape[-1] == 0:
+        return scores
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     row_max = scores.amax(-1, keepdim=True).detach()  # any shift gives the same softmax

@@ -101,25 +101,30 @@ def test_linformer_module():
         linformer_attention(q, k, v, e_proj=None)
     with pytest.raises(ValueError, match="k must be >= 1"):
         sa.nn.LinformerAttention(16, 0)
+    with pytest.raises(ValueError, match="same K"):  # keys and values would not pair up
+        linformer_attention(q, k, v, e_proj=torch.randn(5, 10), f_proj=torch.randn(3, 10))
 
 
 # ----------------------------------------------------------------------------- compressed
 
 
-@pytest.mark.parametrize("w, s", [(3, 3), (4, 2), (5, 1), (2, 5), (1, 1)])
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_compressed_matches_reference(shape, w, s):
+@pytest.mark.parametrize("masked", [True, False], ids=["padded", "no-mask"])
+@pytest.mark.parametrize("w, s", [(3, 3), (4, 2), (5, 1), (2, 5), (2, 3), (1, 1)])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 2, 2, 5, 6, 4, 4)], ids=_id)
+def test_compressed_matches_reference(shape, w, s, masked):
+    """Against the readable form, with and without padding (a stride longer than the kernel can leave a last
+    window past the last key: S=6, w=2, s=3; it is masked with or without a padding mask)."""
     B, Hq, Hkv, N, S, D, Dv = shape
     g = torch.Generator().manual_seed(2)
     kw, vw = torch.randn(D, D, w, generator=g, dtype=torch.float64), torch.randn(3, Dv, w, generator=g,
                                                                                 dtype=torch.float64)
     kb, vb = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
-    kpm = padding_mask(B, S, all_padded=B - 1 if B > 1 else None)
+    kpm = padding_mask(B, S, all_padded=B - 1 if B > 1 else None) if masked else None
     opts = dict(k_weight=kw, v_weight=vw, k_bias=kb, v_bias=vb, stride=s, key_padding_mask=kpm)
     q, k, v = make_qkv(*shape, dtype=torch.float64)
     _grads_close(lambda a, b, c: compressed_attention(a, b, c, **opts),
                  lambda a, b, c: reference_compressed_attention(a, b, c, **opts), q, k, v)
-    if B > 1:
+    if B > 1 and masked:
         assert torch.equal(compressed_attention(q, k, v, **opts)[B - 1], torch.zeros(Hq, N, 3, dtype=torch.float64))
 
 
@@ -355,3 +360,34 @@ def test_module_smoke(name, dtype):
         m16.requires_grad_(False)
         out16 = m16(q.detach().bfloat16(), k.detach().bfloat16(), v.detach().bfloat16(), key_padding_mask=kpm)
         assert float((out16.float() - out32).abs().max()) < 0.1 * float(out32.abs().max()) + 0.05
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_module_nan_in_query_propagates(name, dtype):
+    """A NaN in one query makes its output row NaN (PyTorch's fused CPU kernel would give zeros there,
+    pytorch#141128)."""
+    m = MODULES[name]().to(dtype)
+    q, k, v = make_qkv(2, 4, 2, 50, 50, 16, dtype=dtype, requires_grad=False)
+    q[1, 2, 7, 3] = float("nan")
+    out = m(q, k, v)
+    assert bool(out[1, 2, 7].isnan().all()), f"row with a NaN query: {out[1, 2, 7]}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_synthesizer_empty_lengths(causal):
+    """N = 0 gives an empty output, S = 0 zeros (RELIABILITY.md), with gradients, also through the layer."""
+    syn = sa.nn.SynthesizerAttention(12, mode="random", causal=causal)
+    q, k, v = make_qkv(1, 2, 2, 0, 0, 4)
+    out = syn(q, k, v)
+    assert out.shape == (1, 2, 0, 4)
+    out.sum().backward()
+    if not causal:  # causal needs N == S
+        q, k, v = make_qkv(1, 2, 2, 3, 0, 4)
+        out = sa.nn.SynthesizerAttention(12, mode="random", mix=True)(q, k, v)  # q meets the (empty) keys
+        assert torch.equal(out, torch.zeros(1, 2, 3, 4))
+        out.sum().backward()
+        assert torch.equal(q.grad, torch.zeros_like(q))
+    mha = sa.nn.MultiheadAttention(8, 2, attention=sa.nn.SynthesizerAttention(12, head_dim=4, causal=causal))
+    x = torch.randn(1, 0, 8)
+    assert mha(x, x, x, need_weights=False)[0].shape == (1, 0, 8)

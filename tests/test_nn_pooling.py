@@ -70,3 +70,24 @@ def test_validation():
         m(torch.randn(2, 5, 4), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="key_padding_mask"):
         m(torch.randn(2, 5, 4), torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("pool", ["time", "feature"])
+def test_empty_sequence_and_non_finite_padding(pool):
+    """T = 0 pools to 0 (like a fully padded sequence); inf/NaN at padded steps change neither the pooled
+    vector nor the gradients of the real steps (they are zeroed before scoring)."""
+    m = sa.nn.AttentionPooling(6, pool=pool).double()
+    pooled, weights = m(torch.randn(2, 0, 6, dtype=torch.float64))
+    assert torch.equal(pooled, torch.zeros(2, 6, dtype=torch.float64)) and weights.shape[:2] == (2, 0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    kpm = torch.tensor([[False, False, True, False, True], [False] * 5])
+    dirty = x.clone()
+    dirty[0, 2], dirty[0, 4] = float("inf"), float("nan")
+    outs = []
+    for inp in (x, dirty):
+        inp = inp.clone().requires_grad_()
+        pooled, _ = m(inp, kpm)
+        pooled.backward(torch.ones_like(pooled))
+        outs.append((pooled.detach(), inp.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(outs[1][1][0, 2], torch.zeros(6, dtype=torch.float64)), "a padded step's gradient is 0"

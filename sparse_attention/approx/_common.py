@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.blocksparse import all_finite
 from ..reference import masked_softmax
 
 __all__ = ["masked_softmax", "zero_padded", "compute_dtype", "softmax_attention"]
@@ -38,7 +39,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     """PyTorch's SDPA (fused CPU kernel for fp32/bf16/fp16) with GQA and a bool ``keep`` mask.
 
     A row with nothing kept gives 0 (torch >= 2.5 on both the math and the fused CPU kernel,
-    RELIABILITY.md); callers zero padded k/v first so non-finite values there never leak.
+    RELIABILITY.md); callers zero padded k/v first so non-finite values there never leak. Non-finite
+    inputs take ``softmax_attention``: the fused kernel turns a row with a NaN score into zeros
+    (pytorch#141128), where NaN must propagate.
     """
+    if not all_finite(q, k, v):
+        return softmax_attention(q, k, v, scale=scale, keep=keep)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=keep, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -43,11 +43,15 @@ def compress(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *
     return y.transpose(1, 2).contiguous().view(B, H, Sc, -1)  # (B, H, S', Dout)
 
 
-def _kept(key_padding_mask: torch.Tensor | None, B: int, S: int, w: int, stride: int) -> torch.Tensor | None:
-    """(B, 1, 1, S') bool: compressed position holds at least one real key."""
-    if key_padding_mask is None:
-        return None
+def _kept(key_padding_mask: torch.Tensor | None, B: int, S: int, w: int, stride: int,
+          device: torch.device) -> torch.Tensor | None:
+    """(B, 1, 1, S') bool: compressed position holds at least one real key (None: all do). Without padding
+    only a stride longer than the kernel can leave a last window past the last key (S=6, w=2, s=3)."""
     Sc = compressed_length(S, w, stride)
+    if key_padding_mask is None:
+        if (Sc - 1) * stride < S:
+            return None
+        key_padding_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
     real = F.pad((~key_padding_mask).float()[:, None, :], (0, (Sc - 1) * stride + w - S))  # (B, 1, S+pad)
     return (F.max_pool1d(real, w, stride) > 0)[:, None]  # (B, 1, 1, S')
 
@@ -104,7 +108,8 @@ def compressed_attention(
     dtype = compute_dtype(q.dtype)
     kc = compress(zero_padded(k.to(dtype), key_padding_mask), k_weight, k_bias, stride=stride)
     vc = compress(zero_padded(v.to(dtype), key_padding_mask), v_weight, v_bias, stride=stride)
-    return sdpa(q.to(dtype), kc, vc, scale=scale, keep=_kept(key_padding_mask, B, S, w, stride)).to(q.dtype)
+    keep = _kept(key_padding_mask, B, S, w, stride, q.device)
+    return sdpa(q.to(dtype), kc, vc, scale=scale, keep=keep).to(q.dtype)
 
 
 def reference_compressed_attention(q, k, v, *, k_weight, v_weight, stride, k_bias=None, v_bias=None,

@@ -80,6 +80,9 @@ def linformer_attention(
     f_proj = e_proj if f_proj is None else f_proj
     check_projection("e_proj", e_proj, Hkv, S, q.dtype, q.device)
     check_projection("f_proj", f_proj, Hkv, S, q.dtype, q.device)
+    if f_proj.shape[-2] != e_proj.shape[-2]:
+        raise ValueError(f"e_proj and f_proj must project to the same K (keys and values pair up), got "
+                         f"K={e_proj.shape[-2]} and K={f_proj.shape[-2]}")
     dtype = compute_dtype(q.dtype)
     kc = _project(e_proj, zero_padded(k.to(dtype), key_padding_mask))  # (B, Hkv, K, D)
     vc = _project(f_proj, zero_padded(v.to(dtype), key_padding_mask))  # (B, Hkv, K, Dv)

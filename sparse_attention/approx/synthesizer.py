@@ -101,7 +101,7 @@ def synthesizer_attention(
     elif q is not None and q.shape[1] != Hq:
         raise ValueError(f"q has {q.shape[1]} heads but logits has {Hq}")
     # a row of -inf logits is an empty row (output 0, RELIABILITY.md), which torch.softmax would make NaN
-    if causal or key_padding_mask is not None or bool(torch.isneginf(scores.detach().amax(-1)).any()):
+    if causal or key_padding_mask is not None or (S > 0 and bool(torch.isneginf(scores.detach().amax(-1)).any())):
         keep = torch.ones(N, S, dtype=torch.bool, device=v.device)
         if causal:
             keep = torch.tril(keep)

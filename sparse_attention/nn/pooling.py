@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_int
+from ..reference import masked_softmax
 
 _POOLS = ("time", "feature")
 
@@ -57,7 +58,7 @@ class AttentionPooling(torch.nn.Module):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, T, C={self.dim}), got {got}")
         B, T, _ = x.shape
-        scores = self.score(torch.tanh(self.proj(x)))  # (B, T, 1) or (B, T, C)
+        keep = None
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
                 raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got "
@@ -65,11 +66,11 @@ class AttentionPooling(torch.nn.Module):
             if tuple(key_padding_mask.shape) != (B, T):
                 raise ValueError(f"key_padding_mask must have shape (B, T) = {(B, T)}, got "
                                  f"{tuple(key_padding_mask.shape)}")
-            scores = scores.masked_fill(key_padding_mask.unsqueeze(-1), float("-inf"))
-        # softmax over time; a column with no valid step (all -inf) gives 0, not NaN
-        row_max = scores.amax(1, keepdim=True)
-        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-        e = torch.exp(scores - row_max)
-        weights = e / e.sum(1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)  # (B, T, 1 | C)
+            # padded steps zeroed first: inf/NaN there reach neither the scores nor the pooled vector
+            x = torch.where(key_padding_mask.unsqueeze(-1), torch.zeros((), dtype=x.dtype, device=x.device), x)
+            keep = ~key_padding_mask[:, None, :]
+        scores = self.score(torch.tanh(self.proj(x)))  # (B, T, 1) or (B, T, C)
+        # softmax over time; padded steps weigh 0, a column with no valid step (or T = 0) gives 0, not NaN
+        weights = masked_softmax(scores.transpose(1, 2), keep).transpose(1, 2)  # (B, T, 1 | C)
         pooled = (weights * x).sum(1)  # (B, C)
         return pooled, (weights.squeeze(-1) if self.pool == "time" else weights)
