@@ -873,3 +873,26 @@ def test_content_mechanisms_with_empty_lengths(name, lengths):
     for grad_name, t in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         assert t is not None and torch.equal(t, torch.zeros_like(t)), f"{grad_name} should be zeros"
     assert explain(q, k, mech).shape == (1, 2, N, S)
+
+
+@pytest.mark.parametrize("kernels", ["native", "fused"])
+@pytest.mark.parametrize("mech", ["lsh2", "lsh4", "routing"])
+def test_merging_rounds_and_clusters_with_huge_scores(mech, kernels, monkeypatch):
+    """A query found in several LSH rounds or routing clusters has its parts merged into one softmax; with
+    scores of 1e9 and more (RELIABILITY's large logits: bf16 inputs of 133120, fp32 of 3e4) the output is
+    still a convex combination of the values: equal values give that value (a merge through the rounded
+    log-sum-exp gave the value times the number of parts), on the native kernels and on the fused one."""
+    if kernels == "fused":
+        monkeypatch.setattr(native, "items_available", lambda: False)
+    m = {"lsh2": LSH(bucket_size=4, n_hashes=2), "lsh4": LSH(bucket_size=4, n_hashes=4),
+         "routing": Routing(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), capacity=12)}[mech]
+    for value, dtype in ((133120.0, torch.bfloat16), (3e4, torch.float32)):
+        x = torch.full((1, 1, 16, 8), value, dtype=dtype)
+        out = sa.attention(x, x, x, m)
+        has_key = explain(x, x, m).any(-1)[..., None]  # (routing: a query no cluster took gets 0)
+        torch.testing.assert_close(out, torch.where(has_key, x, 0.0), msg=lambda s, d=dtype: f"{d}: {s}")
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 8, requires_grad=False, seed=35)
+    q, k = q * 3e3, k * 3e3  # scores ~1e7: a near-argmax softmax over the kept pairs
+    out = sa.attention(q, k, v, m)
+    want = sa.reference_attention(q.double(), k.double(), v.double(), explain(q, k, m))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)

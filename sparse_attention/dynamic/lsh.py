@@ -403,10 +403,14 @@ class _SortedChunks(torch.autograd.Function):
         lse_all = lse.reshape(-1).index_select(0, slot).view(R, B, Hq, N)
         if R == 1:
             out, LSE = o_all[0], lse_all[0]
-        else:  # merge the rounds: LSE = log Σ exp(lse_r), out = Σ exp(lse_r - LSE) o_r
-            LSE = torch.logsumexp(lse_all, 0)
-            w = torch.exp(lse_all - torch.where(torch.isneginf(LSE), 0.0, LSE))  # 0 where a round has no key
-            out = (o_all * w.unsqueeze(-1)).sum(0).to(o.dtype)  # (w is float32: the kernel's LSE)
+        else:  # merge the rounds: out = Σ w_r o_r / Σ w_r with w_r = exp(lse_r - max lse), LSE = log Σ exp(lse_r)
+            top = lse_all.amax(0)
+            w = torch.exp(lse_all - torch.where(torch.isneginf(top), 0.0, top))  # 0 where a round has no key
+            total = w.sum(0)
+            # divided by the sum itself, not through exp(lse_r - LSE): with scores near 1e9 and more, LSE
+            # rounds to max lse and those weights would add up to the number of rounds
+            out = ((o_all * w.unsqueeze(-1)).sum(0) / total.clamp_min(1e-30).unsqueeze(-1)).to(o.dtype)
+            LSE = torch.where(total > 0, top + torch.log(total), float("-inf"))
         # for one round the kernel's own (sorted) output and LSE serve the backward; else the merged ones
         ctx.save_for_backward(qs, kk, vv, q_idx, slot, add, o if R == 1 else out, lse if R == 1 else LSE,
                               qflat, kflat)

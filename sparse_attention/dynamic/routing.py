@@ -367,13 +367,16 @@ def _kernel_forward(q, k, v, qi, ki, add, has_key, scale):
     E = items[0].shape[-1]
     o, lse = _kernel_fwd(*items, 0.0, False, attn_mask=add, scale=scale)
     lse = torch.where(has_key.view(B * H, K, wq), lse, float("-inf")).flatten(1)  # (B·H, K·wq)
-    # merge each query's clusters: LSE = log Σ exp(lse), out = Σ exp(lse - LSE) o
+    # merge each query's clusters: out = Σ w o / Σ w with w = exp(lse - max lse), LSE = log Σ exp(lse)
     row = qi.flatten(2).view(B * H, -1)  # (B·H, K·wq) query index of every slot
     top = torch.full((B * H, N), float("-inf"), dtype=lse.dtype).scatter_reduce(1, row, lse, reduce="amax")
     top = torch.where(torch.isneginf(top), 0.0, top)
-    total = torch.zeros_like(top).scatter_add(1, row, torch.exp(lse - top.gather(1, row)))
+    w = torch.exp(lse - top.gather(1, row))  # 0 where lse = -inf
+    total = torch.zeros_like(top).scatter_add(1, row, w)
     LSE = torch.where(total > 0, top + torch.log(total), float("-inf"))  # (B·H, N)
-    w = torch.exp(lse - torch.where(torch.isneginf(LSE), 0.0, LSE).gather(1, row))  # 0 where lse = -inf
+    # divided by the sum itself, not through exp(lse - LSE): with scores near 1e9 and more, LSE rounds to
+    # max lse and those weights would add up to the number of clusters
+    w = w / total.clamp_min(1e-30).gather(1, row)
     out = _add_rows(o.reshape(-1, E), qflat, B * H, N, w.reshape(-1, 1)).view(B, H, N, E)[..., :Dv]
     return out, LSE
 
