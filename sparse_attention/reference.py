@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_scale
+
 
 def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """softmax over the last dim restricted to ``keep`` (broadcastable bool, None = all).
@@ -60,7 +62,7 @@ def reference_attention(
     G = Hq // k.shape[1]
     k = k.repeat_interleave(G, dim=1)  # (B, Hq, S, D)
     v = v.repeat_interleave(G, dim=1)
-    scale = D**-0.5 if scale is None else scale
+    scale = check_scale(scale, D)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hq, N, S)
     allowed = torch.ones(scores.shape, dtype=torch.bool, device=q.device)
     if mask is not None:

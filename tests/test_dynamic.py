@@ -896,3 +896,17 @@ def test_merging_rounds_and_clusters_with_huge_scores(mech, kernels, monkeypatch
     out = sa.attention(q, k, v, m)
     want = sa.reference_attention(q.double(), k.double(), v.double(), explain(q, k, m))
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("D", [8, 128])
+def test_topk_explain_and_attention_share_the_default_scale(D):
+    """With all scores tied, the kept pairs hinge on the last bit of the scale: explain's default must be
+    sa.attention's (1/sqrt(D); D**-0.5 differs by an ulp in float64 for D = 8 and 128), and the output must
+    be dense attention over exactly the pairs explain reports."""
+    x = torch.ones(1, 1, 16, D, dtype=torch.float64)
+    v = torch.randn(1, 1, 16, D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for mech in (TopK(4), TopK(4) & sa.Causal()):
+        out = sa.attention(x, x, v, mech)
+        kept = explain(x, x, mech)
+        assert torch.equal(kept, explain(x, x, mech, scale=1 / D**0.5))
+        torch.testing.assert_close(out, sa.reference_attention(x, x, v, kept), atol=1e-12, rtol=0)

@@ -136,5 +136,5 @@ def reference_compressed_attention(q, k, v, *, k_weight, v_weight, stride, k_bia
     if v_bias is not None:
         vc = vc + v_bias.to(vc.dtype)
     keep = torch.stack(keep, 1)[:, None, None, :]  # (B, 1, 1, S')
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = check_scale(scale, q.shape[-1])
     return softmax_attention(q, kc, vc, scale=scale, keep=keep)

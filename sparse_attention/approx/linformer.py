@@ -98,5 +98,5 @@ def reference_linformer_attention(q, k, v, *, e_proj, f_proj=None, key_padding_m
         k, v = k * keep, v * keep
     kc = e_proj[..., :S].to(k.dtype) @ k
     vc = f_proj[..., :S].to(v.dtype) @ v
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = check_scale(scale, q.shape[-1])
     return softmax_attention(q, kc, vc, scale=scale)

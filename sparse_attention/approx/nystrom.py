@@ -114,7 +114,7 @@ def reference_nystrom_attention(q, k, v, *, num_landmarks, key_padding_mask=None
     k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     S, m = k.shape[2], num_landmarks
     keep = torch.ones(B, S, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask
-    scale = D**-0.5 if scale is None else scale
+    scale = check_scale(scale, D)
     keep_q = keep if N == S else torch.ones(B, N, dtype=torch.bool)  # self-attention: padded queries left out
     q_l = []
     for j in range(m):

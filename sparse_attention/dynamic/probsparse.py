@@ -31,7 +31,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_bool, check_int
+from .._checks import check_bool, check_int, check_scale
 from ..reference import masked_softmax
 from .base import DynamicPattern, padded, query_heads
 from .topk import grouped_scores, grouped_values
@@ -99,7 +99,7 @@ class ProbSparse(DynamicPattern):
         (B, Hkv, blocks, s, D) for ``sample = key_sample(N, n_k)``. No gradient."""
         B, H, N, D = q.shape
         Hkv, nb = ks.shape[1], sample.shape[0]
-        scale = D**-0.5 if scale is None else scale
+        scale = check_scale(scale, D)
         with torch.no_grad():
             acc = torch.promote_types(q.dtype, torch.float32)
             qp = padded(q.to(acc), (0, 0, 0, nb * SAMPLE_BLOCK - N))  # whole blocks (B, H, nb·64, D)

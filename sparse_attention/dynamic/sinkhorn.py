@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from .._checks import check_int, check_scale
 from ..engine.blocksparse import items_attention
 from .base import padded
 
@@ -117,7 +117,7 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
     if permutation.shape[-2:] != (nb, nb):
         raise ValueError(f"permutation must be (B, H, {nb}, {nb}) for N={N}, block={block}, got "
                          f"{tuple(permutation.shape)}")
-    scale = D**-0.5 if scale is None else scale
+    scale = check_scale(scale, D)
     pad = nb * block - N
     acc = torch.promote_types(q.dtype, torch.float32)
     keep = torch.ones(B, N, dtype=torch.bool, device=q.device)
@@ -150,7 +150,7 @@ def sinkhorn_reference(q, k, v, permutation, *, block: int, causal: bool = False
     """Readable loop over query blocks (for tests): the same definition as ``sinkhorn_attention``."""
     B, H, N, D = q.shape
     nb = math.ceil(N / block)
-    scale = D**-0.5 if scale is None else scale
+    scale = check_scale(scale, D)
     keep = torch.ones(B, N, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask
     out = torch.zeros(B, H, N, v.shape[-1], dtype=torch.float64)
     q, k, v, p = q.double(), k.double(), v.double(), permutation.double()

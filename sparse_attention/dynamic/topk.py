@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from .. import native
-from .._checks import check_int
+from .._checks import check_int, check_scale
 from ..patterns.base import Pattern
 from ..reference import masked_softmax
 from .base import DynamicPattern, allowed_mask, flat_rows, gather_rows
@@ -184,7 +184,7 @@ class TopK(DynamicPattern):
     def kept(self, q, k, *, key_padding_mask=None, scale=None):
         B, H, N, D = q.shape
         S = k.shape[2]
-        scale = D**-0.5 if scale is None else scale
+        scale = check_scale(scale, D)
         out = torch.zeros(B, H, N, S, dtype=torch.bool, device=q.device)
         with torch.no_grad():
             for a, b in self._chunks(B, H, N, S):

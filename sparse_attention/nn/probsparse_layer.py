@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_scale
 from ..approx._common import zero_padded
 from ..dynamic.probsparse import ProbSparse
 from ..reference import masked_softmax
@@ -103,7 +104,7 @@ def probsparse_layer(pattern: ProbSparse, query: torch.Tensor, key: torch.Tensor
     S = key.shape[1]
     H, Hkv = num_heads, num_kv_heads
     D = E // H
-    scale = D**-0.5
+    scale = check_scale(None, D)  # the default of sa.attention, to the bit (ties select alike)
     # against the inputs when the active queries of all heads are fewer than the projected features
     in_input_space = H * pattern.num_active(N) < Hkv * D
     with torch.no_grad():
