@@ -411,3 +411,17 @@ def test_self_attention_inputs_stay_one_tensor_through_layout_views(monkeypatch,
     expected = m(xb, xb.clone(), xb.clone(), need_weights=False)[0]
     expected = expected.transpose(0, 1) if layout == "seq_first" else expected.squeeze(0)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mech", ["lsh", "probsparse", "routing", "strided"])
+def test_is_causal_with_a_mechanism_built_causal(mech):
+    """is_causal=True on a mechanism built with causal=True restricts nothing more: the same output, to the
+    bit, as without it (it raised a TypeError for the content-based ones: "restricted by a static pattern")."""
+    m = {"lsh": lambda: sa.LSH(4, causal=True), "probsparse": lambda: sa.ProbSparse(causal=True),
+         "routing": lambda: sa.Routing(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), causal=True),
+         "strided": lambda: sa.Strided(3, causal=True)}[mech]()
+    torch.manual_seed(0)
+    mha = sa.nn.MultiheadAttention(16, 2, attention=m, batch_first=True).eval()
+    x = torch.randn(2, 12, 16)
+    out = mha(x, x, x, need_weights=False, is_causal=True)[0]
+    assert torch.equal(out, mha(x, x, x, need_weights=False)[0])

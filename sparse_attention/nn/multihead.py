@@ -157,7 +157,9 @@ class MultiheadAttention(torch.nn.Module):
             a shared-QK module such as ``ReformerAttention`` gets no key projection).
         num_kv_heads: Hkv key/value heads (grouped-query attention); default None = H. With
             Hkv < H the packed ``in_proj_weight`` is (E + 2·Hkv·D, E), which torch cannot load.
-        dropout: dropout on the attention weights, training mode only. Default 0.
+        dropout: dropout on the attention weights, training mode only. Default 0. A module mechanism
+            (ReformerAttention, SinkhornAttention, PerformerAttention, ...) exposes no weights: there it
+            drops elements of the heads' outputs (before out_proj), scaled by 1 / (1 - dropout).
         bias: biases on the input and output projections. Default True.
         kdim, vdim: key/value feature sizes; default None = E. When either differs from E
             the projections are ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``.
@@ -343,8 +345,9 @@ class MultiheadAttention(torch.nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         # mechanisms that project only what they need (float32/64, no cache, weights or mask): ProbSparse
         # (nn/probsparse_layer.py), and Linformer with one E for all heads (E and F shorten the inputs first)
-        plain_call = (cache is None and not need_weights and attn_mask is None and not is_causal and N > 0
-                      and key.shape[1] > 0 and query.dtype in (torch.float32, torch.float64))
+        built_causal = _is_causal(self.attention) or getattr(self.attention, "causal", False) is True
+        plain_call = (cache is None and not need_weights and attn_mask is None and (built_causal or not is_causal)
+                      and N > 0 and key.shape[1] > 0 and query.dtype in (torch.float32, torch.float64))
         fused_probsparse = plain_call and isinstance(self.attention, ProbSparse)
         fused_linformer = plain_call and isinstance(self.attention, LinformerAttention) and \
             self.attention.folds_projections(self.kdim, Hkv, D, shared_input=key is value)
@@ -385,7 +388,8 @@ class MultiheadAttention(torch.nn.Module):
 
         pattern = self.attention
         module = isinstance(pattern, torch.nn.Module)
-        if is_causal and not _is_causal(pattern):
+        # built causal already (LSH, ProbSparse, Routing, Strided, ... with causal=True): nothing to restrict
+        if is_causal and not built_causal:
             if module:
                 raise ValueError(f"is_causal=True: the module mechanism {type(pattern).__name__} was not built "
                                  "causal and cannot be restricted per call; build it with causal=True where it "
