@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_dropout, check_key_padding_mask, check_qkv, check_scale
-from .dynamic.base import DynamicPattern
+from .dynamic.base import DynamicPattern, check_mechanism_fits
 from .engine import Call, select_backend
 from .patterns.base import Pattern
 
@@ -42,17 +42,10 @@ def attention(
         gradient 0. Accumulation is in float32 for half-precision inputs.
     """
     B, Hq, Hkv, N, S, D, Dv = check_qkv(q, k, v)
-    if pattern is not None and not isinstance(pattern, (Pattern, DynamicPattern)):
-        raise TypeError(f"pattern must be a sparse_attention Pattern, a content-based mechanism or None, "
-                        f"got {type(pattern).__name__}")
+    check_mechanism_fits(pattern, N, S, Hq)
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     scale = check_scale(scale, D)
     dropout_p = check_dropout(dropout_p)
-    static = pattern.restrict if isinstance(pattern, DynamicPattern) else pattern
-    if static is not None:
-        static.check_lengths(N, S)
-        if static.num_heads is not None and static.num_heads != Hq:
-            raise ValueError(f"pattern is per-head with {static.num_heads} heads, but q has Hq={Hq} heads")
     if N == 0 or S == 0 or Dv == 0:
         # no queries: empty output; no keys: every row is empty, so 0 (kept differentiable)
         return (q.sum() * 0 + k.sum() * 0 + v.sum() * 0).expand(B, Hq, N, Dv).clone()

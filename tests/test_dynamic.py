@@ -748,6 +748,11 @@ def test_kept_stats():
     (lambda: Routing(torch.zeros(0, 8)), ValueError, "num_clusters"),
     (lambda: Routing(torch.zeros(8)), ValueError, "centroids"),
     (lambda: Routing(torch.zeros(2, 8), capacity=0), ValueError, "capacity"),
+    (lambda: ProbSparse(float("inf")), ValueError, "factor must be a positive finite number, got inf"),
+    (lambda: ProbSparse(True), TypeError, "factor"),
+    (lambda: ProbSparse(seed=2**70), ValueError, "seed must be <="),
+    (lambda: LSH(8, seed=-(2**70)), ValueError, "seed must be >="),
+    (lambda: LSH(8, seed=1.5), TypeError, "seed must be an int"),
 ])
 def test_bad_configurations(make, exc, match):
     with pytest.raises(exc, match=match):
@@ -910,3 +915,18 @@ def test_topk_explain_and_attention_share_the_default_scale(D):
         kept = explain(x, x, mech)
         assert torch.equal(kept, explain(x, x, mech, scale=1 / D**0.5))
         torch.testing.assert_close(out, sa.reference_attention(x, x, v, kept), atol=1e-12, rtol=0)
+
+
+def test_explain_refuses_what_attention_refuses():
+    """explain checks a restricted mechanism's static part as sa.attention does (it returned an all-False
+    mask for indices past S, and a RuntimeError for a per-head count that does not match)."""
+    q = torch.randn(2, 2, 16, 8)
+    cases = [((q, q[:, :, :3], TopK(2) & sa.Global([5])), ValueError, r"\[0, S=3\)"),
+             ((q, q, TopK(2) & sa.PerHead([sa.Causal()] * 3)), ValueError, "per-head with 3 heads"),
+             ((q, q, "causal"), TypeError, "mechanism must be")]
+    for (a, b, mech), exc, match in cases:
+        with pytest.raises(exc, match=match):
+            explain(a, b, mech)
+        if not isinstance(mech, str):
+            with pytest.raises(exc, match=match):
+                sa.attention(a, b, b, mech)

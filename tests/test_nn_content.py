@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import assert_within_baseline, make_qkv
 
@@ -109,3 +110,40 @@ def test_reformer_key_normalisation_matches_f_normalize_with_its_gradient():
     (d_ref,) = torch.autograd.grad(ref, x, g)
     torch.testing.assert_close(ours, ref, rtol=1e-15, atol=0)
     torch.testing.assert_close(d_ours, d_ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("make", "exc", "match"), [
+    (lambda: SinkhornAttention(8, 2, 4, causal="no"), TypeError, "causal must be a bool, got 'no'"),
+    (lambda: SinkhornAttention(8, 2, 4, temperature=True), TypeError, "temperature"),
+    (lambda: SinkhornAttention(8, 2, 4, temperature=0.0), ValueError, "temperature must be a positive finite"),
+    (lambda: RoutingAttention(4, 8, 2, decay=2.0), ValueError, "decay must be a number in"),
+    (lambda: RoutingAttention(4, 8, 2, decay=float("nan")), ValueError, "decay"),
+    (lambda: RoutingAttention(4, 8, 2, capacity=0), ValueError, "capacity must be >= 1"),
+    (lambda: RoutingAttention(4, 8, 2, causal=1), TypeError, "causal must be a bool"),
+    (lambda: RoutingAttention(4, 8, 2, seed=2**70), ValueError, "seed"),
+    (lambda: ReformerAttention(4, causal="yes"), TypeError, "causal"),
+])
+def test_module_configurations_are_checked(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+@pytest.mark.parametrize("name", ["routing", "sinkhorn"])
+def test_module_inputs_are_checked_before_computing(name):
+    """Bad inputs give the front end's ValueError/TypeError naming what is wrong (they were RuntimeErrors from
+    deep inside, or silently accepted: float64 q with float32 k, v); N = 0 gives an empty output."""
+    m = RoutingAttention(4, 8, 2) if name == "routing" else SinkhornAttention(8, 2, 4)
+    q, k, v = make_qkv(2, 2, 2, 16, 16, 8, requires_grad=False)
+    bad = [((q, k, v[:, :, :15]), {}, ValueError, "same length"),
+           ((q.double(), k, v), {}, TypeError, "one dtype"),
+           ((q[..., :4], k[..., :4], v[..., :4]), {}, ValueError, "head_dim=8"),
+           ((q[:, :1], k[:, :1], v[:, :1]), {}, ValueError, "num_heads=2"),
+           ((q, k, v), {"key_padding_mask": torch.zeros(2, 17, dtype=torch.bool)}, ValueError, r"\(B, S\)"),
+           ((q, k, v), {"key_padding_mask": torch.zeros(2, 16)}, TypeError, "torch.bool")]
+    for args, kwargs, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            m(*args, **kwargs)
+    empty = make_qkv(1, 2, 2, 0, 0, 8)
+    out = m(*empty)
+    assert out.shape == (1, 2, 0, 8)
+    out.sum().backward()

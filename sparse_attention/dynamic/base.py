@@ -108,3 +108,18 @@ def stable_order(ids: torch.Tensor, values: int) -> torch.Tensor:
     sparse_attention.native on CPU (O(L + values) per row), else torch.sort."""
     order = native.bucket_order(ids, values)
     return torch.sort(ids, dim=-1, stable=True).indices if order is None else order
+
+
+def check_mechanism_fits(mechanism: Pattern | DynamicPattern | None, N: int, S: int, Hq: int, *,
+                         name: str = "pattern") -> None:
+    """The static part of ``mechanism`` (a pattern, or a content-based mechanism's restriction) was built
+    for these lengths and, when per-head, for Hq heads (ValueError otherwise); shared by sa.attention and
+    sa.explain, so both refuse the same calls."""
+    if mechanism is not None and not isinstance(mechanism, (Pattern, DynamicPattern)):
+        raise TypeError(f"{name} must be a sparse_attention Pattern, a content-based mechanism or None, "
+                        f"got {type(mechanism).__name__}")
+    static = mechanism.restrict if isinstance(mechanism, DynamicPattern) else mechanism
+    if static is not None:
+        static.check_lengths(N, S)
+        if static.num_heads is not None and static.num_heads != Hq:
+            raise ValueError(f"pattern is per-head with {static.num_heads} heads, but q has Hq={Hq} heads")

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_key_padding_mask, check_qkv
+from .._checks import check_key_padding_mask, check_qkv, check_scale
 from ..patterns.base import Pattern
-from .base import DynamicPattern
+from .base import DynamicPattern, check_mechanism_fits
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, mechanism: Pattern | DynamicPattern | None, *,
@@ -19,15 +19,14 @@ def explain(q: torch.Tensor, k: torch.Tensor, mechanism: Pattern | DynamicPatter
     pairs their selection kept (ProbSparse: the rows of the active queries; lazy rows
     are all False). Materialises B*H*N*S booleans: for inspection and tests.
     """
-    B, Hq, _, N, S, _, _ = check_qkv(q, k, k)
+    B, Hq, _, N, S, D, _ = check_qkv(q, k, k)
+    check_mechanism_fits(mechanism, N, S, Hq, name="mechanism")
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
+    scale = check_scale(scale, D)
     if isinstance(mechanism, DynamicPattern):
         if N == 0 or S == 0:  # as in sa.attention: no query or no key, so no pair (no selection runs)
             return torch.zeros(B, Hq, N, S, dtype=torch.bool, device=q.device)
         return mechanism.kept(q, k, key_padding_mask=key_padding_mask, scale=scale)
-    if mechanism is not None and not isinstance(mechanism, Pattern):
-        raise TypeError(
-            f"mechanism must be a Pattern, a content-based mechanism or None, got {type(mechanism).__name__}")
     m = torch.ones(N, S, dtype=torch.bool, device=q.device) if mechanism is None else mechanism.mask(N, S, q.device)
     m = m.expand(B, Hq, N, S).clone()
     if key_padding_mask is not None:

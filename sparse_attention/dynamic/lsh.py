@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import native
-from .._checks import check_bool, check_int
+from .._checks import check_bool, check_int, check_seed
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite, kernel_grad_out, kernel_grad_rows, kernel_grad_select
@@ -72,7 +72,7 @@ class LSH(DynamicPattern):
             if n_buckets % 2:
                 raise ValueError(f"n_buckets must be even (argmax over [xR, -xR]), got {n_buckets}")
         self.n_buckets = n_buckets
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed(seed)
         check_bool("causal", causal)
         self.causal = causal
         check_bool("exclude_self", exclude_self)

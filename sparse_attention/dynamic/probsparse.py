@@ -31,7 +31,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_bool, check_int, check_scale
+from .._checks import check_bool, check_scale, check_seed
 from ..reference import masked_softmax
 from .base import DynamicPattern, padded, query_heads
 from .topk import grouped_scores, grouped_values
@@ -50,10 +50,12 @@ class ProbSparse(DynamicPattern):
     """
 
     def __init__(self, factor: float = 5.0, *, seed: int = 0, causal: bool = False, causal_lazy: str = "mean"):
-        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not factor > 0:
-            raise ValueError(f"factor must be a positive number, got {factor!r}")
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+            raise TypeError(f"factor must be a positive number, got {factor!r}")
+        if not 0 < factor < math.inf:
+            raise ValueError(f"factor must be a positive finite number, got {factor!r}")
         self.factor = float(factor)
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed(seed)
         check_bool("causal", causal)
         self.causal = causal
         if causal_lazy not in ("mean", "sum"):

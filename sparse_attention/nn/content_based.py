@@ -19,13 +19,14 @@ q (B, H, N, D), k (B, H or Hkv, S, D), v (B, H or Hkv, S, Dv), and return (B, H,
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import native
-from .._checks import check_int
+from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv, check_seed
 from ..dynamic.base import padded, query_heads
 from ..dynamic.lsh import LSH
 from ..dynamic.routing import Routing, update_centroids
@@ -51,7 +52,7 @@ class ReformerAttention(torch.nn.Module):
         super().__init__()
         self.mechanism = LSH(bucket_size, n_hashes, n_buckets=n_buckets, seed=seed, causal=causal, exclude_self=True,
                              shared_qk=True)
-        self.causal = bool(causal)
+        self.causal = self.mechanism.causal
 
     def extra_repr(self) -> str:
         return repr(self.mechanism)
@@ -90,6 +91,19 @@ class _UnitRows(torch.autograd.Function):
         return torch.addcmul(g, y, dot, value=-1).div_(norm.clamp_min(_UnitRows.EPS))
 
 
+def _check_inputs(module: torch.nn.Module, q, k, v, key_padding_mask, *, self_attention: bool = False):
+    """The front end's checks (q, k, v shapes, dtypes and devices, the padding mask) and the module's own
+    head count and size, before anything is computed; returns the validated mask."""
+    B, Hq, _, N, S, D, _ = check_qkv(q, k, v)
+    if Hq != module.num_heads or D != module.head_dim:
+        raise ValueError(f"{type(module).__name__} was built for num_heads={module.num_heads}, "
+                         f"head_dim={module.head_dim}; got q with {Hq} heads of size {D}")
+    if self_attention and N != S:
+        raise ValueError(f"{type(module).__name__} is self-attention: q and k must have one length, got N={N}, "
+                         f"S={S}")
+    return check_key_padding_mask(key_padding_mask, B, S, q.device)
+
+
 def _to_query_heads(x: torch.Tensor, heads: int, name: str) -> torch.Tensor:
     """(B, Hkv, L, ·) -> (B, H, L, ·), query head h reading head h // (H // Hkv) (grouped-query attention)."""
     if x.dim() != 4 or heads % x.shape[1]:
@@ -111,10 +125,13 @@ class RoutingAttention(torch.nn.Module):
                  decay: float = 0.999, causal: bool = False, seed: int = 0):
         super().__init__()
         self.num_clusters = check_int("num_clusters", num_clusters, minimum=1)
-        head_dim = check_int("head_dim", head_dim, minimum=1)
+        self.head_dim = head_dim = check_int("head_dim", head_dim, minimum=1)
         self.num_heads = check_int("num_heads", num_heads, minimum=1)
-        self.capacity, self.decay, self.causal = capacity, decay, causal
-        g = torch.Generator().manual_seed(check_int("seed", seed))
+        self.capacity = None if capacity is None else check_int("capacity", capacity, minimum=1)
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        self.decay, self.causal = float(decay), check_bool("causal", causal)
+        g = torch.Generator().manual_seed(check_seed(seed))
         self.register_buffer("centroids", F.normalize(torch.randn(num_heads, num_clusters, head_dim, generator=g),
                                                       dim=-1))
 
@@ -122,6 +139,7 @@ class RoutingAttention(torch.nn.Module):
         return f"num_clusters={self.num_clusters}, num_heads={self.num_heads}, causal={self.causal}"
 
     def forward(self, q, k, v, *, key_padding_mask=None):
+        key_padding_mask = _check_inputs(self, q, k, v, key_padding_mask)
         if key_padding_mask is not None:
             # Padded tokens must not steer the routing: their keys (and, in self-attention, N == S,
             # their queries) are routed as zero vectors, whatever they hold. They can still fill a
@@ -159,7 +177,11 @@ class SinkhornAttention(torch.nn.Module):
         self.num_heads = check_int("num_heads", num_heads, minimum=1)
         self.block = check_int("block", block, minimum=1)
         self.n_iters = check_int("n_iters", n_iters, minimum=0)
-        self.temperature, self.causal = temperature, causal
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature must be a positive number, got {temperature!r}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        self.temperature, self.causal = float(temperature), check_bool("causal", causal)
         std = head_dim**-0.5
         self.sort_q = torch.nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * std)
         self.sort_k = torch.nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * std)
@@ -187,6 +209,9 @@ class SinkhornAttention(torch.nn.Module):
         return torch.matmul(a, b.transpose(-1, -2)) * D**-0.5
 
     def forward(self, q, k, v, *, key_padding_mask=None):
+        key_padding_mask = _check_inputs(self, q, k, v, key_padding_mask, self_attention=True)
+        if q.shape[2] == 0:
+            return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
         # grouped-query attention: each query head sorts and reads its group's key/value head
         k, v = _to_query_heads(k, q.shape[1], "k"), _to_query_heads(v, q.shape[1], "v")
         p = sinkhorn(self.block_scores(k, key_padding_mask), self.n_iters, temperature=self.temperature,

@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_seed
 from .base import Composite, Pattern, block_position_range, candidates_from_ranges, num_blocks, query_positions
 from .global_tokens import Global
 from .random_blocks import RandomBlocks
@@ -89,7 +89,7 @@ class BigBird(Composite):
             raise ValueError(f"window_blocks must be odd (the window is centred), got {window_blocks}")
         self.global_blocks = check_int("global_blocks", global_blocks, minimum=0)
         self.random_blocks = check_int("random_blocks", random_blocks, minimum=0)
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed(seed)
 
     def compose(self, n_q, n_k):
         return _bigbird(self.block, self.window_blocks, self.global_blocks, self.random_blocks, self.seed, n_k)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_seed
 from .base import Pattern, block_position_range, candidates_from_block_matrix, num_blocks, query_positions
 
 
@@ -44,7 +44,7 @@ class RandomBlocks(Pattern):
     def __init__(self, num_blocks: int, block: int = 64, seed: int = 0, *, avoid: Callable | None = None):
         self.num_blocks = check_int("num_blocks", num_blocks, minimum=0)
         self.block = check_int("block", block, minimum=1)
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed(seed)
         # avoid(m, n, KBp) -> bool: block pairs excluded from the draw (BigBird excludes its
         # window and global blocks so the random blocks add new keys).
         self.avoid = avoid
