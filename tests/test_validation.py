@@ -169,3 +169,118 @@ def test_make_accepts_its_defaults_and_overrides(m):
 def test_negative_window_via_registry():
     with pytest.raises(ValueError, match=r"window"):
         registry.get("sliding_window").make(window=-4)
+
+
+# ----------------------------------------------------------------------------- module constructors
+# Bad options fail when the module is built, naming the option and the value received (rule 0): a flag
+# is a bool (the string "False" must not switch it on; 0/1 are refused as in LinearAttention(causal=1)).
+
+INF = float("inf")
+
+MODULE_CTOR_ERRORS = [
+    # boolean flags
+    ("linear_causal_int", lambda: sa.nn.LinearAttention(causal=1), TypeError, r"causal.*1"),
+    ("performer_causal_str", lambda: sa.nn.PerformerAttention(8, causal="False"), TypeError, r"causal.*'False'"),
+    ("performer_causal_int", lambda: sa.nn.PerformerAttention(8, causal=0), TypeError, r"causal.*0"),
+    ("synth_causal_str", lambda: sa.nn.SynthesizerAttention(12, mode="random", causal="False"), TypeError,
+     r"causal.*'False'"),
+    ("synth_mix_str", lambda: sa.nn.SynthesizerAttention(12, mode="random", mix="no"), TypeError, r"mix.*'no'"),
+    ("synth_mix_int", lambda: sa.nn.SynthesizerAttention(12, mode="random", mix=1), TypeError, r"mix.*1"),
+    ("synth_fixed_str", lambda: sa.nn.SynthesizerAttention(12, mode="random", fixed="no"), TypeError,
+     r"fixed.*'no'"),
+    ("synth_fixed_str_dense", lambda: sa.nn.SynthesizerAttention(12, head_dim=4, fixed="False"), TypeError,
+     r"fixed.*'False'"),
+    ("favor_orthogonal_str", lambda: sa.approx.FavorPlus(8, orthogonal="no"), TypeError, r"orthogonal.*'no'"),
+    ("favor_orthogonal_int", lambda: sa.approx.FavorPlus(8, orthogonal=1), TypeError, r"orthogonal.*1"),
+    ("linformer_share_kv_str", lambda: sa.nn.LinformerAttention(16, 4, share_kv="no"), TypeError,
+     r"share_kv.*'no'"),
+    ("linformer_causal_str", lambda: sa.nn.LinformerAttention(16, 4, causal="False"), TypeError,
+     r"causal.*'False'"),
+    ("linformer_causal_true", lambda: sa.nn.LinformerAttention(16, 4, causal=True), ValueError, r"causal"),
+    ("compressed_bias_str", lambda: sa.nn.CompressedAttention(3, head_dim=4, bias="no"), TypeError,
+     r"bias.*'no'"),
+    ("window2d_qkv_bias_str", lambda: sa.nn.WindowAttention2d(8, 2, 4, qkv_bias="no"), TypeError,
+     r"qkv_bias.*'no'"),
+    ("window2d_qkv_bias_int", lambda: sa.nn.WindowAttention2d(8, 2, 4, qkv_bias=0), TypeError, r"qkv_bias.*0"),
+    # Synthesizer factors: a pair of positive ints (a, b) with a * b = max_len
+    ("synth_factors_int", lambda: sa.nn.SynthesizerAttention(12, mode="factorized_dense", head_dim=4, factors=5),
+     TypeError, r"factors.*5"),
+    ("synth_factors_triple",
+     lambda: sa.nn.SynthesizerAttention(12, mode="factorized_dense", head_dim=4, factors=(2, 6, 1)),
+     TypeError, r"factors.*\(2, 6, 1\)"),
+    ("synth_factors_float",
+     lambda: sa.nn.SynthesizerAttention(12, mode="factorized_dense", head_dim=4, factors=(2.0, 6.0)),
+     TypeError, r"factors.*\(2\.0, 6\.0\)"),
+    ("synth_factors_negative",
+     lambda: sa.nn.SynthesizerAttention(12, mode="factorized_dense", head_dim=4, factors=(-2, -6)),
+     ValueError, r"factors.*\(-2, -6\)"),
+    ("synth_factors_product",
+     lambda: sa.nn.SynthesizerAttention(12, mode="factorized_dense", head_dim=4, factors=(3, 5)),
+     ValueError, r"factors.*max_len=12.*\(3, 5\)"),
+    # WindowAttention2d dropouts and scale
+    ("window2d_attn_drop_above_1", lambda: sa.nn.WindowAttention2d(8, 2, 4, attn_drop=1.5), ValueError,
+     r"attn_drop.*1\.5"),
+    ("window2d_proj_drop_negative", lambda: sa.nn.WindowAttention2d(8, 2, 4, proj_drop=-1), ValueError,
+     r"proj_drop.*-1"),
+    ("window2d_attn_drop_str", lambda: sa.nn.WindowAttention2d(8, 2, 4, attn_drop="0.1"), TypeError,
+     r"attn_drop.*'0\.1'"),
+    ("window2d_proj_drop_bool", lambda: sa.nn.WindowAttention2d(8, 2, 4, proj_drop=True), TypeError,
+     r"proj_drop.*True"),
+    ("window2d_scale_str", lambda: sa.nn.WindowAttention2d(8, 2, 4, scale="x"), TypeError, r"scale.*'x'"),
+    ("window2d_scale_bool", lambda: sa.nn.WindowAttention2d(8, 2, 4, scale=True), TypeError, r"scale.*True"),
+    ("window2d_scale_inf", lambda: sa.nn.WindowAttention2d(8, 2, 4, scale=INF), ValueError, r"scale.*inf"),
+    # eps, checked when the module is built (not at the first forward)
+    ("linear_eps_negative", lambda: sa.nn.LinearAttention(eps=-1), ValueError, r"eps.*-1"),
+    ("linear_eps_str", lambda: sa.nn.LinearAttention(eps="x"), TypeError, r"eps.*'x'"),
+    ("linear_eps_bool", lambda: sa.nn.LinearAttention(eps=True), TypeError, r"eps.*True"),
+    ("performer_eps_negative", lambda: sa.nn.PerformerAttention(8, eps=-1), ValueError, r"eps.*-1"),
+    ("performer_eps_nan", lambda: sa.nn.PerformerAttention(8, eps=float("nan")), ValueError, r"eps.*nan"),
+    ("performer_eps_str", lambda: sa.nn.PerformerAttention(8, eps="a"), TypeError, r"eps.*'a'"),
+    ("performer_eps_bool", lambda: sa.nn.PerformerAttention(8, eps=True), TypeError, r"eps.*True"),
+]
+# scale, checked when the module is built: a real finite number or None (default 1/sqrt(D))
+_SCALED = {
+    "linformer": lambda scale: sa.nn.LinformerAttention(16, 4, scale=scale),
+    "compressed": lambda scale: sa.nn.CompressedAttention(3, head_dim=4, scale=scale),
+    "nystrom": lambda scale: sa.nn.NystromAttention(2, scale=scale),
+    "synthesizer": lambda scale: sa.nn.SynthesizerAttention(12, mode="random", mix=True, scale=scale),
+}
+for _name, _build in _SCALED.items():
+    MODULE_CTOR_ERRORS += [
+        (f"{_name}_scale_str", lambda b=_build: b("x"), TypeError, r"scale.*'x'"),
+        (f"{_name}_scale_bool", lambda b=_build: b(True), TypeError, r"scale.*True"),
+        (f"{_name}_scale_inf", lambda b=_build: b(INF), ValueError, r"scale.*inf"),
+    ]
+
+
+@pytest.mark.parametrize("case", MODULE_CTOR_ERRORS, ids=[c[0] for c in MODULE_CTOR_ERRORS])
+def test_bad_module_arguments(case):
+    _, build, exc, match = case
+    with pytest.raises(exc, match=match):
+        build()
+
+
+@pytest.mark.parametrize("name", sorted(_SCALED))
+def test_module_scale_none_and_numbers_accepted(name):
+    assert _SCALED[name](None).scale is None
+    assert _SCALED[name](0.5).scale == 0.5
+
+
+@pytest.mark.parametrize("mode", ["dense", "factorized_dense"])
+def test_synthesizer_dense_head_dim_mismatch(mode):
+    m = sa.nn.SynthesizerAttention(12, mode=mode, head_dim=4)
+    q, k, v = (torch.randn(1, 2, 5, 6) for _ in range(3))
+    with pytest.raises(ValueError, match=r"head_dim=4.*D=6"):
+        m(q, k, v)
+
+
+def test_valid_flags_still_work():
+    assert sa.nn.PerformerAttention(8, causal=True).causal is True
+    assert sa.nn.SynthesizerAttention(12, mode="random", causal=True, mix=True, fixed=True).causal is True
+    assert sa.approx.FavorPlus(8, orthogonal=False).orthogonal is False
+    assert sa.nn.LinformerAttention(16, 4, share_kv=True).f_proj is None
+    assert sa.nn.CompressedAttention(3, head_dim=4, bias=False).k_conv.bias is None
+    assert sa.nn.WindowAttention2d(8, 2, 4, qkv_bias=False).qkv.bias is None
+    m = sa.nn.SynthesizerAttention(12, mode="factorized_dense", head_dim=4, factors=[3, 4])
+    assert [mlp.w2.shape[-1] for mlp in m.mlps] == [3, 4]
+    assert sa.nn.WindowAttention2d(8, 2, 4, scale=2).scale == 2.0

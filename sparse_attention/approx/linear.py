@@ -175,7 +175,7 @@ class FavorPlus(torch.nn.Module, FeatureMap):
             num_features = max(1, round(head_dim * math.log(head_dim))) if head_dim > 1 else 1
         self.features = check_int("num_features", num_features, minimum=1)
         self.seed = check_int("seed", seed)
-        self.orthogonal = bool(orthogonal)
+        self.orthogonal = check_bool("orthogonal", orthogonal)
         self.draws = 0
         self.register_buffer("projection", self._draw(), persistent=True)
 
@@ -303,7 +303,10 @@ def resolve_feature_map(feature_map: object) -> FeatureMap:
 
 
 def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+    """eps, added to the denominator: a finite real >= 0 (TypeError for other types, bools included)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a finite float >= 0, got {eps!r}")
+    if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     return float(eps)
 

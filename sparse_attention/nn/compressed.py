@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_bool, check_int, check_scale
 from ..approx.compressed import compressed_attention
 
 
@@ -33,7 +33,8 @@ class CompressedAttention(torch.nn.Module):
         self.stride = self.kernel_size if stride is None else check_int("stride", stride, minimum=1)
         D = check_int("head_dim", head_dim, minimum=1)
         Dv = D if value_dim is None else check_int("value_dim", value_dim, minimum=1)
-        self.scale = scale
+        bias = check_bool("bias", bias)
+        self.scale = None if scale is None else check_scale(scale, 1)  # None: 1/sqrt(D), D known at forward
         self.k_conv = torch.nn.Conv1d(D, D, self.kernel_size, stride=self.stride, bias=bias)
         self.v_conv = torch.nn.Conv1d(Dv, Dv, self.kernel_size, stride=self.stride, bias=bias)
         with torch.no_grad():

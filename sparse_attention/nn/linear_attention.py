@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_bool, check_int
-from ..approx.linear import FEATURE_MAPS, LinearAttentionState, linear_attention
+from ..approx.linear import FEATURE_MAPS, LinearAttentionState, _check_eps, linear_attention
 
 
 class LinearAttention(torch.nn.Module):
@@ -35,7 +35,7 @@ class LinearAttention(torch.nn.Module):
         self.feature_map = feature_map
         self.causal = check_bool("causal", causal)
         self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
-        self.eps = eps
+        self.eps = _check_eps(eps)
 
     def extra_repr(self) -> str:
         return f"feature_map={self.feature_map!r}, causal={self.causal}"

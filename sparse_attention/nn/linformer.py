@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._checks import check_int, check_scale
+from .._checks import check_bool, check_int, check_scale
 from ..approx._common import sdpa, zero_padded
 from ..approx.linformer import check_projection, linformer_attention
 
@@ -20,7 +20,7 @@ class LinformerAttention(torch.nn.Module):
         num_heads: None (default) = one E (and F) shared by all heads; an int = one per key/value head.
         share_kv: True = F is E (one projection for keys and values). Sharing across layers: pass
             the same module to each layer.
-        causal: must be False; ValueError explaining why otherwise.
+        causal: must be False; True raises ValueError explaining why.
         scale: default 1/sqrt(D).
 
     Parameters E, F: (K, L) or (num_heads, K, L), initialised N(0, 1/K) (as the linformer package).
@@ -33,13 +33,14 @@ class LinformerAttention(torch.nn.Module):
         super().__init__()
         self.seq_len = check_int("seq_len", seq_len, minimum=1)
         self.k = check_int("k", k, minimum=1)
-        if causal:
+        if check_bool("causal", causal):
             raise ValueError("LinformerAttention cannot be causal: every projected key mixes all positions, so "
                              "query i would read keys after i; use PerformerAttention(causal=True) or "
                              "sparse_attention.linear_attention(causal=True)")
         heads = () if num_heads is None else (check_int("num_heads", num_heads, minimum=1),)
         self.num_heads = num_heads
-        self.scale = scale
+        share_kv = check_bool("share_kv", share_kv)
+        self.scale = None if scale is None else check_scale(scale, 1)  # None: 1/sqrt(D), D known at forward
         self.e_proj = torch.nn.Parameter(torch.randn(*heads, self.k, self.seq_len) / math.sqrt(self.k))
         self.f_proj = None if share_kv else torch.nn.Parameter(
             torch.randn(*heads, self.k, self.seq_len) / math.sqrt(self.k))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_scale
 from ..approx.nystrom import nystrom_attention
 
 
@@ -22,7 +22,7 @@ class NystromAttention(torch.nn.Module):
         super().__init__()
         self.num_landmarks = check_int("num_landmarks", num_landmarks, minimum=1)
         self.pinv_iterations = check_int("pinv_iterations", pinv_iterations, minimum=0)
-        self.scale = scale
+        self.scale = None if scale is None else check_scale(scale, 1)  # None: 1/sqrt(D), D known at forward
 
     def extra_repr(self) -> str:
         return f"num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}"

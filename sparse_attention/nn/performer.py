@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int
-from ..approx.linear import FavorPlus, LinearAttentionState, linear_attention
+from .._checks import check_bool, check_int
+from ..approx.linear import FavorPlus, LinearAttentionState, _check_eps, linear_attention
 
 
 class PerformerAttention(torch.nn.Module):
@@ -29,12 +29,12 @@ class PerformerAttention(torch.nn.Module):
     def __init__(self, head_dim: int, num_features: int | None = None, *, causal: bool = False, seed: int = 0,
                  redraw_interval: int | None = None, chunk_size: int = 64, eps: float = 1e-6):
         super().__init__()
+        self.causal = check_bool("causal", causal)
         self.feature_map = FavorPlus(head_dim, num_features, seed=seed)
-        self.causal = bool(causal)
         self.redraw_interval = None if redraw_interval is None else check_int("redraw_interval", redraw_interval,
                                                                               minimum=1)
         self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
-        self.eps = eps
+        self.eps = _check_eps(eps)
         self.calls = 0
 
     def redraw(self) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_bool, check_int, check_scale
 from ..approx.synthesizer import synthesizer_attention, tile_factorized
 
 MODES = ("dense", "random", "factorized_dense", "factorized_random")
@@ -16,6 +17,18 @@ def _factor_pair(n: int) -> tuple[int, int]:
     """a · b = n with a the largest divisor <= sqrt(n)."""
     a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     return a, n // a
+
+
+def _check_factors(factors: object, n: int) -> tuple[int, int]:
+    """``factors`` as a pair of positive ints (a, b) with a · b = n = max_len."""
+    if not isinstance(factors, (tuple, list)) or len(factors) != 2 or \
+            any(isinstance(f, bool) or not isinstance(f, numbers.Integral) for f in factors):
+        raise TypeError(f"factors must be a pair of ints (a, b) with a * b = max_len={n}, got {factors!r}")
+    a, b = int(factors[0]), int(factors[1])
+    if a < 1 or b < 1 or a * b != n:
+        raise ValueError(f"factors must be a pair of positive ints (a, b) with a * b = max_len={n}, "
+                         f"got {factors!r}")
+    return a, b
 
 
 class SynthesizerAttention(torch.nn.Module):
@@ -41,7 +54,8 @@ class SynthesizerAttention(torch.nn.Module):
         scale: of q·kᵀ, default 1/sqrt(D).
 
     forward(q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), *, key_padding_mask=None)
-    -> (B, Hq, N, Dv). q and k are read only by the dense modes (q) and by mixing (q, k).
+    -> (B, Hq, N, Dv). q and k are read only by the dense modes (q, whose D must be head_dim) and by mixing
+    (q, k).
     """
 
     def __init__(self, max_len: int, *, mode: str = "dense", num_heads: int = 1, head_dim: int | None = None,
@@ -54,8 +68,10 @@ class SynthesizerAttention(torch.nn.Module):
         self.max_len = L = check_int("max_len", max_len, minimum=1)
         self.mode = mode
         self.num_heads = Hp = check_int("num_heads", num_heads, minimum=1)
-        self.causal = bool(causal)
-        self.scale = scale
+        self.causal = check_bool("causal", causal)
+        self.scale = None if scale is None else check_scale(scale, 1)  # None: 1/sqrt(D), D known at forward
+        fixed, mix = check_bool("fixed", fixed), check_bool("mix", mix)
+        self.head_dim = None
         if fixed and mode != "random":
             raise ValueError(f"fixed=True applies to mode='random' only, got mode={mode!r}")
         if random_logits is not None and mode != "random":
@@ -63,16 +79,12 @@ class SynthesizerAttention(torch.nn.Module):
         if mode in ("dense", "factorized_dense"):
             if head_dim is None:
                 raise ValueError(f"mode={mode!r} needs head_dim (the MLP reads each token's query vector)")
-            D = check_int("head_dim", head_dim, minimum=1)
+            self.head_dim = D = check_int("head_dim", head_dim, minimum=1)
             hid = D if hidden is None else check_int("hidden", hidden, minimum=1)
             if mode == "dense":
                 outs = (L,)
             else:
-                a, b = _factor_pair(L) if factors is None else factors
-                a, b = check_int("factors[0]", a, minimum=1), check_int("factors[1]", b, minimum=1)
-                if a * b != L:
-                    raise ValueError(f"factors must multiply to max_len={L}, got {(a, b)}")
-                outs = (a, b)
+                outs = _factor_pair(L) if factors is None else _check_factors(factors, L)
             self.mlps = torch.nn.ModuleList(_HeadMLP(Hp, D, hid, o) for o in outs)
         elif mode == "random":
             if random_logits is None:
@@ -110,6 +122,9 @@ class SynthesizerAttention(torch.nn.Module):
         assert q is not None
         if self.num_heads not in (1, q.shape[1]):
             raise ValueError(f"module has num_heads={self.num_heads} but q has Hq={q.shape[1]} heads")
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"q.shape[-1] must equal head_dim={self.head_dim} in mode={self.mode!r} (its MLPs read "
+                             f"each query vector), got D={q.shape[-1]}")
         if self.mode == "dense":
             return self.mlps[0](q)[..., :S]
         return tile_factorized(self.mlps[0](q), self.mlps[1](q))[..., :S]
