@@ -391,3 +391,42 @@ def test_synthesizer_empty_lengths(causal):
     mha = sa.nn.MultiheadAttention(8, 2, attention=sa.nn.SynthesizerAttention(12, head_dim=4, causal=causal))
     x = torch.randn(1, 0, 8)
     assert mha(x, x, x, need_weights=False)[0].shape == (1, 0, 8)
+
+
+@pytest.mark.parametrize("dirty_at", ["keys", "queries"])
+@pytest.mark.parametrize("name", ["nystrom", "synthesizer-mix"])
+def test_non_finite_values_at_padded_positions_change_nothing(name, dirty_at):
+    """inf/NaN in the keys and values of padded positions change neither the real rows' outputs nor any
+    gradient of real positions. Nyström's self-attention also leaves padded queries out of its query
+    landmarks: inf there changes no real row's output (the padded row itself, and so the backward through
+    the shared landmarks, do see it)."""
+    if name == "synthesizer-mix" and dirty_at == "queries":
+        pytest.skip("Synthesizer has no query landmarks: a query only reaches its own row")
+    q, k, v = make_qkv(2, 2, 2, 20, 20, 8, dtype=torch.float64, requires_grad=False)
+    kpm = padding_mask(2, 20)
+    if name == "nystrom":
+        def fn(a, b, c):
+            return nystrom_attention(a, b, c, num_landmarks=4, key_padding_mask=kpm)
+    else:
+        logits = torch.randn(20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+        def fn(a, b, c):
+            return synthesizer_attention(logits, c, q=a, k=b, dot_weight=0.5, key_padding_mask=kpm)
+    g = torch.randn(2, 2, 20, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    real = ~kpm
+    results = []
+    for dirty in (False, True):
+        a, b, c = (t.clone() for t in (q, k, v))
+        if dirty:
+            pad = kpm[:, None, :, None].expand_as(b)
+            if dirty_at == "keys":
+                b[pad], c[pad] = float("nan"), float("inf")
+            else:
+                a[pad] = float("inf")
+        a, b, c = (t.requires_grad_() for t in (a, b, c))
+        out = fn(a, b, c)
+        grads = torch.autograd.grad(out, (a, b, c), g * real[:, None, :, None]) if dirty_at == "keys" else []
+        results.append([out.detach()] + list(grads))
+    for i, name_ in enumerate(("out", "dq", "dk", "dv")[:len(results[0])]):
+        clean, dirty = (r[i].transpose(1, 2)[real] for r in results)
+        torch.testing.assert_close(dirty, clean, atol=1e-12, rtol=1e-12, msg=lambda m, n=name_: f"{n}: {m}")

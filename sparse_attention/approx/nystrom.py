@@ -47,12 +47,15 @@ def segment_means(x: torch.Tensor, m: int, keep: torch.Tensor | None = None) -> 
     kept rows; a segment with none kept has mean 0 and is reported empty, (B, 1, m) bool.
     """
     B, H, L, D = x.shape
-    bounds = (torch.arange(m + 1, device=x.device) * L) // m  # (m + 1,)
+    ends = ((torch.arange(1, m + 1, device=x.device) * L) // m).contiguous()  # (m,)
+    seg = torch.bucketize(torch.arange(L, device=x.device), ends, right=True)  # each row's segment
     w = torch.ones(B, L, dtype=x.dtype, device=x.device) if keep is None else keep.to(x.dtype)
-    xs = torch.cat([x.new_zeros(B, H, 1, D), (x * w[:, None, :, None]).cumsum(2)], 2)  # prefix sums
-    ws = torch.cat([w.new_zeros(B, 1), w.cumsum(1)], 1)  # (B, L + 1)
-    total = xs[:, :, bounds[1:]] - xs[:, :, bounds[:-1]]  # (B, H, m, D)
-    count = (ws[:, bounds[1:]] - ws[:, bounds[:-1]])[:, None, :, None]  # (B, 1, m, 1)
+    if keep is not None:  # where, not a product: inf/NaN in a row left out never reach a mean
+        x = torch.where(keep[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # sums per segment (not differences of prefix sums, through which one non-finite row reached every
+    # later segment)
+    total = x.new_zeros(B, H, m, D).index_add_(2, seg, x)  # (B, H, m, D)
+    count = w.new_zeros(B, m).index_add_(1, seg, w)[:, None, :, None]  # (B, 1, m, 1)
     return total / count.clamp_min(1), (count > 0)[..., 0]
 
 

@@ -95,7 +95,8 @@ def synthesizer_attention(
         if alpha.dim() != 0 or not (0.0 <= float(alpha.detach()) <= 1.0):
             raise ValueError(f"dot_weight must be a scalar in [0, 1], got {dot_weight!r}")
         scale = check_scale(scale, D)
-        kk = k.to(dtype).repeat_interleave(Hq2 // Hkv, dim=1)  # (B, Hq, S, D)
+        # padded keys zeroed (where): inf/NaN there would reach q's gradient through the masked scores
+        kk = zero_padded(k.to(dtype), key_padding_mask).repeat_interleave(Hq2 // Hkv, dim=1)  # (B, Hq, S, D)
         dots = q.to(dtype) @ kk.transpose(-1, -2) * scale  # (B, Hq, N, S)
         scores = (1 - alpha) * scores + alpha * dots
     elif q is not None and q.shape[1] != Hq:
