@@ -119,10 +119,11 @@ def check_scale(scale: object, D: int) -> float:
     return scale
 
 
-def check_dropout(p: object) -> float:
+def check_dropout(p: object, name: str = "dropout_p") -> float:
+    """A dropout probability in [0, 1], as a float; errors name the argument ``name``."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1], got {p!r}")
+        raise TypeError(f"{name} must be a dropout probability (a float in [0, 1]), got {p!r}")
     p = float(p)
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {p}")
+        raise ValueError(f"{name} must be a dropout probability in [0, 1], got {p}")
     return p

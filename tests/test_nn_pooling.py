@@ -91,3 +91,8 @@ def test_empty_sequence_and_non_finite_padding(pool):
         outs.append((pooled.detach(), inp.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert torch.equal(outs[1][1][0, 2], torch.zeros(6, dtype=torch.float64)), "a padded step's gradient is 0"
+
+
+def test_bias_must_be_a_bool():
+    with pytest.raises(TypeError, match="bias must be a bool, got 'no'"):
+        sa.nn.AttentionPooling(6, bias="no")

@@ -187,8 +187,8 @@ def test_sinkhorn_and_reformer_take_grouped_query_heads():
     torch.testing.assert_close(sink(q, k, v), expected, rtol=0, atol=0)
     ref = sa.nn.ReformerAttention(4, seed=1)
     torch.testing.assert_close(ref(q, v), ref(q, v.repeat_interleave(2, 1)), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="multiple of Hkv"):
-        sink(q, torch.cat([k, k[:, :1]], 1), v)  # 3 key heads for 4 query heads
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        sink(q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1))  # 3 key/value heads for 4 query heads
 
 
 def test_routing_is_sized_for_the_length_by_the_bench(monkeypatch):

@@ -192,7 +192,7 @@ class MultiheadAttention(torch.nn.Module):
         self.kdim = embed_dim if kdim is None else check_int("kdim", kdim, minimum=1)
         self.vdim = embed_dim if vdim is None else check_int("vdim", vdim, minimum=1)
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
-        self.dropout = check_dropout(dropout)
+        self.dropout = check_dropout(dropout, "dropout")
         check_bool("batch_first", batch_first)
         self.batch_first = batch_first
         self.attention = resolve_attention(attention, head_dim=self.head_dim, num_heads=num_heads,

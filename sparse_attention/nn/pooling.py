@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from ..reference import masked_softmax
 
 _POOLS = ("time", "feature")
@@ -46,6 +46,7 @@ class AttentionPooling(torch.nn.Module):
         if pool not in _POOLS:
             raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
         self.pool = pool
+        bias = check_bool("bias", bias)
         self.proj = torch.nn.Linear(self.dim, self.hidden, bias=bias)
         self.score = torch.nn.Linear(self.hidden, 1 if pool == "time" else self.dim, bias=bias and pool == "feature")
 

@@ -31,7 +31,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_bool, check_int, check_scale
+from .._checks import check_bool, check_dropout, check_int, check_scale
 from ..reference import masked_softmax
 
 
@@ -41,15 +41,6 @@ def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     return (check_int(f"{name}[0]", value[0], minimum=minimum), check_int(f"{name}[1]", value[1], minimum=minimum))
-
-
-def _check_drop(name: str, p: object) -> float:
-    """A dropout probability in [0, 1], named ``name`` in errors (check_dropout names it dropout_p)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name} must be a float dropout probability in [0, 1], got {p!r}")
-    if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{name} must be a dropout probability in [0, 1], got {p!r}")
-    return float(p)
 
 
 def relative_position_index(wh: int, ww: int) -> torch.Tensor:
@@ -99,7 +90,7 @@ class WindowAttention2d(torch.nn.Module):
         qkv_bias: bias on the qkv projection. Default True.
         attn_drop: dropout on the attention weights (training only). Default 0.
         proj_drop: dropout on the output (training only). Default 0.
-        scale: multiplier of q.k; default None = D**-0.5.
+        scale: multiplier of q.k; default None = 1/sqrt(D).
 
     Parameters and buffers use Swin's names: ``qkv``, ``proj``,
     ``relative_position_bias_table`` ((2Wh-1)(2Ww-1), heads), ``relative_position_index``.
@@ -123,9 +114,9 @@ class WindowAttention2d(torch.nn.Module):
                 raise ValueError(f"shift_size must be smaller than window_size on each axis, got "
                                  f"shift_size={self.shift_size}, window_size={self.window_size}")
         head_dim = dim // num_heads
-        self.scale = head_dim ** -0.5 if scale is None else check_scale(scale, head_dim)
-        self.attn_drop = _check_drop("attn_drop", attn_drop)
-        self.proj_drop = _check_drop("proj_drop", proj_drop)
+        self.scale = check_scale(scale, head_dim)  # None: 1/sqrt(D), as everywhere
+        self.attn_drop = check_dropout(attn_drop, "attn_drop")
+        self.proj_drop = check_dropout(proj_drop, "proj_drop")
         qkv_bias = check_bool("qkv_bias", qkv_bias)
         wh, ww = self.window_size
         self.relative_position_bias_table = torch.nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
