@@ -284,3 +284,11 @@ def test_valid_flags_still_work():
     m = sa.nn.SynthesizerAttention(12, mode="factorized_dense", head_dim=4, factors=[3, 4])
     assert [mlp.w2.shape[-1] for mlp in m.mlps] == [3, 4]
     assert sa.nn.WindowAttention2d(8, 2, 4, scale=2).scale == 2.0
+
+
+def test_synthesizer_refuses_non_tensor_inputs():
+    syn = sa.nn.SynthesizerAttention(12, mode="dense", head_dim=4)
+    with pytest.raises(TypeError, match="q must be a 4-D tensor"):
+        syn([[1.0]], torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    with pytest.raises(TypeError, match=r"v must be a 4-D tensor \(B, H, L, ·\), got \(5, 4\)"):
+        syn(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(5, 4))

@@ -131,6 +131,10 @@ class SynthesizerAttention(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for name, t in (("q", q), ("v", v)):  # before reading their lengths (synthesizer_attention checks the rest)
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise TypeError(f"{name} must be a 4-D tensor (B, H, L, ·), got "
+                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         logits = self.logits(q, q.shape[2], v.shape[2])
         alpha = None if self.mix_weight is None else torch.sigmoid(self.mix_weight)
         return synthesizer_attention(logits, v, q=q, k=k, dot_weight=alpha, causal=self.causal,
