@@ -149,6 +149,19 @@ def test_explicit_scale(scale, backend, pattern):
     check_against_reference(fn, q, k, v, pattern, scale=scale)
 
 
+@pytest.mark.parametrize("pattern", [sa.Strided(2, causal=True), sa.Causal() & sa.Strided(5)], ids=repr)
+@pytest.mark.parametrize("NS", [(37, 37), (5, 6), (64, 65), (64, 66)], ids=str)
+@pytest.mark.parametrize("scale", [0.0, -0.5, 2.5])
+@pytest.mark.parametrize("backend", ["auto", "blocksparse", "dense"])
+def test_explicit_scale_causal_strided(backend, scale, NS, pattern):
+    """The residue-class path with scale <= 0: SDPA's is_causal (NaN there) served every class triangle with
+    no shift, which N != S with 0 < S - N < stride also gives (NaN out of (5, 6) with stride 2)."""
+    N, S = NS
+    q, k, v = make_qkv(1, 2, 1, N, S, 8, seed=6)
+    fn = lambda a, b, c: sa.attention(a, b, c, pattern, scale=scale, backend=backend)  # noqa: E731
+    check_against_reference(fn, q, k, v, pattern, scale=scale)
+
+
 def test_fully_padded_batch_element_is_exactly_zero():
     """Batch element 1 has every key padded: its output and dq are exactly 0, dk/dv finite (zero)."""
     for backend in ("blocksparse", "dense"):

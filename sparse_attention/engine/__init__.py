@@ -101,7 +101,7 @@ def _run_blocksparse(q, k, v, pattern, *, scale, key_padding_mask=None, dropout_
     from .tuning import choose_block
 
     N, S = q.shape[2], k.shape[2]
-    if residue_eligible(pattern, N, S, key_padding_mask is not None, scale) and block is None:
+    if residue_eligible(pattern, N, S, key_padding_mask is not None) and block is None:
         return residue_attention(q, k, v, pattern, scale=scale, key_padding_mask=key_padding_mask,
                                  dropout_p=dropout_p)  # block-diagonal once each residue class is gathered
     if pattern is None:

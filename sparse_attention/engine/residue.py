@@ -62,19 +62,16 @@ def _slots(n_q: int, n_k: int, s: int) -> tuple[int, int, int]:
     return r, math.ceil((n_q + r) / s), math.ceil(n_k / s)
 
 
-def residue_eligible(pattern: Pattern | None, n_q: int, n_k: int, padded: bool, scale: float | None = None) -> bool:
+def residue_eligible(pattern: Pattern | None, n_q: int, n_k: int, padded: bool) -> bool:
     """Whether ``residue_attention`` runs this call: Strided, except causal with key padding when its mask
-    would exceed CAUSAL_PADDED_MASK_LIMIT elements per batch entry, and causal with N == S unpadded and
-    scale <= 0 (that case uses SDPA's is_causal, which gives NaN for scale <= 0 on CPU in torch 2.13)."""
+    would exceed CAUSAL_PADDED_MASK_LIMIT elements per batch entry."""
     pattern = as_strided(pattern)
     if pattern is None or n_q == 0 or n_k == 0:
         return False
-    if not pattern.causal:
+    if not pattern.causal or not padded:
         return True
-    if padded:
-        _, mq, mk = _slots(n_q, n_k, pattern.stride)
-        return pattern.stride * mq * mk <= CAUSAL_PADDED_MASK_LIMIT
-    return n_q != n_k or scale is None or scale > 0
+    _, mq, mk = _slots(n_q, n_k, pattern.stride)
+    return pattern.stride * mq * mk <= CAUSAL_PADDED_MASK_LIMIT
 
 
 def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, scale: float,
@@ -99,7 +96,9 @@ def residue_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     qc, kc, vc = classes(q, r, mq), classes(k, 0, mk), classes(v, 0, mk)
     # causal: class slot m holds the query at position c + s·m + (S - N - r), so it sees key slots t <= m + shift
     shift = (S - N - r) // s
-    is_causal = pattern.causal and shift == 0 and key_padding_mask is None  # SDPA's own triangle, no mask
+    # SDPA's own triangle when no mask is needed; not for scale <= 0, where its is_causal gives NaN on CPU
+    # (torch 2.13): the explicit triangle below is exact there
+    is_causal = pattern.causal and shift == 0 and key_padding_mask is None and scale > 0
     mask = None
     if key_padding_mask is not None or (not pattern.causal and mk * s != S):
         real = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
