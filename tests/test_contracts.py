@@ -244,3 +244,20 @@ def test_gradcheck_public_entry_fp64(backend):
     kpm[0, :4] = True
     fn = lambda a, b, c: sa.attention(a, b, c, sa.Causal(), key_padding_mask=kpm, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_on_the_plain_ops_path(backend):
+    """The plain-ops path (taken with dropout, or any non-finite element in q, k or v) divides by the
+    softmax's own sum: with scores ~1e8 a NaN in batch entry 1 left entry 0 at 7x its value (exp(s - lse)
+    with lse rounded); and finite fp16 inputs of 30000 are finite inputs (their fp16 sum overflowed, which
+    sent them to that path as non-finite)."""
+    q = torch.full((2, 1, 64, 8), 1e4)
+    v = torch.randn(2, 1, 64, 8, generator=torch.Generator().manual_seed(3))
+    pattern = sa.SlidingWindow(3)
+    want = sa.reference_attention(q.double(), q.double(), v.double(), pattern.mask(64, 64))
+    v[1, 0, 0, 0] = float("nan")
+    out = sa.attention(q, q, v, pattern, backend=backend)
+    torch.testing.assert_close(out[0].double(), want[0], atol=1e-6, rtol=0)
+    x = torch.full((1, 1, 64, 8), 30000.0, dtype=torch.float16)
+    assert torch.equal(sa.attention(x, x, x, pattern, backend=backend), x)
