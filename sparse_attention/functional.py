@@ -8,6 +8,7 @@ from ._checks import check_dropout, check_key_padding_mask, check_qkv, check_sca
 from .dynamic.base import DynamicPattern, check_mechanism_fits
 from .engine import Call, select_backend
 from .patterns.base import Pattern
+from .reference import zeros_from
 
 
 def attention(
@@ -48,7 +49,7 @@ def attention(
     dropout_p = check_dropout(dropout_p)
     if N == 0 or S == 0 or Dv == 0:
         # no queries: empty output; no keys: every row is empty, so 0 (kept differentiable)
-        return (q.sum() * 0 + k.sum() * 0 + v.sum() * 0).expand(B, Hq, N, Dv).clone()
+        return zeros_from((B, Hq, N, Dv), q, k, v)
     if isinstance(pattern, DynamicPattern):
         if backend != "auto":
             raise ValueError(f"backend={backend!r}: content-based mechanisms run their own selection and "

@@ -73,3 +73,23 @@ def reference_attention(
     if dropout_mask is not None:
         p = p * dropout_mask / (1.0 - dropout_p) if dropout_p < 1.0 else torch.zeros_like(p)
     return torch.matmul(p, v).to(dtype)
+
+
+class _ZerosFrom(torch.autograd.Function):
+    """Zeros of a given shape that depend on some inputs with gradient exactly 0 (no NaN from them)."""
+
+    @staticmethod
+    def forward(ctx, shape, *inputs):
+        ctx.inputs = [(t.shape, t.dtype, t.device) for t in inputs]
+        return inputs[0].new_zeros(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs))
+
+
+def zeros_from(shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``shape`` (dtype and device of the first input) in the autograd graph of ``inputs``, each of
+    which gets gradient 0: the output of a call with no query or no key. (``x.sum() * 0`` would spread a NaN
+    or inf of any input over every zero, and its gradient.)"""
+    return _ZerosFrom.apply(tuple(shape), *inputs)

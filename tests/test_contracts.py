@@ -261,3 +261,22 @@ def test_large_logits_on_the_plain_ops_path(backend):
     torch.testing.assert_close(out[0].double(), want[0], atol=1e-6, rtol=0)
     x = torch.full((1, 1, 64, 8), 30000.0, dtype=torch.float16)
     assert torch.equal(sa.attention(x, x, x, pattern, backend=backend), x)
+
+
+def test_no_keys_gives_zeros_even_with_non_finite_queries():
+    """S = 0: every row is 0 with gradient 0, also when another row's query holds NaN or inf (a product with
+    q.sum() * 0 spread them over every row); sa.attention, linear attention and compressed attention."""
+    from sparse_attention.approx import compressed_attention
+
+    q, k, v = make_qkv(1, 2, 2, 3, 0, 4)
+    with torch.no_grad():
+        q[0, 0, 0, 0], q[0, 1, 2, 1] = float("nan"), float("inf")
+    calls = {"attention": lambda: sa.attention(q, k, v),
+             "linear": lambda: sa.linear_attention(q, k, v),
+             "compressed": lambda: compressed_attention(q, k, v, k_weight=torch.randn(4, 4, 2),
+                                                        v_weight=torch.randn(4, 4, 2), stride=2)}
+    for name, call in calls.items():
+        out = call()
+        assert torch.equal(out, torch.zeros(1, 2, 3, 4)), name
+        dq, = torch.autograd.grad(out, q, torch.ones_like(out))
+        assert torch.equal(dq, torch.zeros_like(q)), name

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_int, check_key_padding_mask, check_qkv, check_scale
+from ..reference import zeros_from
 from ._common import compute_dtype, sdpa, softmax_attention, zero_padded
 
 __all__ = ["compressed_length", "compress", "compressed_attention", "reference_compressed_attention"]
@@ -104,7 +105,7 @@ def compressed_attention(
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     scale = check_scale(scale, D)
     if N == 0 or S == 0:
-        return q.new_zeros(B, Hq, N, v_weight.shape[0]) + 0 * (q.sum() + k.sum() + v.sum())
+        return zeros_from((B, Hq, N, v_weight.shape[0]), q, k, v)
     dtype = compute_dtype(q.dtype)
     kc = compress(zero_padded(k.to(dtype), key_padding_mask), k_weight, k_bias, stride=stride)
     vc = compress(zero_padded(v.to(dtype), key_padding_mask), v_weight, v_bias, stride=stride)

@@ -54,6 +54,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import native
 from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv
+from ..reference import zeros_from
 
 __all__ = [
     "FeatureMap", "EluFeatureMap", "ReluFeatureMap", "FavorPlus", "resolve_feature_map",
@@ -776,7 +777,7 @@ def linear_attention(
             f"causal linear attention needs N == S (query i reads the running sum of keys 0..i), got N={N}, S={S}"
         )
     if N == 0 or S == 0 or Dv == 0:
-        return (q.sum() * 0 + k.sum() * 0 + v.sum() * 0).expand(B, Hq, N, Dv).clone()
+        return zeros_from((B, Hq, N, Dv), q, k, v)
     q32, k32, v32, fm_core = _prepare(fm, q, k, v, key_padding_mask)
     keep = None if key_padding_mask is None else (~key_padding_mask)[:, None, :, None].to(q32.dtype)  # (B, 1, S, 1)
     if state is not None:

@@ -32,6 +32,7 @@ from ..dynamic.lsh import LSH
 from ..dynamic.routing import Routing, update_centroids
 from ..dynamic.sinkhorn import sinkhorn, sinkhorn_attention
 from ..functional import attention
+from ..reference import zeros_from
 
 
 class ReformerAttention(torch.nn.Module):
@@ -211,7 +212,7 @@ class SinkhornAttention(torch.nn.Module):
     def forward(self, q, k, v, *, key_padding_mask=None):
         key_padding_mask = _check_inputs(self, q, k, v, key_padding_mask, self_attention=True)
         if q.shape[2] == 0:
-            return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
+            return zeros_from((*q.shape[:3], v.shape[-1]), q, k, v)
         # grouped-query attention: each query head sorts and reads its group's key/value head
         k, v = _to_query_heads(k, q.shape[1], "k"), _to_query_heads(v, q.shape[1], "v")
         p = sinkhorn(self.block_scores(k, key_padding_mask), self.n_iters, temperature=self.temperature,
