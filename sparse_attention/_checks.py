@@ -127,3 +127,21 @@ def check_dropout(p: object, name: str = "dropout_p") -> float:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be a dropout probability in [0, 1], got {p}")
     return p
+
+
+def check_positive_real(name: str, value: object) -> float:
+    """A positive finite real number (an epsilon, a temperature), as a float; bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive finite real number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite real number, got {value!r}")
+    return value
+
+
+def check_float_dtype(name: str, value: object) -> torch.dtype:
+    """One of the floating dtypes attention runs in (float16/bfloat16/float32/float64)."""
+    if not isinstance(value, torch.dtype) or value not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of torch.float16, torch.bfloat16, torch.float32, torch.float64, "
+                        f"got {value!r}")
+    return value

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_float_dtype, check_int
 from .patterns.base import Pattern
 
 
@@ -44,14 +45,30 @@ def pattern_stats(pattern: Pattern, n_q: int, n_k: int, *, num_heads: int = 1, n
     gradient accumulators, padded or converted copies and one chunk of work); for
     SlidingWindow(256), H=8, D=64 it gives 0.15 / 0.53 GiB at N = 16384 / 65536 where
     benchmarks/bench_core.py measured 0.16 / 0.54 GiB (warm call).
+
+    Arguments: N = ``n_q`` and S = ``n_k`` >= 0; H = ``num_heads`` >= 1; ``num_kv_heads`` Hkv (default
+    None = H) must divide H; D = ``head_dim`` >= 1; B = ``batch`` >= 0; ``dtype`` float16, bfloat16,
+    float32 or float64; ``block`` >= 1, default None = the engine's own choice (``choose_block``).
+    Anything else raises ValueError/TypeError naming the argument.
     """
     from .engine.blocksparse import ROW_CHUNK_BYTES
     from .engine.plan import build_plan
     from .engine.tuning import choose_block
 
-    H = num_heads
-    Hkv = num_kv_heads or H
-    b = block or choose_block(pattern, n_q, n_k, H // Hkv)
+    # every argument checked before any work (num_heads=0 divided by zero, batch=-1 gave negative FLOPs)
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a sparse_attention.Pattern, got {type(pattern).__name__}")
+    n_q = check_int("n_q", n_q, minimum=0)
+    n_k = check_int("n_k", n_k, minimum=0)
+    H = check_int("num_heads", num_heads, minimum=1)
+    Hkv = H if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, minimum=1)
+    if H % Hkv:
+        raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={H}, num_kv_heads={Hkv}")
+    head_dim = check_int("head_dim", head_dim, minimum=1)
+    batch = check_int("batch", batch, minimum=0)  # B=0 is a valid (empty) attention call
+    dtype = check_float_dtype("dtype", dtype)
+    # None = choose the block; block=0 is an error, not "automatic"
+    b = choose_block(pattern, n_q, n_k, H // Hkv) if block is None else check_int("block", block, minimum=1)
     layout = pattern.layout(n_q, n_k, b)
     plan = build_plan(pattern, layout)
     pairs = 0

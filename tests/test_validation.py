@@ -292,3 +292,199 @@ def test_synthesizer_refuses_non_tensor_inputs():
         syn([[1.0]], torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
     with pytest.raises(TypeError, match=r"v must be a 4-D tensor \(B, H, L, ·\), got \(5, 4\)"):
         syn(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(5, 4))
+
+
+# --- Pattern.stats / sa.pattern_stats: every size argument is checked before the layout is built (num_heads=0
+# was a ZeroDivisionError, batch=-1 gave negative FLOPs, block=0 silently meant "choose one")
+STATS_ERRORS = [
+    ("num_heads_zero", {"num_heads": 0}, ValueError, r"num_heads must be >= 1, got 0"),
+    ("num_heads_float", {"num_heads": 2.0}, TypeError, r"num_heads must be an int, got 2\.0"),
+    ("num_heads_bool", {"num_heads": True}, TypeError, r"num_heads must be an int, got True"),
+    ("batch_negative", {"batch": -1}, ValueError, r"batch must be >= 0, got -1"),
+    ("head_dim_zero", {"head_dim": 0}, ValueError, r"head_dim must be >= 1, got 0"),
+    ("head_dim_float", {"head_dim": 8.0}, TypeError, r"head_dim must be an int, got 8\.0"),
+    ("block_zero", {"block": 0}, ValueError, r"block must be >= 1, got 0"),
+    ("block_float", {"block": 16.0}, TypeError, r"block must be an int, got 16\.0"),
+    ("dtype_str", {"dtype": "float32"}, TypeError, r"dtype must be .*got 'float32'"),
+    ("dtype_int", {"dtype": torch.int64}, TypeError, r"dtype must be .*got torch\.int64"),
+    ("n_q_float", {"n_q": 16.0}, TypeError, r"n_q must be an int, got 16\.0"),
+    ("n_k_negative", {"n_k": -1}, ValueError, r"n_k must be >= 0, got -1"),
+]
+
+
+def _stats(entry, n_q=16, n_k=16, **kwargs):
+    pattern = sa.SlidingWindow(4)
+    if entry == "method":
+        return pattern.stats(n_q, n_k, **kwargs)
+    return sa.pattern_stats(pattern, n_q, n_k, **kwargs)
+
+
+@pytest.mark.parametrize("entry", ["method", "function"])
+@pytest.mark.parametrize("case", STATS_ERRORS, ids=[c[0] for c in STATS_ERRORS])
+def test_stats_bad_arguments(entry, case):
+    _, kwargs, exc, match = case
+    with pytest.raises(exc, match=match):
+        _stats(entry, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"num_kv_heads": 0}, ValueError, r"num_kv_heads must be >= 1, got 0"),
+    ({"num_kv_heads": 2.0, "num_heads": 4}, TypeError, r"num_kv_heads must be an int, got 2\.0"),
+    ({"num_kv_heads": 3, "num_heads": 4}, ValueError, r"num_heads must be a multiple of num_kv_heads.*4.*3"),
+], ids=["kv_zero", "kv_float", "kv_not_divisor"])
+def test_pattern_stats_bad_kv_heads(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _stats("function", **kwargs)
+
+
+def test_pattern_stats_refuses_non_pattern():
+    with pytest.raises(TypeError, match=r"pattern must be a sparse_attention\.Pattern, got str"):
+        sa.pattern_stats("sliding_window", 16, 16)
+
+
+@pytest.mark.parametrize("entry", ["method", "function"])
+def test_stats_valid_arguments_still_work(entry):
+    auto = _stats(entry)
+    assert _stats(entry, block=None).block == auto.block  # None = choose the block
+    assert _stats(entry, block=8).block == 8
+    assert _stats(entry, batch=0).flops_forward == 0  # an empty batch costs nothing, as attention accepts B=0
+    assert _stats(entry, num_heads=2, batch=3, head_dim=7, dtype=torch.bfloat16).flops_dense == 4 * 3 * 2 * 7 * 256
+    assert sa.pattern_stats(sa.SlidingWindow(4), 16, 16, num_heads=4, num_kv_heads=2).attended_pairs == \
+        auto.attended_pairs
+
+
+# --- sa.nn.MultiheadAttention: flags are bools (check_bool), inputs have the layer's dtype
+def _mha(**kwargs):
+    return sa.nn.MultiheadAttention(8, 2, **kwargs)
+
+
+MHA_CTOR_ERRORS = [
+    ("bias_str", {"bias": "no"}, r"bias must be a bool, got 'no'"),
+    ("bias_int", {"bias": 0}, r"bias must be a bool, got 0"),
+    ("batch_first_int", {"batch_first": 1}, r"batch_first must be a bool, got 1"),
+]
+
+
+@pytest.mark.parametrize("case", MHA_CTOR_ERRORS, ids=[c[0] for c in MHA_CTOR_ERRORS])
+def test_multihead_bad_flags_in_constructor(case):
+    _, kwargs, match = case
+    with pytest.raises(TypeError, match=match):
+        _mha(**kwargs)
+
+
+MHA_FORWARD_FLAGS = [
+    ("is_causal", "False"),
+    ("need_weights", "no"),
+    ("need_weights", 0),
+    ("average_attn_weights", "no"),
+    ("average_attn_weights", 1),
+]
+
+
+@pytest.mark.parametrize("flag, value", MHA_FORWARD_FLAGS, ids=[f"{f}={v!r}" for f, v in MHA_FORWARD_FLAGS])
+def test_multihead_bad_flags_in_forward(flag, value):
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(TypeError, match=rf"{flag} must be a bool, got {value!r}"):
+        _mha()(x, x, x, **{flag: value})
+
+
+def test_multihead_new_cache_is_causal_must_be_bool():
+    for m in (_mha(), _mha(attention=sa.Causal())):  # checked whether or not the mechanism is causal already
+        with pytest.raises(TypeError, match=r"is_causal must be a bool, got 'yes'"):
+            m.new_cache(is_causal="yes")
+    assert isinstance(_mha().new_cache(is_causal=True), sa.nn.KVCache)
+
+
+@pytest.mark.parametrize("kdim", [None, 6], ids=["packed", "separate"])
+def test_multihead_input_dtype_must_match_the_layer(kdim):
+    m = _mha(kdim=kdim, vdim=kdim)
+    q, kv = torch.randn(2, 5, 8), torch.randn(2, 7, kdim or 8)
+    with pytest.raises(TypeError, match=r"query must have the dtype of the layer's parameters \(torch\.float32\), "
+                                        r"got torch\.float64"):
+        m(q.double(), kv.double(), kv.double())
+    with pytest.raises(TypeError, match=r"key must have .*\(torch\.float32\), got torch\.float64"):
+        m(q, kv.double(), kv)
+    with pytest.raises(TypeError, match=r"value must have .*\(torch\.float32\), got torch\.float16"):
+        m(q, kv, kv.half())
+    with pytest.raises(TypeError, match=r"query must have .*\(torch\.float64\), got torch\.float32"):
+        m.double()(q, kv.double(), kv.double())
+
+
+def test_multihead_autocast_still_mixes_dtypes():
+    m, x = _mha(), torch.randn(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the projections' inputs itself
+        assert m(x, x, x)[0].dtype == torch.bfloat16
+        assert m(x.bfloat16(), x, x.bfloat16(), need_weights=False)[0].dtype == torch.bfloat16
+
+
+# --- TransformerEncoderLayer / TransformerDecoderLayer: every constructor argument checked before building
+_LAYERS = {"encoder": sa.nn.TransformerEncoderLayer, "decoder": sa.nn.TransformerDecoderLayer}
+LAYER_CTOR_ERRORS = [
+    ("ff_zero", {"dim_feedforward": 0}, ValueError, r"dim_feedforward must be >= 1, got 0"),
+    ("ff_negative", {"dim_feedforward": -1}, ValueError, r"dim_feedforward must be >= 1, got -1"),
+    ("ff_float", {"dim_feedforward": 16.5}, TypeError, r"dim_feedforward must be an int, got 16\.5"),
+    ("eps_negative", {"layer_norm_eps": -1.0}, ValueError, r"layer_norm_eps must be a positive finite .*-1\.0"),
+    ("eps_zero", {"layer_norm_eps": 0.0}, ValueError, r"layer_norm_eps must be a positive finite .*0\.0"),
+    ("eps_nan", {"layer_norm_eps": float("nan")}, ValueError, r"layer_norm_eps must be .*nan"),
+    ("eps_inf", {"layer_norm_eps": INF}, ValueError, r"layer_norm_eps must be .*inf"),
+    ("eps_str", {"layer_norm_eps": "a"}, TypeError, r"layer_norm_eps must be .*'a'"),
+    ("eps_bool", {"layer_norm_eps": True}, TypeError, r"layer_norm_eps must be .*True"),
+    ("norm_first_str", {"norm_first": "no"}, TypeError, r"norm_first must be a bool, got 'no'"),
+    ("norm_first_int", {"norm_first": 1}, TypeError, r"norm_first must be a bool, got 1"),
+    ("bias_str", {"bias": "no"}, TypeError, r"bias must be a bool, got 'no'"),
+    ("batch_first_str", {"batch_first": "no"}, TypeError, r"batch_first must be a bool, got 'no'"),
+    ("dropout_above_1", {"dropout": 1.5}, ValueError, r"dropout must be a dropout probability in \[0, 1\], got 1\.5"),
+    ("dropout_str", {"dropout": "0.1"}, TypeError, r"dropout must be a dropout probability .*'0\.1'"),
+    ("activation_unknown", {"activation": "tanh"}, ValueError, r"activation must be one of .*'tanh'"),
+    ("activation_int", {"activation": 3}, TypeError, r"activation must be a string or a callable, got int"),
+    ("d_model_zero", {"d_model": 0}, ValueError, r"d_model must be >= 1, got 0"),
+    ("nhead_float", {"nhead": 2.0}, TypeError, r"nhead must be an int, got 2\.0"),
+    ("nhead_not_divisor", {"nhead": 3}, ValueError, r"d_model must be divisible by nhead, got d_model=8, nhead=3"),
+]
+
+
+@pytest.mark.parametrize("layer", sorted(_LAYERS))
+@pytest.mark.parametrize("case", LAYER_CTOR_ERRORS, ids=[c[0] for c in LAYER_CTOR_ERRORS])
+def test_transformer_layer_bad_arguments(layer, case):
+    _, kwargs, exc, match = case
+    kwargs = {"d_model": 8, "nhead": 2, "dim_feedforward": 16, **kwargs}
+    with pytest.raises(exc, match=match):
+        _LAYERS[layer](**kwargs)
+
+
+def test_transformer_layer_valid_arguments_still_work():
+    enc = sa.nn.TransformerEncoderLayer(8, 2, 16, 0.0, "gelu", 1e-6, True, True, False)
+    assert enc.norm_first is True and enc.linear1.bias is None and enc.norm1.eps == 1e-6
+    dec = sa.nn.TransformerDecoderLayer(8, 2, 16, layer_norm_eps=1)  # an int eps is a real number
+    assert dec.norm1.eps == 1.0 and dec.norm_first is False
+
+
+def test_decoder_new_cache_and_forward_flags_must_be_bools():
+    dec = sa.nn.TransformerDecoderLayer(8, 2, 16, batch_first=True, attention="causal")
+    with pytest.raises(TypeError, match=r"cache_memory must be a bool, got 'no'"):
+        dec.new_cache(cache_memory="no")
+    with pytest.raises(TypeError, match=r"is_causal must be a bool, got 'yes'"):
+        dec.new_cache(is_causal="yes")
+    assert dec.new_cache(cache_memory=False).memory is None
+    tgt, mem = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    with pytest.raises(TypeError, match=r"tgt_is_causal must be a bool, got 'no'"):
+        dec(tgt, mem, tgt_is_causal="no")
+    with pytest.raises(TypeError, match=r"memory_is_causal must be a bool, got 0"):
+        dec(tgt, mem, memory_is_causal=0)
+    enc = sa.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.raises(TypeError, match=r"is_causal must be a bool, got 'False'"):
+        enc(tgt, is_causal="False")
+
+
+# --- WindowAttention2d: x must be a floating tensor of the layer's dtype (int input was F.linear's RuntimeError)
+def test_window2d_input_dtype():
+    m = sa.nn.WindowAttention2d(8, 2, 4)
+    x = torch.randn(1, 5, 6, 8)
+    with pytest.raises(TypeError, match=r"x must be a floating tensor, got torch\.int64"):
+        m(x.long())
+    with pytest.raises(TypeError, match=r"x must have the dtype of the layer's parameters \(torch\.float32\), "
+                                        r"got torch\.float64"):
+        m(x.double())
+    assert m.double()(x.double()).dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sa.nn.WindowAttention2d(8, 2, 4)(x).shape == x.shape

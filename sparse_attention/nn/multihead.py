@@ -168,7 +168,8 @@ class MultiheadAttention(torch.nn.Module):
     forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
     average_attn_weights=True, is_causal=False, *, cache=None) -> (output, weights):
         query (B, N, E), key (B, S, kdim), value (B, S, vdim) (or sequence-first, or unbatched
-        (N, E)); key_padding_mask (B, S) True = ignore; attn_mask (N, S) or (B·H, N, S), bool
+        (N, E)), in the dtype of the layer's parameters (any float dtype under autocast);
+        key_padding_mask (B, S) True = ignore; attn_mask (N, S) or (B·H, N, S), bool
         True = not allowed or float added. Output (B, N, E). Weights: None if not
         need_weights, else (B, N, S) averaged over heads or (B, H, N, S); for a sparse
         mechanism only while N·S <= 2**22, else ValueError. ``cache`` (a :class:`KVCache`,
@@ -193,6 +194,7 @@ class MultiheadAttention(torch.nn.Module):
         self.vdim = embed_dim if vdim is None else check_int("vdim", vdim, minimum=1)
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout = check_dropout(dropout, "dropout")
+        check_bool("bias", bias)
         check_bool("batch_first", batch_first)
         self.batch_first = batch_first
         self.attention = resolve_attention(attention, head_dim=self.head_dim, num_heads=num_heads,
@@ -244,6 +246,7 @@ class MultiheadAttention(torch.nn.Module):
         causal per call by ``forward(..., is_causal=True)``. For ``LinearAttention(causal=True)`` and
         ``PerformerAttention(causal=True)``, a :class:`~sparse_attention.approx.LinearAttentionState`: the
         running sums, O(F·Dv) per head."""
+        check_bool("is_causal", is_causal)
         if isinstance(self.attention, _STATE_MECHANISMS) and self.attention.causal:
             return LinearAttentionState()
         if isinstance(self.attention, torch.nn.Module):
@@ -276,6 +279,7 @@ class MultiheadAttention(torch.nn.Module):
                 None if value is None else F.linear(value, wv, bv))
 
     def _check_inputs(self, query, key, value):
+        wdtype = (self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight).dtype
         for name, t, feat in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -286,6 +290,10 @@ class MultiheadAttention(torch.nn.Module):
                 raise ValueError(f"{name} must have {feat} features in its last dim, got shape {tuple(t.shape)}")
             if not t.dtype.is_floating_point:
                 raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            # F.linear would raise "mat1 and mat2 must have the same dtype"; autocast casts the inputs itself
+            if t.dtype != wdtype and not torch.is_autocast_enabled(t.device.type):
+                raise TypeError(f"{name} must have the dtype of the layer's parameters ({wdtype}), got "
+                                f"{t.dtype}; convert the input or the layer (.to(dtype))")
         if not (query.dim() == key.dim() == value.dim()):
             raise ValueError(f"query, key and value must all be batched or all unbatched, got shapes "
                              f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
@@ -315,6 +323,9 @@ class MultiheadAttention(torch.nn.Module):
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False, *, cache: KVCache | MemoryCache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        check_bool("need_weights", need_weights)
+        check_bool("average_attn_weights", average_attn_weights)
+        check_bool("is_causal", is_causal)
         self._check_inputs(query, key, value)
         if cache is not None and not isinstance(cache, (KVCache, MemoryCache, LinearAttentionState)):
             raise TypeError(f"cache must be a sparse_attention.nn.KVCache, MemoryCache or (for causal linear "

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_bool, check_dropout, check_int, check_positive_real
 from ..approx.linear import LinearAttentionState
 from .cache import DecoderCache, KVCache, MemoryCache
 from .multihead import MultiheadAttention
@@ -42,6 +43,24 @@ def _activation(activation: str | Callable[[torch.Tensor], torch.Tensor]) -> Cal
     return activation
 
 
+def _check_layer_arguments(d_model: object, nhead: object, dim_feedforward: object, dropout: object,
+                           activation: object, layer_norm_eps: object, batch_first: object, norm_first: object,
+                           bias: object) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The constructor arguments both layers share, checked before anything is built (the names are the
+    layers' own: d_model, nhead, ...); returns the activation function."""
+    d_model = check_int("d_model", d_model, minimum=1)
+    nhead = check_int("nhead", nhead, minimum=1)
+    if d_model % nhead:
+        raise ValueError(f"d_model must be divisible by nhead, got d_model={d_model}, nhead={nhead}")
+    check_int("dim_feedforward", dim_feedforward, minimum=1)
+    check_dropout(dropout, "dropout")
+    check_positive_real("layer_norm_eps", layer_norm_eps)
+    check_bool("batch_first", batch_first)
+    check_bool("norm_first", norm_first)
+    check_bool("bias", bias)
+    return _activation(activation)
+
+
 class TransformerEncoderLayer(torch.nn.Module):
     """Self-attention + feed-forward block, post-norm (default) or pre-norm.
 
@@ -49,6 +68,8 @@ class TransformerEncoderLayer(torch.nn.Module):
     activation="relu" ("relu", "gelu" or a callable), layer_norm_eps=1e-5,
     batch_first=False, norm_first=False, bias=True, device=None, dtype=None.
     Keyword-only: attention="full" (see :class:`MultiheadAttention`), num_kv_heads=None.
+    Checked before anything is built: d_model, nhead, dim_feedforward ints >= 1 (d_model divisible by
+    nhead), dropout in [0, 1], layer_norm_eps a positive finite real, the flags bools.
 
     forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False, *, cache=None):
         src (B, N, E) if batch_first else (N, B, E) -> same shape. With ``cache`` (from
@@ -60,6 +81,8 @@ class TransformerEncoderLayer(torch.nn.Module):
                  batch_first: bool = False, norm_first: bool = False, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                  attention: object = "full", num_kv_heads: int | None = None):
+        activation = _check_layer_arguments(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+                                            batch_first, norm_first, bias)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadAttention(d_model, nhead, attention=attention, num_kv_heads=num_kv_heads,
@@ -67,12 +90,12 @@ class TransformerEncoderLayer(torch.nn.Module):
         self.linear1 = torch.nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = torch.nn.Dropout(dropout)
         self.linear2 = torch.nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = bool(norm_first)
+        self.norm_first = norm_first
         self.norm1 = torch.nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.norm2 = torch.nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.dropout1 = torch.nn.Dropout(dropout)
         self.dropout2 = torch.nn.Dropout(dropout)
-        self.activation = _activation(activation)
+        self.activation = activation
 
     def new_cache(self, *, is_causal: bool = False) -> KVCache:
         """An empty cache for :meth:`forward` (see :meth:`MultiheadAttention.new_cache`)."""
@@ -121,6 +144,8 @@ class TransformerDecoderLayer(torch.nn.Module):
                  batch_first: bool = False, norm_first: bool = False, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                  attention: object = "full", cross_attention: object = "full", num_kv_heads: int | None = None):
+        activation = _check_layer_arguments(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+                                            batch_first, norm_first, bias)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadAttention(d_model, nhead, attention=attention, num_kv_heads=num_kv_heads,
@@ -131,24 +156,27 @@ class TransformerDecoderLayer(torch.nn.Module):
         self.linear1 = torch.nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = torch.nn.Dropout(dropout)
         self.linear2 = torch.nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = bool(norm_first)
+        self.norm_first = norm_first
         self.norm1 = torch.nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.norm2 = torch.nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.norm3 = torch.nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.dropout1 = torch.nn.Dropout(dropout)
         self.dropout2 = torch.nn.Dropout(dropout)
         self.dropout3 = torch.nn.Dropout(dropout)
-        self.activation = _activation(activation)
+        self.activation = activation
 
     def new_cache(self, *, is_causal: bool = False, cache_memory: bool = True) -> DecoderCache:
         """Empty caches for :meth:`forward`: self-attention (see :meth:`MultiheadAttention.new_cache`)
         and, unless ``cache_memory=False``, the memory's keys and values."""
+        check_bool("cache_memory", cache_memory)
         return DecoderCache(self.self_attn.new_cache(is_causal=is_causal), MemoryCache() if cache_memory else None)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
                 memory_key_padding_mask: torch.Tensor | None = None, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False, *, cache: DecoderCache | KVCache | None = None) -> torch.Tensor:
+        check_bool("tgt_is_causal", tgt_is_causal)  # named here: the attention layers would say "is_causal"
+        check_bool("memory_is_causal", memory_is_causal)
         if cache is None or isinstance(cache, (KVCache, LinearAttentionState)):
             self_cache, memory_cache = cache, None
         elif isinstance(cache, DecoderCache):
