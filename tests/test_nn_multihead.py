@@ -425,3 +425,15 @@ def test_is_causal_with_a_mechanism_built_causal(mech):
     x = torch.randn(2, 12, 16)
     out = mha(x, x, x, need_weights=False, is_causal=True)[0]
     assert torch.equal(out, mha(x, x, x, need_weights=False)[0])
+
+
+def test_is_causal_restricts_a_longformer_whose_global_tokens_see_the_future():
+    """Longformer(causal=True) with global tokens is not causal (they see, and are seen by, every position):
+    is_causal=True must still restrict it, to the same output as the pattern & Causal()."""
+    torch.manual_seed(0)
+    pattern = sa.Longformer(2, global_indices=[6], causal=True)
+    mha = sa.nn.MultiheadAttention(16, 2, attention=pattern, batch_first=True).eval()
+    x = torch.randn(2, 12, 16)
+    out = mha(x, x, x, need_weights=False, is_causal=True)[0]
+    mha.attention = pattern & sa.Causal()
+    assert torch.equal(out, mha(x, x, x, need_weights=False)[0])

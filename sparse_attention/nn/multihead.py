@@ -36,7 +36,8 @@ from ..approx.linear import LinearAttentionState
 from ..dynamic.base import DynamicPattern
 from ..dynamic.probsparse import ProbSparse
 from ..functional import attention as sparse_attention
-from ..patterns import Causal, Full, Pattern, SlidingWindow
+from ..patterns import Causal, Full, Longformer, Pattern, SlidingWindow, Strided
+from ..patterns.base import Intersection, Union
 from ..reference import masked_softmax
 from .cache import KVCache, MemoryCache
 from .linear_attention import LinearAttention
@@ -94,11 +95,20 @@ def cache_window(pattern: Pattern | None) -> int | None:
 
 
 def _is_causal(pattern: object) -> bool:
-    """The mechanism never attends to future keys: Causal, SlidingWindow(causal=True), or a
-    head-split module built with ``causal=True``."""
+    """The mechanism never attends to future keys: Causal, SlidingWindow or Strided built with
+    ``causal=True`` (Longformer too when it has no global tokens), an intersection with such a part, a union
+    of such parts, or a head-split module built with ``causal=True``."""
     if isinstance(pattern, torch.nn.Module):
         return getattr(pattern, "causal", False) is True
-    return isinstance(pattern, Causal) or (isinstance(pattern, SlidingWindow) and pattern.causal)
+    if isinstance(pattern, Intersection):
+        return any(_is_causal(p) for p in pattern.parts)
+    if isinstance(pattern, Union):
+        return all(_is_causal(p) for p in pattern.parts)
+    if isinstance(pattern, (SlidingWindow, Strided)):
+        return pattern.causal
+    if isinstance(pattern, Longformer):  # its global tokens are seen by, and see, every position
+        return pattern.causal and not pattern.global_indices
+    return isinstance(pattern, Causal)
 
 
 def _views(view, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
@@ -356,7 +366,8 @@ class MultiheadAttention(torch.nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         # mechanisms that project only what they need (float32/64, no cache, weights or mask): ProbSparse
         # (nn/probsparse_layer.py), and Linformer with one E for all heads (E and F shorten the inputs first)
-        built_causal = _is_causal(self.attention) or getattr(self.attention, "causal", False) is True
+        built_causal = _is_causal(self.attention) or (isinstance(self.attention, DynamicPattern)
+                                                      and getattr(self.attention, "causal", False) is True)
         plain_call = (cache is None and not need_weights and attn_mask is None and (built_causal or not is_causal)
                       and N > 0 and key.shape[1] > 0 and query.dtype in (torch.float32, torch.float64))
         fused_probsparse = plain_call and isinstance(self.attention, ProbSparse)
@@ -399,7 +410,8 @@ class MultiheadAttention(torch.nn.Module):
 
         pattern = self.attention
         module = isinstance(pattern, torch.nn.Module)
-        # built causal already (LSH, ProbSparse, Routing, Strided, ... with causal=True): nothing to restrict
+        # built causal already (Causal, SlidingWindow/Strided/LSH/ProbSparse/Routing with causal=True, ...): nothing
+        # to restrict
         if is_causal and not built_causal:
             if module:
                 raise ValueError(f"is_causal=True: the module mechanism {type(pattern).__name__} was not built "
