@@ -25,7 +25,7 @@ def _decode(m, x, chunk, cache):
 
 @pytest.mark.parametrize("pattern", [sa.Causal(), sa.SlidingWindow(5, causal=True), sa.SlidingWindow(0, causal=True),
                                      sa.Strided(3, causal=True), sa.Causal() & sa.Strided(4),
-                                     sa.Longformer(3, dilation=2, causal=True),
+                                     sa.Longformer(3, global_indices=[0], dilation=2, causal=True),
                                      sa.nn.LinearAttention(causal=True),
                                      sa.nn.PerformerAttention(E // H, 8, causal=True)],
                          ids=["causal", "window5", "window0", "strided3", "causal&strided4", "longformer",
@@ -151,9 +151,8 @@ def test_cache_refuses_non_causal_and_mismatched_windows():
     m = sa.nn.MultiheadAttention(E, H, attention=sa.SlidingWindow(3))
     with pytest.raises(ValueError, match="causal"):
         m.new_cache()
-    # causal=True but global tokens see every position: not causal
-    with pytest.raises(ValueError, match="causal"):
-        sa.nn.MultiheadAttention(E, H, attention=sa.Longformer(3, global_indices=[5], causal=True)).new_cache()
+    with pytest.raises(ValueError, match="causal"):  # global tokens see every position
+        sa.nn.MultiheadAttention(E, H, attention=sa.Longformer(3, global_indices=[5])).new_cache()
     x = torch.randn(1, 2, E)
     with pytest.raises(ValueError, match="causal"):
         m(x, x, x, need_weights=False, cache=sa.nn.KVCache())

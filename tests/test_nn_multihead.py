@@ -427,13 +427,16 @@ def test_is_causal_with_a_mechanism_built_causal(mech):
     assert torch.equal(out, mha(x, x, x, need_weights=False)[0])
 
 
-def test_is_causal_restricts_a_longformer_whose_global_tokens_see_the_future():
-    """Longformer(causal=True) with global tokens is not causal (they see, and are seen by, every position):
-    is_causal=True must still restrict it, to the same output as the pattern & Causal()."""
+def test_causal_longformer_with_global_tokens_is_causal():
+    """Longformer(causal=True) keeps j <= i for its global pairs too: is_causal=True restricts nothing more,
+    and no output depends on a later token (its global tokens saw, and were seen by, every position)."""
     torch.manual_seed(0)
-    pattern = sa.Longformer(2, global_indices=[6], causal=True)
+    pattern = sa.Longformer(2, global_indices=[0, 6], causal=True)
+    assert not bool(pattern.mask(12, 12).triu(1).any())
     mha = sa.nn.MultiheadAttention(16, 2, attention=pattern, batch_first=True).eval()
     x = torch.randn(2, 12, 16)
     out = mha(x, x, x, need_weights=False, is_causal=True)[0]
-    mha.attention = pattern & sa.Causal()
     assert torch.equal(out, mha(x, x, x, need_weights=False)[0])
+    y = x.clone()
+    y[:, 7:] = torch.randn(2, 5, 16)
+    assert torch.equal(mha(y, y, y, need_weights=False)[0][:, :7], out[:, :7])

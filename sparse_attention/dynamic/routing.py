@@ -406,8 +406,9 @@ def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float =
     squeeze = centroids.dim() == 2
     c = centroids.unsqueeze(0) if squeeze else centroids
     with torch.no_grad():
-        xn = _normalize(x).to(c.dtype)  # (B, H, L, D)
-        ct = _normalize(c).transpose(-1, -2).unsqueeze(0)  # (1, H or 1, D, K)
+        acc = torch.promote_types(_normalize_dtype(x), _normalize_dtype(c))  # float32 for half tokens/centroids
+        xn = _normalize(x).to(acc)  # (B, H, L, D)
+        ct = _normalize(c).to(acc).transpose(-1, -2).unsqueeze(0)  # (1, H or 1, D, K)
         B, H, L, D = xn.shape
         K = c.shape[1]
         nearest = torch.empty(B, H, L, dtype=torch.long, device=x.device)
@@ -415,11 +416,11 @@ def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float =
         for a in range(0, L, step):
             nearest[:, :, a:a + step] = torch.matmul(xn[:, :, a:a + step], ct).argmax(-1)
         cluster = (torch.arange(H, device=x.device).view(1, H, 1) * K + nearest).flatten()  # (head, cluster) id
-        sums = torch.zeros(H * K, D, dtype=c.dtype, device=x.device).index_add_(0, cluster, xn.reshape(-1, D))
+        sums = torch.zeros(H * K, D, dtype=acc, device=x.device).index_add_(0, cluster, xn.reshape(-1, D))
         sums = sums.view(H, K, D)
-        counts = torch.bincount(cluster, minlength=H * K).view(H, K, 1).to(c.dtype)
+        counts = torch.bincount(cluster, minlength=H * K).view(H, K, 1).to(acc)
         if c.shape[0] == 1 and sums.shape[0] > 1:
             sums, counts = sums.sum(0, keepdim=True), counts.sum(0, keepdim=True)
         mean = sums / counts.clamp_min(1)
-        new = torch.where(counts > 0, decay * c + (1 - decay) * mean, c)
+        new = torch.where(counts > 0, decay * c.to(acc) + (1 - decay) * mean, c.to(acc)).to(c.dtype)
     return new.squeeze(0) if squeeze else new

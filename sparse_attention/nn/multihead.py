@@ -95,19 +95,17 @@ def cache_window(pattern: Pattern | None) -> int | None:
 
 
 def _is_causal(pattern: object) -> bool:
-    """The mechanism never attends to future keys: Causal, SlidingWindow or Strided built with
-    ``causal=True`` (Longformer too when it has no global tokens), an intersection with such a part, a union
-    of such parts, or a head-split module built with ``causal=True``."""
+    """The mechanism never attends to future keys: Causal, SlidingWindow, Strided or Longformer built with
+    ``causal=True``, an intersection with such a part, a union of such parts, or a head-split module built
+    with ``causal=True``."""
     if isinstance(pattern, torch.nn.Module):
         return getattr(pattern, "causal", False) is True
     if isinstance(pattern, Intersection):
         return any(_is_causal(p) for p in pattern.parts)
     if isinstance(pattern, Union):
         return all(_is_causal(p) for p in pattern.parts)
-    if isinstance(pattern, (SlidingWindow, Strided)):
+    if isinstance(pattern, (SlidingWindow, Strided, Longformer)):
         return pattern.causal
-    if isinstance(pattern, Longformer):  # its global tokens are seen by, and see, every position
-        return pattern.causal and not pattern.global_indices
     return isinstance(pattern, Causal)
 
 

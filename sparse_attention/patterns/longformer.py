@@ -1,8 +1,10 @@
 """Longformer attention (Beltagy et al., 2020, arXiv:2004.05150).
 
 A (dilated) sliding window plus global positions:
-(|i - j| <= window*dilation and (i - j) mod dilation == 0 [and j <= i when causal])
-or i in G or j in G. A composition of SlidingWindow, Strided and Global.
+(|i - j| <= window*dilation and (i - j) mod dilation == 0) or i in G or j in G, and, when
+causal, j <= i for every pair, the global ones included (a global position sees every earlier key
+and is seen by every later query; outputs never depend on later tokens). A composition of
+SlidingWindow, Strided, Global and Causal.
 
 window=1, dilation=1, G={0}, N=S=5::
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from .._checks import check_bool, check_indices, check_int
 from .base import Composite, Pattern
+from .full import Causal
 from .global_tokens import Global
 from .sliding_window import SlidingWindow
 from .strided import Strided
@@ -34,7 +37,10 @@ class Longformer(Composite):
         local: Pattern = SlidingWindow(self.window * self.dilation, causal=causal)
         if self.dilation > 1:
             local = local & Strided(self.dilation)
-        self._pattern = local | Global(self.global_indices) if self.global_indices else local
+        if self.global_indices:
+            glob: Pattern = Global(self.global_indices)
+            local = local | (glob & Causal() if causal else glob)
+        self._pattern = local
 
     def compose(self, n_q, n_k):
         return self._pattern
