@@ -8,6 +8,7 @@ from conftest import assert_within_baseline, make_qkv
 
 import sparse_attention as sa
 from sparse_attention.dynamic import LSH, Routing, explain, sinkhorn, sinkhorn_attention
+from sparse_attention.dynamic.routing import update_centroids
 from sparse_attention.nn.content_based import ReformerAttention, RoutingAttention, SinkhornAttention
 
 
@@ -147,3 +148,17 @@ def test_module_inputs_are_checked_before_computing(name):
     out = m(*empty)
     assert out.shape == (1, 2, 0, 8)
     out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_routing_module_in_half_precision_trains(dtype):
+    """A RoutingAttention converted to bf16/fp16 moves its centroids in training mode (the k-means step
+    runs in float32 and stores the result in the centroids' dtype; it failed with a dtype mismatch)."""
+    m = RoutingAttention(4, 8, 2).to(dtype).train()
+    q, k, v = make_qkv(2, 2, 2, 24, 24, 8, dtype=dtype)
+    before = m.centroids.clone()
+    out = m(q, k, v)
+    out.float().sum().backward()
+    assert m.centroids.dtype == dtype and not torch.equal(m.centroids, before)
+    ref = update_centroids(before.float(), torch.cat([q, k], 2).detach().float(), decay=m.decay).to(dtype)
+    torch.testing.assert_close(m.centroids, ref, atol=0, rtol=0)
