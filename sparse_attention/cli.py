@@ -186,7 +186,7 @@ def cmd_show(args, extra) -> int:
     path = _output_path(args.output, (".png", ".svg"))
     content = isinstance(pattern, DynamicPattern)
     if content:  # the pairs kept on a random input
-        q, k = _random_qk(args.heads or 1, n, args.dim, args.seed)
+        q, k = _random_qk(args.heads or 1, n, args.dim, args.input_seed)
         mask = explain(q, k, pattern)[0]
         mask = mask[0] if mask.shape[0] == 1 else mask
     else:
@@ -198,7 +198,7 @@ def cmd_show(args, extra) -> int:
     density = float(mask.float().mean())
     title = f"{pattern!r} | N=S={n}, density {density:.3f}" + (f", grid: blocks of {block}" if block else "")
     if content:
-        title += f" | pairs kept on random q, k (seed {args.seed}, D={args.dim})"
+        title += f" | pairs kept on random q, k (input seed {args.input_seed}, D={args.dim})"
     panel_titles = [f"head {h}" for h in range(masks.shape[0])] if masks.shape[0] > 1 else None
     render_masks(masks, path, title=title, panel_titles=panel_titles, block=block)
     print(f"wrote {path} ({masks.shape[0]} panel(s), {n}x{n}, density {density:.4f})")
@@ -233,9 +233,11 @@ def cmd_check(args, extra) -> int:
 
     n, s = args.seq_len, args.kv_len or args.seq_len
     pattern = _pattern(args, extra, n, s)
-    device = torch.device(args.device)
+    device = _device(args.device)
     g = torch.Generator().manual_seed(0)
     kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        raise UsageError(f"--heads {args.heads} must be a multiple of --kv-heads {kv_heads}")
     shapes = [(args.batch, args.heads, n, args.dim), (args.batch, kv_heads, s, args.dim),
               (args.batch, kv_heads, s, args.dim)]
     q64, k64, v64 = (torch.randn(*sh, generator=g, dtype=torch.float64).requires_grad_() for sh in shapes)
@@ -285,11 +287,22 @@ def cmd_check(args, extra) -> int:
     return 0 if ok else 1
 
 
+def _device(name: str) -> torch.device:
+    """The --device value as a device this torch build can use, else a usage error."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # an unknown name; a device this build or machine lacks
+        raise UsageError(f"--device {name!r} cannot be used here: {str(e).splitlines()[0]}") from None
+    return device
+
+
 def cmd_bench(args, extra) -> int:
     from . import bench
 
     if extra:
         raise UsageError(f"unexpected arguments {extra}; mechanism options are not taken by bench")
+    _device(args.device)
     names = args.mechanisms or [m.name for m in registry.mechanisms()]
     for name in names:
         _mechanism(name)
@@ -428,26 +441,30 @@ def _add_common(p) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sparse-attention", description=__doc__.split("\n\n")[0])
+    # no abbreviations: a mechanism option (TopK's --k) must never be read as a prefix of a tool option
+    # (--kv-len, --kv-heads)
+    ap = argparse.ArgumentParser(prog="sparse-attention", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every mechanism with its capabilities and default options")
+    sub.add_parser("list", help="every mechanism with its capabilities and default options", allow_abbrev=False)
 
-    p = sub.add_parser("show", help="draw a pattern (PNG or SVG)")
+    p = sub.add_parser("show", help="draw a pattern (PNG or SVG)", allow_abbrev=False)
     p.add_argument("mechanism")
     p.add_argument("--seq-len", type=_positive_int, default=64, help="N = S (default 64)")
     p.add_argument("--heads", type=_positive_int, default=None,
                    help="per-head patterns: expected heads; content-based: heads of the random input (default 1)")
     p.add_argument("--dim", type=_positive_int, default=64, help="content-based: head dim of the random input")
-    p.add_argument("--seed", type=int, default=0, help="content-based: seed of the random input")
+    p.add_argument("--input-seed", type=int, default=0,
+                   help="content-based: seed of the random input (--seed is the mechanism's own option)")
     p.add_argument("-o", "--output", required=True, help="FILE.png or FILE.svg")
 
-    p = sub.add_parser("cost", help="pairs, FLOPs and memory before running")
+    p = sub.add_parser("cost", help="pairs, FLOPs and memory before running", allow_abbrev=False)
     p.add_argument("mechanism")
     p.add_argument("--seq-len", type=_positive_int, required=True, help="N")
     p.add_argument("--kv-len", type=_positive_int, default=None, help="S (default N)")
     _add_common(p)
 
-    p = sub.add_parser("check", help="forward and gradients against the fp64 reference on this machine")
+    p = sub.add_parser("check", help="forward and gradients against the fp64 reference on this machine",
+                       allow_abbrev=False)
     p.add_argument("mechanism")
     p.add_argument("--seq-len", type=_positive_int, default=257, help="N (default 257)")
     p.add_argument("--kv-len", type=_positive_int, default=None, help="S (default N)")
@@ -457,7 +474,7 @@ def parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(heads=4, dim=32, batch=2)
 
-    p = sub.add_parser("bench", help="time, memory and error of every mechanism vs dense SDPA")
+    p = sub.add_parser("bench", help="time, memory and error of every mechanism vs dense SDPA", allow_abbrev=False)
     p.add_argument("--mechanisms", nargs="+", default=None, help="names (default: all)")
     p.add_argument("--seq-lens", type=_int_list, default=[1024, 2048, 4096], help="comma separated")
     p.add_argument("--device", default="cpu")

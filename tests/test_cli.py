@@ -101,7 +101,7 @@ def test_picture_matches_mask_cell_by_cell(name, pattern, tmp_path, monkeypatch)
 @pytest.mark.parametrize("name", [m.name for m in sa.mechanisms("content")])
 def test_content_based_picture_shows_the_pairs_kept_on_the_random_input(name, tmp_path):
     n, path = 48, tmp_path / f"{name}.png"
-    assert cli.main(["show", name, "--seq-len", str(n), "--dim", "16", "--seed", "5", "-o", str(path)]) == 0
+    assert cli.main(["show", name, "--seq-len", str(n), "--dim", "16", "--input-seed", "5", "-o", str(path)]) == 0
     q, k = cli._random_qk(1, n, 16, 5)
     kept = sa.explain(q, k, sa.registry.get(name).make())[0, 0]
     img = torch.from_numpy(mpimg.imread(path)[..., :3].copy())
@@ -254,3 +254,25 @@ def test_lra_layout(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert seen == {"lengths": [1024, 2048, 3072, 4096], "backward": True}
     assert "Long Range Arena" in out and "steps/s" in out and "block_local" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "sliding_window", "--seq-len", "33", "--device", "foo"],
+    ["check", "sliding_window", "--seq-len", "33", "--kv-heads", "3"],
+    ["bench", "--device", "foo", "--seq-lens", "32", "--mechanisms", "full"],
+] + ([["check", "sliding_window", "--seq-len", "33", "--device", "cuda"]] if not torch.cuda.is_available() else []))
+def test_bad_device_or_heads_is_a_usage_error(argv, capsys):
+    """Exit status 2 and one line naming the option (they were tracebacks with status 1)."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and ("--device" in err or "--kv-heads" in err), err
+
+
+def test_mechanism_options_are_not_taken_for_tool_options(tmp_path):
+    """TopK's --k is its k (not an abbreviation of --kv-len), and show's --seed is the mechanism's seed (the
+    random input's is --input-seed): RandomBlocks with seed 5 draws its own blocks."""
+    assert cli.main(["check", "topk", "--seq-len", "20", "--k", "4"]) == 0
+    paths = [tmp_path / f"rb{seed}.png" for seed in (0, 5)]
+    for seed, path in zip((0, 5), paths, strict=True):
+        assert cli.main(["show", "random_blocks", "--seq-len", "64", "--seed", str(seed), "-o", str(path)]) == 0
+    assert paths[0].read_bytes() != paths[1].read_bytes()
