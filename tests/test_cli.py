@@ -276,3 +276,29 @@ def test_mechanism_options_are_not_taken_for_tool_options(tmp_path):
     for seed, path in zip((0, 5), paths, strict=True):
         assert cli.main(["show", "random_blocks", "--seq-len", "64", "--seed", str(seed), "-o", str(path)]) == 0
     assert paths[0].read_bytes() != paths[1].read_bytes()
+
+
+def test_bench_measures_memory_after_the_warm_up(monkeypatch):
+    """Peak memory is read on a call after the warm-up (on the warm-up itself it counted one-time costs: the
+    first length's dense row showed 2.4 MB where the same call needs 0.02 MB)."""
+    from sparse_attention import bench
+
+    calls, entered_after = [0], []
+
+    class Spy:
+        def __init__(self, device):
+            self.peak_bytes = 0
+
+        def __enter__(self):
+            entered_after.append(calls[0])
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fn():
+        calls[0] += 1
+
+    monkeypatch.setattr(bench, "PeakMemory", Spy)
+    samples, _ = bench.measure(fn, torch.device("cpu"), repeats=2)
+    assert entered_after == [1] and calls[0] == 4 and len(samples) == 2
