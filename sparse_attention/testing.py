@@ -46,6 +46,10 @@ class Verdict:
                 f"({self.baseline:.3e}) + floor ({self.floor:.3e}) = {self.tolerance:.3e}{extra}")
 
 
+def _max_abs(x: torch.Tensor) -> float:
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
 def ulp_floor(golden: torch.Tensor, dtype: torch.dtype) -> float:
     """2 * max|(golden + 0.3 - 0.3) - golden| computed in ``dtype``: ~one ulp at the data's scale."""
     g = golden.to(dtype)
@@ -54,8 +58,16 @@ def ulp_floor(golden: torch.Tensor, dtype: torch.dtype) -> float:
 
 def verdict(name: str, impl: torch.Tensor, baselines, golden: torch.Tensor, *, grad: bool = False,
             min_len: int = 64, factor: float | None = None) -> Verdict:
-    """Apply the rule to one tensor (``baselines``: a tensor or a list of them)."""
+    """Apply the rule to one tensor (``baselines``: a tensor or a list of them, each of golden's shape).
+
+    A baseline's error is taken where it and golden are finite: an overflowed or NaN baseline entry would
+    make the tolerance inf or NaN (a broken baseline must not pass everything, nor fail an exact impl)."""
     baselines = list(baselines) if isinstance(baselines, (list, tuple)) else [baselines]
+    if not baselines:
+        raise ValueError(f"{name}: baselines must hold at least one tensor")
+    for label, t in (("impl", impl), *(("baseline", b) for b in baselines)):
+        if tuple(t.shape) != tuple(golden.shape):  # never broadcast: a wrong shape is a bug, not a pass
+            raise ValueError(f"{name}: {label} has shape {tuple(t.shape)}, golden {tuple(golden.shape)}")
     factor = factor if factor is not None else (GRAD_FACTOR if grad else FORWARD_FACTOR)
     golden = golden.double()
     finite = torch.isfinite(golden)
@@ -63,7 +75,7 @@ def verdict(name: str, impl: torch.Tensor, baselines, golden: torch.Tensor, *, g
         return Verdict(name, 0.0, 0.0, 0.0, factor, 0)
     nonfinite = int((finite & ~torch.isfinite(impl)).sum())
     err = float((impl.double() - golden)[finite].abs().max())
-    base = max(float((b.double() - golden)[finite].abs().max()) for b in baselines)
+    base = max(_max_abs((b.double() - golden)[finite & torch.isfinite(b)]) for b in baselines)
     floor = ulp_floor(golden[finite], impl.dtype)
     if impl.dtype in (torch.float32, torch.float64):  # the baseline is (almost) exact: allow a few ulps
         floor = max(floor, 8 * torch.finfo(impl.dtype).eps * float(golden[finite].abs().max()))

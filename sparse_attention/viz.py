@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_int
+
 ALLOWED_RGB = (0.12, 0.25, 0.60)  # dark blue: may attend
 EMPTY_RGB = (1.0, 1.0, 1.0)
 GRID_RGB = (0.72, 0.72, 0.72)  # block boundaries over empty cells
@@ -80,7 +82,16 @@ def panel_image(mask: torch.Tensor, cell: int, block: int | None) -> torch.Tenso
 
 def render_masks(masks: torch.Tensor, path: str, *, title: str, panel_titles: list[str] | None = None,
                  block: int | None = None, dpi: int = 100) -> Geometry:
-    """Save (H, N, S) bool masks side by side to ``path`` (.png or .svg); returns the geometry."""
+    """Save (H, N, S) bool masks side by side to ``path`` (.png or .svg); returns the geometry.
+    ``panel_titles``: one per mask, or None; ``block``: grid spacing (>= 1), or None."""
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.dtype != torch.bool:
+        got = f"{masks.dtype} tensor of shape {tuple(masks.shape)}" if isinstance(masks, torch.Tensor) else \
+            type(masks).__name__
+        raise TypeError(f"masks must be a bool tensor (H, N, S), got {got}")
+    if panel_titles is not None and len(panel_titles) != masks.shape[0]:
+        raise ValueError(f"panel_titles must hold one title per mask ({masks.shape[0]}), got {len(panel_titles)}")
+    if block is not None:
+        check_int("block", block, minimum=1)
     plt = require_matplotlib()
     H, n_q, n_k = masks.shape
     geo = geometry(H, n_q, n_k)

@@ -488,3 +488,42 @@ def test_window2d_input_dtype():
     assert m.double()(x.double()).dtype == torch.float64
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert sa.nn.WindowAttention2d(8, 2, 4)(x).shape == x.shape
+
+
+def test_verdict_refuses_what_would_fool_it():
+    """The tolerance rule: a baseline entry that overflowed or is NaN neither passes everything (inf
+    tolerance) nor fails an exact implementation (NaN tolerance); shapes are never broadcast; at least one
+    baseline."""
+    from sparse_attention.testing import verdict
+
+    golden = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for bad in (float("inf"), float("nan")):
+        baseline = golden.float()
+        baseline[0, 0] = bad
+        assert not verdict("out", (golden + 100).float(), baseline, golden).ok
+        assert verdict("out", golden.float(), baseline, golden).ok
+    with pytest.raises(ValueError, match=r"impl has shape \(1, 4\), golden \(3, 4\)"):
+        verdict("out", golden.float()[:1], golden.float(), golden)
+    with pytest.raises(ValueError, match=r"baseline has shape \(4,\)"):
+        verdict("out", golden.float(), golden.float()[0], golden)
+    with pytest.raises(ValueError, match="at least one"):
+        verdict("out", golden.float(), [], golden)
+
+
+def test_kept_stats_and_render_masks_check_their_inputs(tmp_path):
+    with pytest.raises(TypeError, match="kept must be a bool tensor"):
+        sa.kept_stats(torch.tensor([[1, 2], [3, 4]]))
+    with pytest.raises(TypeError, match="kept must be a bool tensor"):
+        sa.kept_stats(torch.ones(4, dtype=torch.bool))
+    pytest.importorskip("matplotlib")
+    from sparse_attention.viz import render_masks
+
+    masks = torch.ones(2, 4, 4, dtype=torch.bool)
+    for bad, exc, match in ((masks[0], TypeError, "masks must be a bool tensor"),
+                            (masks.float(), TypeError, "masks must be a bool tensor")):
+        with pytest.raises(exc, match=match):
+            render_masks(bad, str(tmp_path / "m.png"), title="t")
+    with pytest.raises(ValueError, match="one title per mask"):
+        render_masks(masks, str(tmp_path / "m.png"), title="t", panel_titles=["a"])
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        render_masks(masks, str(tmp_path / "m.png"), title="t", block=-2)

@@ -46,7 +46,11 @@ class KeptStats:
 
 
 def kept_stats(kept: torch.Tensor) -> KeptStats:
-    """Summary of an ``explain`` result (B, H, N, S)."""
+    """Summary of an ``explain`` result (B, H, N, S) bool."""
+    if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool or kept.dim() < 2:
+        got = f"{kept.dtype} tensor of shape {tuple(kept.shape)}" if isinstance(kept, torch.Tensor) else \
+            type(kept).__name__
+        raise TypeError(f"kept must be a bool tensor (..., N, S) from sa.explain, got {got}")
     N, S = kept.shape[-2:]
     pos = torch.arange(N, device=kept.device).view(-1, 1) + (S - N)
     dist = (pos - torch.arange(S, device=kept.device).view(1, -1)).abs().to(torch.float64)
