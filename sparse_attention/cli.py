@@ -53,7 +53,10 @@ def _positive_int(text: str) -> int:
 
 
 def _int_list(text: str) -> list[int]:
-    return [_positive_int(t) for t in text.replace(" ", "").split(",") if t]
+    values = [_positive_int(t) for t in text.replace(" ", "").split(",") if t]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
+    return values
 
 
 def _dtype(text: str) -> torch.dtype:
@@ -264,6 +267,9 @@ def cmd_check(args, extra) -> int:
 
     backends = list(BACKENDS) if args.backend == "all" else [args.backend]
     if isinstance(pattern, DynamicPattern):
+        if args.backend not in ("all", "auto"):
+            raise UsageError(f"--backend {args.backend}: content-based mechanisms run their own selection and "
+                             "attention (backend auto)")
         backends = ["auto"]  # content-based mechanisms run their own path
     ok = True
     for backend in backends:
@@ -306,7 +312,11 @@ def cmd_bench(args, extra) -> int:
     names = args.mechanisms or [m.name for m in registry.mechanisms()]
     for name in names:
         _mechanism(name)
-    lengths = [1024, 2048, 3072, 4096] if args.lra else args.seq_lens
+    if len(set(names)) != len(names):
+        raise UsageError(f"--mechanisms names one mechanism twice: {names}")
+    if args.lra and args.seq_lens is not None:
+        raise UsageError("--lra fixes the lengths (1K-4K); drop --seq-lens")
+    lengths = [1024, 2048, 3072, 4096] if args.lra else (args.seq_lens or [1024, 2048, 4096])
     backward = args.backward or args.lra
     for path, suffixes in ((args.json, (".json",)), (args.plot, (".png", ".svg"))):
         if path:
@@ -476,7 +486,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time, memory and error of every mechanism vs dense SDPA", allow_abbrev=False)
     p.add_argument("--mechanisms", nargs="+", default=None, help="names (default: all)")
-    p.add_argument("--seq-lens", type=_int_list, default=[1024, 2048, 4096], help="comma separated")
+    p.add_argument("--seq-lens", type=_int_list, default=None, help="comma separated (default 1024,2048,4096)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs after one warm-up (median)")

@@ -260,12 +260,17 @@ def test_lra_layout(monkeypatch, capsys):
     ["check", "sliding_window", "--seq-len", "33", "--device", "foo"],
     ["check", "sliding_window", "--seq-len", "33", "--kv-heads", "3"],
     ["bench", "--device", "foo", "--seq-lens", "32", "--mechanisms", "full"],
+    ["bench", "--seq-lens", "32", "--mechanisms", "full", "full"],
+    ["bench", "--lra", "--seq-lens", "32", "--mechanisms", "full"],
+    ["check", "topk", "--seq-len", "20", "--backend", "dense"],
 ] + ([["check", "sliding_window", "--seq-len", "33", "--device", "cuda"]] if not torch.cuda.is_available() else []))
 def test_bad_device_or_heads_is_a_usage_error(argv, capsys):
-    """Exit status 2 and one line naming the option (they were tracebacks with status 1)."""
+    """Exit status 2 and one line naming the option (tracebacks with status 1 for --device/--kv-heads; a
+    duplicated mechanism, --seq-lens under --lra and --backend dense for TopK were silently dropped)."""
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "error:" in err and ("--device" in err or "--kv-heads" in err), err
+    assert "error:" in err and any(opt in err for opt in ("--device", "--kv-heads", "--mechanisms", "--lra",
+                                                           "--backend")), err
 
 
 def test_mechanism_options_are_not_taken_for_tool_options(tmp_path):
@@ -302,3 +307,9 @@ def test_bench_measures_memory_after_the_warm_up(monkeypatch):
     monkeypatch.setattr(bench, "PeakMemory", Spy)
     samples, _ = bench.measure(fn, torch.device("cpu"), repeats=2)
     assert entered_after == [1] and calls[0] == 4 and len(samples) == 2
+
+
+def test_empty_seq_lens_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--seq-lens", ",", "--mechanisms", "full"])
+    assert e.value.code == 2 and "comma-separated positive ints" in capsys.readouterr().err
