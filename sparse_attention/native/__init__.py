@@ -55,6 +55,12 @@ _lib: ctypes.CDLL | None = None
 _reason: str | None = None  # None: not tried yet
 
 
+#: torch.compile must not trace into the calls that hand raw pointers to C: a graph break inside one of them
+#: let Dynamo free a tensor whose address was already taken (a segfault under backend="eager", found by an
+#: audit); these run eagerly, whole, as a graph break of their own
+_eager = torch.compiler.disable
+
+
 def _compiler() -> list[str] | None:
     if os.environ.get("CC"):
         return shlex.split(os.environ["CC"])
@@ -213,6 +219,7 @@ def _threads(rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows))
 
 
+@_eager
 def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The native top-k of each row of a CPU float32 tensor s (..., S), 0 < k <= S: (values, columns)
     (..., k), each row in ascending column order. Entries rank by value, NaN above every number,
@@ -235,6 +242,7 @@ def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
     return values.view(*s.shape[:-1], k), cols.view(*s.shape[:-1], k)
 
 
+@_eager
 def lsh_buckets(p: torch.Tensor) -> torch.Tensor | None:
     """LSH buckets of projections p (..., half) float32 on CPU: argmax over [p, -p] along the last
     dimension, i.e. the column of the largest |p| (the first on ties) plus half when that entry is
@@ -252,6 +260,7 @@ def lsh_buckets(p: torch.Tensor) -> torch.Tensor | None:
     return out.view(p.shape[:-1])
 
 
+@_eager
 def bucket_order(b: torch.Tensor, values: int) -> torch.Tensor | None:
     """The stable sort order of each row of bucket ids b (..., L) int64 on CPU, all in [0, values):
     positions by ascending bucket, equal buckets by position (``torch.sort(b * L + arange(L)).indices``),
@@ -285,6 +294,7 @@ def _args(ints: tuple[torch.Tensor, ...], floats: tuple[torch.Tensor | None, ...
     return lib, [x if x is None else x.contiguous() for x in (*ints, *floats)]
 
 
+@_eager
 def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """Weighted sums of gathered rows: out[..., r, :] = sum_j w[..., r, j] * v[cols[..., r, j], :] for CPU
     float32 w (..., k) and v (R, E), int64 cols (..., k) in [0, R) (not checked: the caller's own
@@ -303,6 +313,7 @@ def mix_rows(w: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return out.view(*w.shape[:-1], v.shape[1])
 
 
+@_eager
 def unit_rows_backward(y: torch.Tensor, g: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor | None:
     """The gradient of y = x / max(|x|, eps) per row, for float32 y, g (..., E) and norm = |x| (..., 1):
     (g - y (y·g)) / max(norm, eps), with y·g taken as 0 where norm <= eps (those rows are divided by the
@@ -320,6 +331,7 @@ def unit_rows_backward(y: torch.Tensor, g: torch.Tensor, norm: torch.Tensor, eps
     return dx
 
 
+@_eager
 def dot_rows(a: torch.Tensor, cols: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """out[r, j] = a[r] . b[cols[r, j]] for float32 a (R, E), b (R', E) and int64 cols (R, k) in
     [0, R') (not checked: the caller's own indices): (R, k), or None when not available."""
@@ -335,6 +347,7 @@ def dot_rows(a: torch.Tensor, cols: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return out
 
 
+@_eager
 def scatter_groups(w: torch.Tensor, cols: torch.Tensor, src: torch.Tensor, groups: int, keys_per_group: int) -> \
         torch.Tensor | None:
     """out[cols[r, j]] += w[r, j] * src[r] over every pair, for float32 w (R, k), src (R, E) and int64 cols
@@ -353,6 +366,7 @@ def scatter_groups(w: torch.Tensor, cols: torch.Tensor, src: torch.Tensor, group
     return out
 
 
+@_eager
 def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, *, neg_log: bool = False) -> torch.Tensor | None:
     """Routing's pair counts: for cluster members qi (B, H, K, wq) in [0, N) and ki (B, H, K, wk) in
     [0, S) (int64, CPU; each cluster's members distinct), in how many clusters each (query slot, key
@@ -410,6 +424,7 @@ def _item_bias(bias: torch.Tensor | None, items: int, wq: int, wk: int) -> \
     return bias, boff.reshape(-1).contiguous(), 0 if bias.shape[-2] == 1 else bias.stride(-2)
 
 
+@_eager
 def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor,
                   bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Softmax attention over items whose rows are given by index, each query's items merged: (out, lse).
@@ -437,6 +452,7 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
     return out, torch.where(Z > 0, M + torch.log(Z), float("-inf"))
 
 
+@_eager
 def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor, bias: torch.Tensor | None,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -500,6 +516,7 @@ def _favor_args(favor: tuple | None, D: int) -> tuple[torch.Tensor | None, torch
     return proj, shift, proj.shape[0]
 
 
+@_eager
 def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, kind: int,
                    eps: float, group: int | None, favor: tuple[torch.Tensor, torch.Tensor] | None = None) -> \
         tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
@@ -533,6 +550,7 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torc
     return out, den, kvz
 
 
+@_eager
 def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, kind: int,
                     group: int | None, kvz: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor,
                     den: torch.Tensor, favor: tuple[torch.Tensor, torch.Tensor] | None = None) -> \

@@ -1,0 +1,26 @@
+"""The library under PyTorch's own machinery: torch.compile, autocast, second-order gradients, hooks, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparse_attention as sa
+
+
+@pytest.mark.parametrize("name", ["lsh", "routing", "sinkhorn", "topk"])
+def test_torch_compile_runs_the_native_kernels_eagerly(name):
+    """torch.compile (backend "eager": no C++ compilation) around layers whose mechanisms call the native C
+    kernels: the same output and gradients as eager. Dynamo used to trace into the pointer-passing wrappers
+    and break the graph there, freeing tensors whose addresses the C call then read (a segfault)."""
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(32, 4, attention=name, batch_first=True).eval()
+    x = torch.randn(1, 64, 32)
+    outs = []
+    for fn in (torch.compile(m, backend="eager"), m):
+        xi = x.clone().requires_grad_()
+        out = fn(xi, xi, xi, need_weights=False)[0]
+        out.sum().backward()
+        outs.append((out.detach(), xi.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=0, rtol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1])
