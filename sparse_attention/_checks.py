@@ -145,3 +145,12 @@ def check_float_dtype(name: str, value: object) -> torch.dtype:
         raise TypeError(f"{name} must be one of torch.float16, torch.bfloat16, torch.float32, torch.float64, "
                         f"got {value!r}")
     return value
+
+
+def refuse_second_order(what: str) -> None:
+    """In an autograd Function's backward that is not itself differentiable: grad mode is on there only
+    when a graph of the backward was asked for (create_graph=True), which would give wrong or missing
+    second derivatives; raise instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what}: second-order gradients are not supported (the backward is not "
+                           "differentiable); compute them through sa.reference_attention instead")

@@ -24,3 +24,15 @@ def test_torch_compile_runs_the_native_kernels_eagerly(name):
         outs.append((out.detach(), xi.grad))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=0, rtol=0)
     torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("mech", ["topk", "sliding_window"])
+def test_second_order_gradients_raise_where_they_are_not_exact(mech):
+    """TopK's backward reuses its forward's weights, which carry no graph, and the block-sparse kernel's
+    backward has no derivative: a second derivative through them raises (TopK's came out silently wrong,
+    dq off by 2.25 against the reference in float64)."""
+    pattern = sa.TopK(4) if mech == "topk" else sa.SlidingWindow(2)
+    q, k, v = (torch.randn(1, 1, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = sa.attention(q, k, v, pattern, backend="auto" if mech == "topk" else "blocksparse")
+    with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
+        torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from .. import native
-from .._checks import check_int, check_scale
+from .._checks import check_int, check_scale, refuse_second_order
 from ..patterns.base import Pattern
 from ..reference import masked_softmax
 from .base import DynamicPattern, allowed_mask, flat_rows, gather_rows
@@ -276,6 +276,7 @@ class _TopKFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_second_order("TopK")  # the saved weights w carry no graph: a second derivative would be wrong
         q, k, v, idx, w, keep = ctx.saved_tensors
         if ctx.sparse:
             grads = _native_backward(q, k, v, idx, w, keep, grad, ctx.scale, ctx.dropout_p)

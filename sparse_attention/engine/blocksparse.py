@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import native
+from .._checks import refuse_second_order
 from ..reference import masked_softmax
 from .plan import Plan, Segment
 
@@ -360,6 +361,7 @@ class _BlockSparseFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_second_order("the block-sparse engine")  # the fused kernel's backward has no derivative
         qf, kf, vf, out, lse = ctx.saved_tensors
         segments, G, b, scale, kpm_f, q_shape, k_shape = ctx.args
         B, Hq, N, _ = q_shape
