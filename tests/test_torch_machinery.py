@@ -36,3 +36,22 @@ def test_second_order_gradients_raise_where_they_are_not_exact(mech):
     out = sa.attention(q, k, v, pattern, backend="auto" if mech == "topk" else "blocksparse")
     with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
         torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+
+
+@pytest.mark.parametrize("attention", [sa.ProbSparse(), sa.ProbSparse(causal=True), "linformer", "lsh", "performer"],
+                         ids=["probsparse", "probsparse-causal", "linformer", "lsh", "performer"])
+@pytest.mark.parametrize("N", [4, 48])  # ProbSparse's layer attends the inputs when H·u < Hkv·D (N = 4 here)
+def test_autocast_bf16(attention, N):
+    """Under torch.autocast the layer runs forward and backward (the fused ProbSparse layer mixed its float32
+    sums with autocast's bf16 projections and failed) and stays near the float32 result."""
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(32, 4, attention=attention, batch_first=True).eval()
+    x = torch.randn(2, N, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, x, x, need_weights=False)[0]
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        ref = m(x, x, x, need_weights=False)[0]
+    # content-based selections can flip under bf16 rounding: a loose bound on the mean error only
+    assert float((out.float() - ref).abs().mean()) < 0.1 * float(ref.abs().mean()) + 0.02

@@ -366,8 +366,10 @@ class MultiheadAttention(torch.nn.Module):
         # (nn/probsparse_layer.py), and Linformer with one E for all heads (E and F shorten the inputs first)
         built_causal = _is_causal(self.attention) or (isinstance(self.attention, DynamicPattern)
                                                       and getattr(self.attention, "causal", False) is True)
+        # (not under autocast: the fused paths mix their own float32 sums with autocast's half projections)
         plain_call = (cache is None and not need_weights and attn_mask is None and (built_causal or not is_causal)
-                      and N > 0 and key.shape[1] > 0 and query.dtype in (torch.float32, torch.float64))
+                      and N > 0 and key.shape[1] > 0 and query.dtype in (torch.float32, torch.float64)
+                      and not torch.is_autocast_enabled(query.device.type))
         fused_probsparse = plain_call and isinstance(self.attention, ProbSparse)
         fused_linformer = plain_call and isinstance(self.attention, LinformerAttention) and \
             self.attention.folds_projections(self.kdim, Hkv, D, shared_input=key is value)
