@@ -55,3 +55,21 @@ def test_autocast_bf16(attention, N):
         ref = m(x, x, x, need_weights=False)[0]
     # content-based selections can flip under bf16 rounding: a loose bound on the mean error only
     assert float((out.float() - ref).abs().mean()) < 0.1 * float(ref.abs().mean()) + 0.02
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "favor"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_backward_with_transposed_inputs(feature_map, causal):
+    """Inputs transposed from (B, N, H, D), with B = 1 so that they stay views, in float64 (the PyTorch
+    cores): the same gradients as contiguous inputs (FAVOR+'s backward wrote into an empty_like of the
+    transposed query and failed on a view)."""
+    fm = sa.approx.FavorPlus(8, seed=0) if feature_map == "favor" else "elu"
+    base = [torch.randn(1, 64, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+            for i in range(3)]
+    grads = []
+    for make in (lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2).contiguous()):
+        q, k, v = (make(t).requires_grad_() for t in base)
+        sa.linear_attention(q, k, v, feature_map=fm, causal=causal).sum().backward()
+        grads.append([t.grad for t in (q, k, v)])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

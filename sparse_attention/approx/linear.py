@@ -501,7 +501,8 @@ class _NonCausal(torch.autograd.Function):
         q, k, v, keep, kvz, out, den = ctx.saved_tensors
         fm, (BH, R, _), (S, Dv) = ctx.fm, q.shape, (k.shape[1], v.shape[-1])
         Fd = kvz.shape[1]
-        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # contiguous (empty_like keeps a transposed input's strides; the blocks below are written as row views)
+        gq, gk, gv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         gkvz = torch.zeros_like(kvz)  # ∂L/∂[Σ φ(k) vᵀ | Σ φ(k)]
         fqs, fks = ctx.kept if ctx.kept is not None else (None, None)
         for i, (h, r) in enumerate(_blocks(BH, R, Fd, q.element_size())):
@@ -584,7 +585,8 @@ class _Causal(torch.autograd.Function):
         q, k, v, keep, out, den = ctx.saved_tensors
         fm, C, (BH, L, _), Dv = ctx.fm, ctx.C, q.shape, v.shape[-1]
         Fd = fm.num_features(q.shape[-1])
-        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # contiguous (empty_like keeps a transposed input's strides; the blocks below are written as row views)
+        gq, gk, gv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         blocks = list(_blocks(BH, L, max(Fd, C), q.element_size(), unit=C, share=_CAUSAL_SHARE))
         ones = _ones_buffer(blocks, Dv, q)
         gstate = None  # ∂L/∂(state after the block), from the later blocks of the same heads
