@@ -73,3 +73,16 @@ def test_linear_attention_backward_with_transposed_inputs(feature_map, causal):
         grads.append([t.grad for t in (q, k, v)])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_performer_redraw_schedule_and_seed_survive_a_state_dict_round_trip():
+    """A PerformerAttention loaded from a state_dict redraws when the saved one would have, with the saved
+    seed's sequence (its call count and its feature map's seed were not saved)."""
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    m = sa.nn.PerformerAttention(8, redraw_interval=2, seed=3).train()
+    for _ in range(3):
+        m(q, k, v)
+    m2 = sa.nn.PerformerAttention(8, redraw_interval=2, seed=7).train()
+    m2.load_state_dict(m.state_dict())
+    for _ in range(4):  # crosses a redraw
+        torch.testing.assert_close(m2(q, k, v), m(q, k, v), atol=0, rtol=0)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import native
-from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv
+from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv, check_seed
 from ..reference import zeros_from
 
 __all__ = [
@@ -175,7 +175,7 @@ class FavorPlus(torch.nn.Module, FeatureMap):
         if num_features is None:
             num_features = max(1, round(head_dim * math.log(head_dim))) if head_dim > 1 else 1
         self.features = check_int("num_features", num_features, minimum=1)
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed(seed)
         self.orthogonal = check_bool("orthogonal", orthogonal)
         self.draws = 0
         self.register_buffer("projection", self._draw(), persistent=True)
@@ -204,11 +204,12 @@ class FavorPlus(torch.nn.Module, FeatureMap):
 
     def get_extra_state(self) -> dict:
         """The redraw count travels with the state_dict, so a loaded module's next redraw is the one the
-        saved module would have drawn (the projection itself is a buffer)."""
-        return {"draws": self.draws}
+        saved module would have drawn (the projection itself is a buffer), with the seed of that sequence."""
+        return {"draws": self.draws, "seed": self.seed}
 
     def set_extra_state(self, state: dict) -> None:
         self.draws = int(state["draws"])
+        self.seed = int(state.get("seed", self.seed))  # (state_dicts saved before the seed was kept lack it)
 
     @torch.no_grad()
     def redraw(self) -> None:

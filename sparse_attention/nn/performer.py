@@ -41,6 +41,14 @@ class PerformerAttention(torch.nn.Module):
         """Draw fresh random features (deterministic sequence for the seed)."""
         self.feature_map.redraw()
 
+    def get_extra_state(self) -> dict:
+        """The training-call count travels with the state_dict, so a loaded module redraws on the saved
+        module's schedule (the draws themselves are the feature map's state)."""
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 key_padding_mask: torch.Tensor | None = None,
                 state: LinearAttentionState | None = None) -> torch.Tensor:
