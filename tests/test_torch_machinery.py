@@ -86,3 +86,21 @@ def test_performer_redraw_schedule_and_seed_survive_a_state_dict_round_trip():
     m2.load_state_dict(m.state_dict())
     for _ in range(4):  # crosses a redraw
         torch.testing.assert_close(m2(q, k, v), m(q, k, v), atol=0, rtol=0)
+
+
+def test_reformer_layer_with_a_full_backward_hook():
+    """A full backward hook hands the layer each argument as its own tensor object: shared-QK (Reformer)
+    self-attention still recognises key as query (it raised "call with key the same tensor as query"), and
+    the hook sees the gradients; another tensor as key is still refused."""
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(32, 4, attention="reformer", batch_first=True)
+    x = torch.randn(1, 64, 32, requires_grad=True)
+    want = m(x, x, x, need_weights=False)[0]
+    seen = []
+    m.register_full_backward_hook(lambda mod, gin, gout: seen.append(gout[0].shape))
+    out = m(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    out.sum().backward()
+    assert seen == [out.shape]
+    with pytest.raises(ValueError, match="key the same tensor as query"):
+        m(x, x.clone(), x, need_weights=False)

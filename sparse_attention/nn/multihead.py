@@ -109,6 +109,13 @@ def _is_causal(pattern: object) -> bool:
     return isinstance(pattern, Causal)
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a is b``, or the same elements through another tensor object (a module with a full backward hook
+    receives each argument wrapped separately)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device)
+
+
 def _views(view, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
     """``view`` of query, key and value, one view per distinct tensor: self-attention's inputs stay one
     tensor (the mechanisms that project only what they need share work when key is value)."""
@@ -346,7 +353,7 @@ class MultiheadAttention(torch.nn.Module):
         # a filled memory cache holds this very key/value's projections (checked on the caller's tensors)
         cached_kv = cache.lookup(key, value) if isinstance(cache, MemoryCache) else None
         shared_qk = getattr(self.attention, "shared_qk", False) is True
-        if shared_qk and key is not query:
+        if shared_qk and not _same_tensor(key, query):
             raise ValueError(f"{type(self.attention).__name__} shares queries and keys (self-attention only): "
                              "call with key the same tensor as query")
         batched = query.dim() == 3
