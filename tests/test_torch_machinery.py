@@ -26,14 +26,31 @@ def test_torch_compile_runs_the_native_kernels_eagerly(name):
     torch.testing.assert_close(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("mech", ["topk", "sliding_window"])
-def test_second_order_gradients_raise_where_they_are_not_exact(mech):
-    """TopK's backward reuses its forward's weights, which carry no graph, and the block-sparse kernel's
-    backward has no derivative: a second derivative through them raises (TopK's came out silently wrong,
-    dq off by 2.25 against the reference in float64)."""
-    pattern = sa.TopK(4) if mech == "topk" else sa.SlidingWindow(2)
+def test_topk_second_order_gradients_equal_the_reference():
+    """TopK's backward builds a graph when one is asked for (create_graph=True): second derivatives equal
+    the dense reference's over the kept pairs, float64 (reusing the forward's weights, which carry no graph,
+    gave dq off by 2.25); gradgradcheck passes."""
+    q, k, v = (torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True,
+                           generator=torch.Generator().manual_seed(i)) for i in range(3))
+    pattern = sa.TopK(4) & sa.Causal()
+    mask = sa.explain(q.detach(), k.detach(), pattern)
+
+    def hvp(f):
+        (gq,) = torch.autograd.grad(f(q, k, v).pow(2).sum(), q, create_graph=True)
+        return torch.autograd.grad(gq.pow(2).sum(), (q, k, v))
+
+    got = hvp(lambda a, b, c: sa.attention(a, b, c, pattern))
+    want = hvp(lambda a, b, c: sa.reference_attention(a, b, c, mask))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.autograd.gradgradcheck(lambda a, b, c: sa.attention(a, b, c, sa.TopK(3)), (q, k, v))
+
+
+def test_block_sparse_second_order_raises():
+    """The fused kernel's backward has no derivative: asking for a graph of the block-sparse backward raises
+    a clear error rather than giving none."""
     q, k, v = (torch.randn(1, 1, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = sa.attention(q, k, v, pattern, backend="auto" if mech == "topk" else "blocksparse")
+    out = sa.attention(q, k, v, sa.SlidingWindow(2), backend="blocksparse")
     with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
         torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
 

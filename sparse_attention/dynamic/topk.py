@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from .. import native
-from .._checks import check_int, check_scale, refuse_second_order
+from .._checks import check_int, check_scale
 from ..patterns.base import Pattern
 from ..reference import masked_softmax
 from .base import DynamicPattern, allowed_mask, flat_rows, gather_rows
@@ -276,8 +276,9 @@ class _TopKFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_second_order("TopK")  # the saved weights w carry no graph: a second derivative would be wrong
         q, k, v, idx, w, keep = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the backward is asked for (create_graph=True)
+            return _differentiable_backward(q, k, v, idx, w, keep, grad, ctx.scale, ctx.dropout_p) + (None,) * 4
         if ctx.sparse:
             grads = _native_backward(q, k, v, idx, w, keep, grad, ctx.scale, ctx.dropout_p)
             if grads is None:
@@ -303,6 +304,23 @@ class _TopKFunction(torch.autograd.Function):
             dq[:, :, a:b] = torch.einsum("bhck,bhckd->bhcd", ds, ks)
             _scatter_rows(dk, i_c, ds.unsqueeze(-1) * q[:, :, a:b].to(acc).unsqueeze(-2))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _differentiable_backward(q, k, v, idx, w, keep, grad, scale, p_drop) -> tuple:
+    """The gradients as a graph, for second order: the attention over the kept pairs recomputed with autograd
+    from q, k, v (the saved weights w carry no graph: reusing them dropped their dependence on q and k, and
+    second derivatives came out wrong). A pair the forward gave weight 0 (not allowed, or underflowed) stays
+    out. Memory O(N·k·D): the gathered keys and values."""
+    with torch.enable_grad():
+        ks, vs = gather_rows(k, idx)[0], gather_rows(v, idx)[0]  # (B, H, N, kk, ·)
+        s = torch.einsum("bhnd,bhnkd->bhnk", q, ks) * scale
+        p = masked_softmax(s.to(w.dtype), w > 0)
+        if keep is not None:
+            p = p * _drop_scale(keep, p_drop, p)
+        out = torch.einsum("bhnk,bhnkd->bhnd", p, vs.to(p.dtype)).to(q.dtype)
+        wanted = [t for t in (q, k, v) if t.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+        return tuple(next(found) if t.requires_grad else None for t in (q, k, v))
 
 
 def _use_sparse(device: torch.device) -> bool:
