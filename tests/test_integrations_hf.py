@@ -362,6 +362,8 @@ def test_refuses_bad_arguments():
         sparsify(model, sa.SlidingWindow(3), window=4)
     with pytest.raises(TypeError, match="shared by every layer"):
         sparsify(model, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="'performer' is a module mechanism"):  # (it pointed at another class)
+        sparsify(model, "performer")
     with pytest.raises(TypeError, match="got int"):
         sparsify(model, 3)
     with pytest.raises(ValueError, match="per-head pattern has 2 heads"):

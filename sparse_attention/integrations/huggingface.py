@@ -213,7 +213,13 @@ class SparseSelfAttention(torch.nn.Module):
 
 def _resolve(attention: object, options: dict) -> Pattern | DynamicPattern | None:
     if isinstance(attention, str):
-        attention = registry.get(attention).make(**options)
+        mech = registry.get(attention)
+        if mech.kind == "module":  # (its own error would point at MultiheadAttention, which sparsify does not use)
+            raise ValueError(f"attention={attention!r} is a module mechanism (its own weights, sized per layer), "
+                             "which sparsify cannot place in a pretrained layer; it takes 'full', a pattern or a "
+                             "content-based mechanism: "
+                             f"{sorted(m.name for m in registry.mechanisms() if m.kind != 'module')}")
+        attention = mech.make(**options)
     elif options:
         raise TypeError(f"options {sorted(options)} apply to a mechanism given by name; got attention of type "
                         f"{type(attention).__name__}, which is already configured")
