@@ -6,6 +6,7 @@ bad call fails the same way on every backend (RELIABILITY.md, rule 0).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterable
@@ -154,3 +155,14 @@ def refuse_second_order(what: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(f"{what}: second-order gradients are not supported (the backward is not "
                            "differentiable); compute them through sa.reference_attention instead")
+
+
+def first_order(backward):
+    """For the backward of an autograd Function that is not itself differentiable (a native or fused kernel),
+    in place of ``once_differentiable``: with that, a second derivative through it came out None (or "not
+    used in the graph"); here asking for a graph of the backward (create_graph=True) raises."""
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        refuse_second_order(type(ctx).__name__.removesuffix("Backward"))
+        return backward(ctx, *grads)
+    return checked

@@ -121,3 +121,18 @@ def test_reformer_layer_with_a_full_backward_hook():
     assert seen == [out.shape]
     with pytest.raises(ValueError, match="key the same tensor as query"):
         m(x, x.clone(), x, need_weights=False)
+
+
+@pytest.mark.parametrize("attention", ["lsh", "routing", "sinkhorn", "reformer", "linear", "performer"])
+def test_second_order_through_a_first_order_kernel_raises(attention):
+    """The native and fused kernels' backwards are not differentiable: asking for a graph of them
+    (create_graph=True, e.g. a gradient penalty) raises, where once_differentiable let the second
+    derivative come out None (with allow_unused=True) or "not used in the graph"."""
+    torch.manual_seed(0)
+    m = sa.nn.MultiheadAttention(32, 4, attention=attention, batch_first=True)
+    x = torch.randn(1, 48, 32, requires_grad=True)
+    out = m(x, x, x, need_weights=False)[0]
+    with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(m(x, x, x, need_weights=False)[0].pow(2).sum(), x)  # first order as before
+    assert torch.isfinite(g).all()

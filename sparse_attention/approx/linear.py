@@ -50,10 +50,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import native
-from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv, check_seed
+from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv, check_seed, first_order
 from ..reference import zeros_from
 
 __all__ = [
@@ -497,7 +496,7 @@ class _NonCausal(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):
         q, k, v, keep, kvz, out, den = ctx.saved_tensors
         fm, (BH, R, _), (S, Dv) = ctx.fm, q.shape, (k.shape[1], v.shape[-1])
@@ -581,7 +580,7 @@ class _Causal(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):
         q, k, v, keep, out, den = ctx.saved_tensors
         fm, C, (BH, L, _), Dv = ctx.fm, ctx.C, q.shape, v.shape[-1]
@@ -634,7 +633,7 @@ class _Native(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):
         q, k, v, keep, kvz, out, den = ctx.saved_tensors
         grads = native.linear_backward(q, k, v, keep, ctx.kind, ctx.group, kvz, g, out, den, ctx.favor)

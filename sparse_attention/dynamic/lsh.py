@@ -34,10 +34,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import native
-from .._checks import check_bool, check_int, check_seed
+from .._checks import check_bool, check_int, check_seed, first_order
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite, kernel_grad_out, kernel_grad_rows, kernel_grad_select
@@ -363,7 +362,7 @@ class _SortedChunks(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):
         if not ctx.native:
             return _SortedChunks._kernel_backward(ctx, g)

@@ -33,10 +33,9 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import native
-from .._checks import check_bool, check_int
+from .._checks import check_bool, check_int, first_order
 from ..engine.blocksparse import _bwd as _kernel_bwd
 from ..engine.blocksparse import _fwd as _kernel_fwd
 from ..engine.blocksparse import all_finite, kernel_grad_out, kernel_grad_rows
@@ -327,7 +326,7 @@ class _RoutedItems(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):
         q, k, v, qi, ki, add, out, LSE = ctx.saved_tensors
         B, H, N, D = q.shape

@@ -29,10 +29,9 @@ import bisect
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import native
-from .._checks import refuse_second_order
+from .._checks import first_order
 from ..reference import masked_softmax
 from .plan import Plan, Segment
 
@@ -360,8 +359,8 @@ class _BlockSparseFunction(torch.autograd.Function):
         return unfold_queries(out, q.shape[0], q.shape[1], q.shape[2])
 
     @staticmethod
+    @first_order  # the fused kernel's backward has no derivative
     def backward(ctx, grad):
-        refuse_second_order("the block-sparse engine")  # the fused kernel's backward has no derivative
         qf, kf, vf, out, lse = ctx.saved_tensors
         segments, G, b, scale, kpm_f, q_shape, k_shape = ctx.args
         B, Hq, N, _ = q_shape
@@ -460,7 +459,7 @@ class _ItemsFunction(torch.autograd.Function):
         return o[:, 0, :, :v.shape[-1]]
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):
         if ctx.native:
             q, k, v, add, out, lse, qrows, krows = ctx.saved_tensors

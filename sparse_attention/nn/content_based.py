@@ -23,10 +23,9 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import native
-from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv, check_seed
+from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv, check_seed, first_order
 from ..dynamic.base import padded, query_heads
 from ..dynamic.lsh import LSH
 from ..dynamic.routing import Routing, update_centroids
@@ -81,7 +80,7 @@ class _UnitRows(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g):
         y, norm = ctx.saved_tensors
         dx = native.unit_rows_backward(y, g, norm, _UnitRows.EPS)
