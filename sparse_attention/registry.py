@@ -2,7 +2,8 @@
 
 Each entry is a frozen dataclass: name, how to build it, what it supports, and small
 defaults that make a meaningful example at any length (``fixed_length`` mechanisms: up to
-their default maximum length). Unknown names raise an error listing the known ones.
+their default maximum length; ``global``'s two global positions need a length of 2 or more).
+Unknown names raise an error listing the known ones.
 
 Three kinds:
 
