@@ -148,21 +148,16 @@ def check_float_dtype(name: str, value: object) -> torch.dtype:
     return value
 
 
-def refuse_second_order(what: str) -> None:
-    """In an autograd Function's backward that is not itself differentiable: grad mode is on there only
-    when a graph of the backward was asked for (create_graph=True), which would give wrong or missing
-    second derivatives; raise instead."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"{what}: second-order gradients are not supported (the backward is not "
-                           "differentiable); compute them through sa.reference_attention instead")
-
-
 def first_order(backward):
     """For the backward of an autograd Function that is not itself differentiable (a native or fused kernel),
     in place of ``once_differentiable``: with that, a second derivative through it came out None (or "not
-    used in the graph"); here asking for a graph of the backward (create_graph=True) raises."""
+    used in the graph"). Grad mode is on inside a backward only when a graph of it was asked for
+    (create_graph=True): then this raises."""
     @functools.wraps(backward)
     def checked(ctx, *grads):
-        refuse_second_order(type(ctx).__name__.removesuffix("Backward"))
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{type(ctx).__name__.removesuffix('Backward')}: second-order gradients are not "
+                               "supported (the backward is not differentiable); compute them through "
+                               "sa.reference_attention instead")
         return backward(ctx, *grads)
     return checked

@@ -748,7 +748,7 @@ def test_kept_stats():
     (lambda: Routing(torch.zeros(0, 8)), ValueError, "num_clusters"),
     (lambda: Routing(torch.zeros(8)), ValueError, "centroids"),
     (lambda: Routing(torch.zeros(2, 8), capacity=0), ValueError, "capacity"),
-    (lambda: ProbSparse(float("inf")), ValueError, "factor must be a positive finite number, got inf"),
+    (lambda: ProbSparse(float("inf")), ValueError, "factor must be a positive finite real number, got inf"),
     (lambda: ProbSparse(True), TypeError, "factor"),
     (lambda: ProbSparse(seed=2**70), ValueError, "seed must be <="),
     (lambda: LSH(8, seed=-(2**70)), ValueError, "seed must be >="),

@@ -26,12 +26,11 @@ Cost: O(N ln S) for the measurement and O(u S) for the attention.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_bool, check_scale, check_seed
+from .._checks import check_bool, check_positive_real, check_scale, check_seed
 from ..reference import masked_softmax
 from .base import DynamicPattern, padded, query_heads
 from .topk import grouped_scores, grouped_values
@@ -50,11 +49,7 @@ class ProbSparse(DynamicPattern):
     """
 
     def __init__(self, factor: float = 5.0, *, seed: int = 0, causal: bool = False, causal_lazy: str = "mean"):
-        if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
-            raise TypeError(f"factor must be a positive number, got {factor!r}")
-        if not 0 < factor < math.inf:
-            raise ValueError(f"factor must be a positive finite number, got {factor!r}")
-        self.factor = float(factor)
+        self.factor = check_positive_real("factor", factor)
         self.seed = check_seed(seed)
         check_bool("causal", causal)
         self.causal = causal

@@ -392,6 +392,13 @@ def _items(q, k, v, qi, ki):
     return [t.view(B * H, K, -1, E) for t in (qs, ks, vs)], qflat, kflat
 
 
+def check_decay(decay: object) -> float:
+    """The moving average's decay: a real number in [0, 1)."""
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+    return float(decay)
+
+
 def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float = 0.999) -> torch.Tensor:
     """One exponential-moving-average k-means step (Routing Transformer, section 4).
 
@@ -400,8 +407,7 @@ def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float =
     c <- decay * c + (1 - decay) * mean; centroids with no token keep their value.
     Returns the new centroids (same shape); no gradient flows.
     """
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+    decay = check_decay(decay)
     squeeze = centroids.dim() == 2
     c = centroids.unsqueeze(0) if squeeze else centroids
     with torch.no_grad():

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int, check_scale
+from .._checks import check_int, check_positive_real, check_scale
 from ..engine.blocksparse import items_attention
 from .base import padded
 
@@ -78,8 +78,7 @@ def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.7
     softmax; row 0 holds no mass).
     """
     n_iters = check_int("n_iters", n_iters, minimum=0)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_positive_real("temperature", temperature)
     nb = logits.shape[-1]
     log_p = logits / temperature
     if causal:

@@ -17,9 +17,9 @@ stride 2, N = S = 6: positions 0 2 4 form class 0 and 1 3 5 class 1::
 The classes are gathered by padding the sequences to a multiple of s and reshaping (query i goes to
 slot i + r with r = (S - N) mod s, so its slot and its key position agree mod s); padded key slots
 are masked (non-causal) or lie after every key a real query may see (causal). Causal attention within a
-class is a triangle shifted by (S - N - r) / s slots: SDPA's own is_causal when the shift is 0 and there
-is no key padding, else a small (N/s, S/s) mask (with key padding, one per batch entry and class). The
-attention is PyTorch's fused SDPA over the classes as (B·s, H, ·, ·).
+class is a triangle shifted by (S - N - r) / s slots: SDPA's own is_causal when the shift is 0, there
+is no key padding and the scale is positive, else a small (N/s, S/s) mask (with key padding, one per
+batch entry and class). The attention is PyTorch's fused SDPA over the classes as (B·s, H, ·, ·).
 """
 
 from __future__ import annotations

@@ -19,16 +19,23 @@ q (B, H, N, D), k (B, H or Hkv, S, D), v (B, H or Hkv, S, Dv), and return (B, H,
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .. import native
-from .._checks import check_bool, check_int, check_key_padding_mask, check_qkv, check_seed, first_order
+from .._checks import (
+    check_bool,
+    check_int,
+    check_key_padding_mask,
+    check_positive_real,
+    check_qkv,
+    check_seed,
+    first_order,
+)
 from ..dynamic.base import padded, query_heads
 from ..dynamic.lsh import LSH
-from ..dynamic.routing import Routing, update_centroids
+from ..dynamic.routing import Routing, check_decay, update_centroids
 from ..dynamic.sinkhorn import sinkhorn, sinkhorn_attention
 from ..functional import attention
 from ..reference import zeros_from
@@ -128,9 +135,7 @@ class RoutingAttention(torch.nn.Module):
         self.head_dim = head_dim = check_int("head_dim", head_dim, minimum=1)
         self.num_heads = check_int("num_heads", num_heads, minimum=1)
         self.capacity = None if capacity is None else check_int("capacity", capacity, minimum=1)
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-        self.decay, self.causal = float(decay), check_bool("causal", causal)
+        self.decay, self.causal = check_decay(decay), check_bool("causal", causal)
         g = torch.Generator().manual_seed(check_seed(seed))
         self.register_buffer("centroids", F.normalize(torch.randn(num_heads, num_clusters, head_dim, generator=g),
                                                       dim=-1))
@@ -177,11 +182,8 @@ class SinkhornAttention(torch.nn.Module):
         self.num_heads = check_int("num_heads", num_heads, minimum=1)
         self.block = check_int("block", block, minimum=1)
         self.n_iters = check_int("n_iters", n_iters, minimum=0)
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-            raise TypeError(f"temperature must be a positive number, got {temperature!r}")
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        self.temperature, self.causal = float(temperature), check_bool("causal", causal)
+        self.temperature = check_positive_real("temperature", temperature)
+        self.causal = check_bool("causal", causal)
         std = head_dim**-0.5
         self.sort_q = torch.nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * std)
         self.sort_k = torch.nn.Parameter(torch.randn(num_heads, head_dim, head_dim) * std)
