@@ -654,6 +654,43 @@ def _unrolled_sinkhorn(x, n_iters=4, temperature=0.6):
     return torch.exp(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hard_sinkhorn_sorts_by_copies_exactly(causal, dtype):
+    """A hard permutation (zeros and ones, at most one 1 per row; causal: block 0's row is empty) sorts the
+    blocks by copies, bit for bit what the product with P gives (that path is taken when P itself needs a
+    gradient), output and the gradients of q, k, v; a NaN in one block's keys then reaches only the query
+    blocks that read that block (its own, and the one P sorts it to)."""
+    from sparse_attention.dynamic.sinkhorn import _hard_sources
+
+    B, H, N, block, D = 2, 2, 26, 4, 8
+    nb = -(-N // block)
+    q, k, v = make_qkv(B, H, H, N, N, D, dtype=dtype, seed=35)
+    p = sinkhorn(torch.randn(B, H, nb, nb, generator=torch.Generator().manual_seed(7), dtype=dtype), 8,
+                 hard=True, causal=causal)
+    assert _hard_sources(p) is not None and _hard_sources(sinkhorn(p + 0.5, 8)) is None
+    assert _hard_sources(p.clone().requires_grad_()) is None, "a P that needs a gradient is multiplied"
+    kpm = padding_mask(B, N)
+    g = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    runs = []
+    for perm in (p, p.clone().requires_grad_()):
+        out = sinkhorn_attention(q, k, v, perm, block=block, causal=causal, key_padding_mask=kpm)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), g)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *runs, strict=True):
+        assert torch.equal(a, b), f"{name}: copies and the product differ"
+    with torch.no_grad():
+        k_nan = k.detach().clone()
+        k_nan[:, :, 2 * block] = float("nan")  # block 2
+        out = sinkhorn_attention(q.detach(), k_nan, v.detach(), p, block=block, causal=causal)
+        reads = torch.zeros(B, H, nb, dtype=torch.bool)
+        reads[:, :, 2] = True
+        reads |= p[..., 2] > 0  # the query blocks whose sorted block is block 2
+        full = N // block  # whole blocks (the last one is cut short)
+        rows = out.isnan().any(-1)[..., :full * block].view(B, H, full, block)
+        assert reads[..., :full].any() and not reads[..., :full].all()
+        assert torch.equal(rows.all(-1), reads[..., :full]) and torch.equal(rows.any(-1), reads[..., :full])
+
+
 def test_sinkhorn_gradient_is_the_unrolled_iterations():
     """sinkhorn's own backward (recomputed half-steps) against autograd through the unrolled log-space
     iterations, first and second order; gradcheck and gradgradcheck in float64."""

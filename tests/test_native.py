@@ -363,3 +363,13 @@ def test_native_items_forward_and_backward(shape, bias_rows):
     unused = torch.ones(G, N, dtype=torch.bool)
     unused[torch.arange(G).view(G, 1, 1).expand_as(qrows)[qrows >= 0], qrows[qrows >= 0]] = False
     assert torch.equal(grads[0][unused], torch.zeros_like(grads[0][unused])), "dq: a query in no item"
+    # the keys and values split into two sources (rows from m on in k2, v2): the same numbers, bit for bit
+    m = (N + 3) // 3
+    two = {"k2": k[:, m:].contiguous(), "v2": v[:, m:].contiguous()}
+    out2, lse2 = native.items_forward(q, k[:, :m], v[:, :m], qrows, krows, given, scale, **two)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse), "forward with a second source"
+    grads2 = native.items_backward(q, k[:, :m], v[:, :m], g, out, torch.where(finite, lse, float("inf")), qrows,
+                                   krows, given, scale, **two)
+    split = (grads[0], grads[1][:, :m], grads[2][:, :m], grads[1][:, m:], grads[2][:, m:])
+    for name, a, b in zip(("dq", "dk", "dv", "dk2", "dv2"), grads2, split, strict=True):
+        assert torch.equal(a, b), f"{name} with a second source"

@@ -20,8 +20,9 @@ sees its own block twice with the same values, which leaves the softmax average
 unchanged: block-local attention.
 
 The attention itself is ``engine.blocksparse.items_attention`` (every query block an item against its
-2·block keys: the native items kernels in float32, else PyTorch's fused CPU kernel); the sorting is plain
-differentiable ops.
+own block and its sorted block, 2·block keys: the native items kernels in float32, which read both parts in
+place, else PyTorch's fused CPU kernel); the sorting is plain differentiable ops: P's product with the blocks,
+or, for a hard P that needs no gradient, copies of the chosen blocks.
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ def sinkhorn(logits: torch.Tensor, n_iters: int = 8, *, temperature: float = 0.7
     return p
 
 
+def _hard_sources(p: torch.Tensor) -> torch.Tensor | None:
+    """For a permutation P (B, H, nb, nb) of zeros and ones with at most one 1 per row that autograd does not
+    track (``sinkhorn(..., hard=True)``): the block each row takes (B, H, nb), -1 for a row of zeros; else
+    None. Sorting by copies then gives exactly what P's product gives for finite keys (1·k, and 0), in a
+    pass over the keys instead of an nb-fold product."""
+    if p.requires_grad and torch.is_grad_enabled():
+        return None
+    if not bool(((p == 0) | (p == 1)).all() & (p.sum(-1) <= 1).all()):
+        return None
+    return torch.where(p.sum(-1) > 0, p.argmax(-1), -1)
+
+
 def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permutation: torch.Tensor, *,
                        block: int, causal: bool = False, scale: float | None = None,
                        key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,8 +142,13 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
 
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
     p = permutation.to(acc)
-    k_sorted = torch.einsum("bhij,bhjtd->bhitd", p, kb)  # (B, H, nb, block, D)
-    v_sorted = torch.einsum("bhij,bhjtd->bhitd", p, vb)
+    source = _hard_sources(p)
+    if source is None:  # soft sorting: every sorted block a mixture of all blocks
+        k_sorted = torch.einsum("bhij,bhjtd->bhitd", p, kb)  # (B, H, nb, block, D)
+        v_sorted = torch.einsum("bhij,bhjtd->bhitd", p, vb)
+    else:  # a hard permutation: each sorted block a copy of one block, or zeros where P's row is 0
+        k_sorted, v_sorted = (x.gather(2, source.clamp(min=0).view(B, H, nb, 1, 1).expand(B, H, nb, block, x.shape[-1]))
+                              .masked_fill((source < 0).view(B, H, nb, 1, 1), 0.0) for x in (kb, vb))
     keep_sorted = torch.einsum("bhij,bjt->bhit", p, keep[:, 0].to(acc)) > 0.5  # sorted slot holds real keys
     # a row of P with no mass (causal block 0) contributes no sorted block
     far_ok = keep_sorted & (p.sum(-1) > 0).view(B, H, nb, 1)  # (B, H, nb, block)
@@ -139,8 +157,8 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
     if causal:  # inside its own block a query sees keys at or before it
         tri = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
         allowed = torch.cat([allowed[..., :block] & tri, allowed[..., block:].expand(B, H, nb, block, block)], -1)
-    # each query block against [its own block ; its sorted block] (fused kernel on CPU)
-    out = items_attention(qb, torch.cat([kb, k_sorted], -2), torch.cat([vb, v_sorted], -2), allowed, scale=scale)
+    # each query block against [its own block ; its sorted block] (native items kernels or fused kernel on CPU)
+    out = items_attention(qb, kb, vb, allowed, scale=scale, k2=k_sorted, v2=v_sorted)
     return out.reshape(B, H, nb * block, -1)[:, :, :N].to(q.dtype)
 
 

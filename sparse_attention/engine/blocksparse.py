@@ -428,30 +428,35 @@ def blocksparse_attention(q, k, v, plan: Plan, *, scale: float, key_padding_mask
 
 class _ItemsFunction(torch.autograd.Function):
     """Softmax attention inside each of I items, forward and backward: q (I, Lq, D), k (I, Lk, D),
-    v (I, Lk, Dv); ``add`` the additive mask (0 / -inf), (..., Lq or 1, Lk) with its leading dimensions
-    running over the items in order (expanded views are read in place).
+    v (I, Lk, Dv), and optionally a second part of every item's keys k2 (I, Lk2, D), v2 (I, Lk2, Dv) (the
+    item's keys are then k's rows followed by k2's); ``add`` the additive mask (0 / -inf), (..., Lq or 1,
+    Lk + Lk2) with its leading dimensions running over the items in order (expanded views are read in place).
 
     On the native items kernels when they take the call (float32; each item one group of rows, read in
-    place, its outputs and gradients written straight into the result: no per-item copies, no zero-filled
-    gradients); else on PyTorch's fused kernel with the items as its batch (finite inputs only: it turns a
-    NaN row into zeros), one head size E = max(D, Dv) (zero columns change no score or output)."""
+    place from both parts, its outputs and gradients written straight into the result: no per-item copies,
+    no concatenation, no zero-filled gradients); else on PyTorch's fused kernel with the items as its batch
+    and the parts concatenated (finite inputs only: it turns a NaN row into zeros), one head size
+    E = max(D, Dv) (zero columns change no score or output)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, add, scale):
+    def forward(ctx, q, k, v, k2, v2, add, scale):
         I, Lq, _ = q.shape
-        Lk = k.shape[1]
-        ctx.scale = scale
-        rows = tuple(torch.arange(L, device=q.device).expand(I, 1, L) for L in (Lq, Lk))  # each item's own rows
-        found = native.items_forward(q, k, v, *rows, add, scale)
+        Lk, Lk2 = k.shape[1], 0 if k2 is None else k2.shape[1]
+        ctx.scale, ctx.parts = scale, (Lk, Lk2)
+        rows = (torch.arange(Lq, device=q.device).expand(I, 1, Lq),  # each item's own rows, both parts
+                torch.arange(Lk + Lk2, device=q.device).expand(I, 1, Lk + Lk2))
+        found = native.items_forward(q, k, v, *rows, add, scale, k2, v2)
         ctx.native = found is not None
         if ctx.native:
             out, lse = found
             lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # no key: +inf, every p = 0 below
-            ctx.save_for_backward(q, k, v, add, out, lse, *rows)
+            ctx.save_for_backward(q, k, v, k2, v2, add, out, lse, *rows)
             return out
+        if k2 is not None:
+            k, v = torch.cat([k, k2], 1), torch.cat([v, v2], 1)
         E = max(q.shape[-1], v.shape[-1])
         q4, k4, v4 = (F.pad(t, (0, E - t.shape[-1])).unsqueeze(1) for t in (q, k, v))
-        add4 = add.expand(*add.shape[:-2], add.shape[-2], Lk).reshape(I, 1, add.shape[-2], Lk)
+        add4 = add.expand(*add.shape[:-2], add.shape[-2], Lk + Lk2).reshape(I, 1, add.shape[-2], Lk + Lk2)
         # a row with no allowed key: the kernel reports lse 0, and exp(-inf - 0) = 0 in its backward
         o, lse = _fwd(q4, k4, v4, 0.0, False, attn_mask=add4, scale=scale)
         ctx.save_for_backward(q4, k4, v4, add4, o, lse)
@@ -461,36 +466,48 @@ class _ItemsFunction(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, g):
+        Lk, Lk2 = ctx.parts
         if ctx.native:
-            q, k, v, add, out, lse, qrows, krows = ctx.saved_tensors
-            grads = native.items_backward(q, k, v, g, out, lse, qrows, krows, add, ctx.scale)
+            q, k, v, k2, v2, add, out, lse, qrows, krows = ctx.saved_tensors
+            grads = native.items_backward(q, k, v, g, out, lse, qrows, krows, add, ctx.scale, k2, v2)
             if grads is None:  # the forward ran on these kernels: they stay available
-                raise RuntimeError(f"native items backward unavailable: {native.status()}")
-            return (*grads, None, None)
+                raise RuntimeError(f"native items backward: unavailable: {native.status()}")
+            return (*grads, *[None] * (7 - len(grads)))
         q4, k4, v4, add4, o, lse = ctx.saved_tensors
         D, Dv = ctx.dims
         g4 = F.pad(g, (0, o.shape[-1] - Dv)).unsqueeze(1).contiguous()
         gq, gk, gv = _bwd(g4, q4, k4, v4, o, lse, 0.0, False, attn_mask=add4, scale=ctx.scale)
-        return gq[:, 0, :, :D], gk[:, 0, :, :D], gv[:, 0, :, :Dv], None, None
+        gk, gv = gk[:, 0, :, :D], gv[:, 0, :, :Dv]
+        second = (gk[:, Lk:], gv[:, Lk:]) if Lk2 else (None, None)
+        return gq[:, 0, :, :D], gk[:, :Lk], gv[:, :Lk], *second, None, None
 
 
 def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, *,
-                    scale: float) -> torch.Tensor:
+                    scale: float, k2: torch.Tensor | None = None, v2: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention inside each of a batch of independent items, with gradients.
 
-    q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) with the same leading dims; ``allowed`` bool
-    broadcastable to (..., Lq, Lk), True = may attend (None = all). A row with no allowed key gives 0.
-    On CPU with finite inputs this is one call of the native items kernels (float32) or of PyTorch's fused
-    kernel, with no Lq x Lk tensor besides the mask; otherwise plain differentiable ops. Returns
-    (..., Lq, Dv) in q's dtype.
+    q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) with the same leading dims; optionally a second part of
+    each item's keys and values, k2 (..., Lk2, D) and v2 (..., Lk2, Dv): the item then attends to
+    concatenate([k, k2], -2) (and the values alike), which is never built on the native kernels.
+    ``allowed`` bool broadcastable to (..., Lq, Lk + Lk2), True = may attend (None = all). A row with no
+    allowed key gives 0. On CPU with finite inputs this is one call of the native items kernels (float32) or
+    of PyTorch's fused kernel, with no Lq x Lk tensor besides the mask; otherwise plain differentiable ops.
+    Returns (..., Lq, Dv) in q's dtype.
     """
+    if (k2 is None) != (v2 is None):
+        raise ValueError("k2 and v2 go together: give both or neither")
     lead, (Lq, D), (Lk, Dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
+    Lk2 = 0 if k2 is None else k2.shape[-2]
     if allowed is None:
         allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device)
-    if q.device.type != "cpu" or not all_finite(q, k, v):
+    if q.device.type != "cpu" or not all_finite(q, k, v, *([] if k2 is None else [k2, v2])):
+        if k2 is not None:
+            k, v = torch.cat([k, k2], -2), torch.cat([v, v2], -2)
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         return torch.matmul(masked_softmax(s, allowed), v.to(s.dtype)).to(q.dtype)
-    allowed = allowed.expand(*lead, allowed.shape[-2], Lk)  # rows may stay broadcast (size 1)
+    allowed = allowed.expand(*lead, allowed.shape[-2], Lk + Lk2)  # rows may stay broadcast (size 1)
     add = _additive(allowed, q.dtype)
-    out = _ItemsFunction.apply(q.reshape(-1, Lq, D), k.reshape(-1, Lk, D), v.reshape(-1, Lk, Dv), add, scale)
+    second = (None, None) if k2 is None else (k2.reshape(-1, Lk2, D), v2.reshape(-1, Lk2, Dv))
+    out = _ItemsFunction.apply(q.reshape(-1, Lq, D), k.reshape(-1, Lk, D), v.reshape(-1, Lk, Dv), *second, add,
+                               scale)
     return out.reshape(*lead, Lq, Dv)

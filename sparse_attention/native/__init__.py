@@ -100,8 +100,8 @@ _SIGNATURES = {  # every exported kernel: argument types (all return an int stat
     "sa_linear_bwd_f32": "p p p p p p p p p p i i i i i i i p p p t",
     "sa_linear_causal_fwd_f32": "p p p p p p i i i i i i i d p p t",
     "sa_linear_causal_bwd_f32": "p p p p p p p p p i i i i i i i p p p t",
-    "sa_items_bwd_f32": "p p p p p p p p p p i i i i i i i i i d p p p t",
-    "sa_items_fwd_f32": "p p p p p p p i i i i i i i i i d p p p t",
+    "sa_items_bwd_f32": "p p p p p p p p p p p p i i i i i i i i i i d p p p p p t",
+    "sa_items_fwd_f32": "p p p p p p p p p i i i i i i i i i i d p p p t",
     "sa_linear_vector_bytes": "",
     "sa_openmp": "",
 }
@@ -396,11 +396,30 @@ def pair_counts(qi: torch.Tensor, ki: torch.Tensor, N: int, S: int, *, neg_log: 
     return out
 
 
-def _item_rows(qrows: torch.Tensor, krows: torch.Tensor, Nq: int, Nk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's item rows (G, I, w) -> rows of the flattened (G·N, ·) tensors (-1 stays -1), contiguous."""
+def _item_rows(qrows: torch.Tensor, krows: torch.Tensor, Nq: int, Nk: int, Nk2: int = 0) -> \
+        tuple[torch.Tensor, torch.Tensor]:
+    """Each group's item rows (G, I, w) -> rows of the flattened (G·N, ·) tensors (-1 stays -1), contiguous;
+    a key row r >= Nk of group gi is row r - Nk of that group in the second source, which the kernels find
+    at G·Nk + gi·Nk2 + r - Nk."""
     G = qrows.shape[0]
-    return tuple(torch.where(rows >= 0, rows + (torch.arange(G) * n).view(G, 1, 1), -1).contiguous()
-                 for rows, n in ((qrows, Nq), (krows, Nk)))
+    group = torch.arange(G).view(G, 1, 1)
+    qrows = torch.where(qrows >= 0, qrows + group * Nq, -1)
+    first = krows + group * Nk
+    if Nk2:
+        first = torch.where(krows < Nk, first, krows - Nk + G * Nk + group * Nk2)
+    return qrows.contiguous(), torch.where(krows >= 0, first, -1).contiguous()
+
+
+def _second_source(k2: torch.Tensor | None, v2: torch.Tensor | None, G: int) -> int:
+    """Rows per group of the optional second key/value source (0 without one); both or neither given."""
+    if (k2 is None) != (v2 is None):
+        raise ValueError("k2 and v2 go together: give both or neither")
+    if k2 is None:
+        return 0
+    if k2.shape[0] != G or v2.shape[:2] != k2.shape[:2]:
+        raise ValueError(f"k2 (G, Nk2, D) and v2 (G, Nk2, Dv) must have G={G} groups and the same Nk2, got "
+                         f"{tuple(k2.shape)}, {tuple(v2.shape)}")
+    return k2.shape[1]
 
 
 def _item_bias(bias: torch.Tensor | None, items: int, wq: int, wk: int) -> \
@@ -426,28 +445,30 @@ def _item_bias(bias: torch.Tensor | None, items: int, wq: int, wk: int) -> \
 
 @_eager
 def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor,
-                  bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  bias: torch.Tensor | None, scale: float, k2: torch.Tensor | None = None,
+                  v2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Softmax attention over items whose rows are given by index, each query's items merged: (out, lse).
 
-    q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv); qrows (G, I, wq), krows (G, I, wk) and bias as for
-    :func:`items_backward`. A query's softmax runs over every (item, key) pair it is in, with
-    p = exp(scale·q·k + bias); out (G, Nq, Dv) is its normalised output and lse (G, Nq) its log-sum-exp
-    (a query in no item, or with no allowed key: out 0, lse -inf). The kernel returns the largest of the
-    query's row maxima M and Z = Σ exp(m - M)·l; lse = M + log Z. float32 on CPU with vectors of 32 bytes
-    or more, else None."""
+    q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv); qrows (G, I, wq), krows (G, I, wk), bias and the optional
+    second source k2, v2 as for :func:`items_backward`. A query's softmax runs over every (item, key) pair
+    it is in, with p = exp(scale·q·k + bias); out (G, Nq, Dv) is its normalised output and lse (G, Nq) its
+    log-sum-exp (a query in no item, or with no allowed key: out 0, lse -inf). The kernel returns the largest
+    of the query's row maxima M and Z = Σ exp(m - M)·l; lse = M + log Z. float32 on CPU with vectors of 32
+    bytes or more, else None."""
     G, I, wq = qrows.shape
     wk = krows.shape[2]
-    found, item_bias = _args((qrows, krows), (q, k, v)), _item_bias(bias, G * I, wq, wk)
+    Nk2 = _second_source(k2, v2, G)
+    found, item_bias = _args((qrows, krows), (q, k, v, k2, v2)), _item_bias(bias, G * I, wq, wk)
     if found is None or item_bias is None or not items_available():
         return None
-    (lib, (qrows, krows, q, k, v)), (bias, boff, brow) = found, item_bias
+    (lib, (qrows, krows, q, k, v, k2, v2)), (bias, boff, brow) = found, item_bias
     Nq, D = q.shape[1:]
     Nk, Dv = k.shape[1], v.shape[2]
-    qrows, krows = _item_rows(qrows, krows, Nq, Nk)
+    qrows, krows = _item_rows(qrows, krows, Nq, Nk, Nk2)
     out, M, Z = q.new_empty(G, Nq, Dv), q.new_empty(G, Nq), q.new_empty(G, Nq)
-    if G and lib.sa_items_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), qrows.data_ptr(), krows.data_ptr(),
-                                  _ptr(bias), _ptr(boff), brow, G, I, wq, wk, D, Dv, Nq, Nk, scale, out.data_ptr(),
-                                  M.data_ptr(), Z.data_ptr(), _threads(G)):
+    if G and lib.sa_items_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(k2), _ptr(v2), qrows.data_ptr(),
+                                  krows.data_ptr(), _ptr(bias), _ptr(boff), brow, G, I, wq, wk, D, Dv, Nq, Nk, Nk2,
+                                  scale, out.data_ptr(), M.data_ptr(), Z.data_ptr(), _threads(G)):
         raise MemoryError("native items forward: no memory for a thread's scratch")
     return out, torch.where(Z > 0, M + torch.log(Z), float("-inf"))
 
@@ -455,13 +476,16 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
 @_eager
 def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, qrows: torch.Tensor, krows: torch.Tensor, bias: torch.Tensor | None,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                   scale: float, k2: torch.Tensor | None = None, v2: torch.Tensor | None = None) -> \
+        tuple[torch.Tensor, ...] | None:
     """The gradients (dq, dk, dv) of softmax attention over items whose rows are given by index, from the
     output gradient g, the output o and the log-sum-exp lse of every query row.
 
     q (G, Nq, D), g and o (G, Nq, Dv), lse (G, Nq) (+inf for a row with no key); k (G, Nk, D), v (G, Nk, Dv);
     qrows (G, I, wq) and krows (G, I, wk): each of group gi's I items' rows, in [0, Nq) and [0, Nk), or -1
-    for an empty slot (not checked: the caller's own indices); bias additive (-inf: not attended, and at
+    for an empty slot (not checked: the caller's own indices); with a second source of keys and values
+    k2 (G, Nk2, D), v2 (G, Nk2, Dv), a key row r in [Nk, Nk + Nk2) is row r - Nk of k2 and v2 (the
+    gradients are then (dq, dk, dv, dk2, dv2)); bias additive (-inf: not attended, and at
     every empty key slot), (G, I, wq or 1, wk) or any (..., wq or 1, wk) whose leading dimensions run over
     the G·I items in order, with any strides (an expanded or permuted view is read in place; one row is
     shared by the item's queries), or None. Item (gi, i)
@@ -471,20 +495,22 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     None (see native/items.c)."""
     G, I, wq = qrows.shape
     wk = krows.shape[2]
-    found, item_bias = _args((qrows, krows), (q, k, v, g, o, lse)), _item_bias(bias, G * I, wq, wk)
+    Nk2 = _second_source(k2, v2, G)
+    found, item_bias = _args((qrows, krows), (q, k, v, k2, v2, g, o, lse)), _item_bias(bias, G * I, wq, wk)
     if found is None or item_bias is None or not items_available():
         return None
-    (lib, (qrows, krows, q, k, v, g, o, lse)), (bias, boff, brow) = found, item_bias
+    (lib, (qrows, krows, q, k, v, k2, v2, g, o, lse)), (bias, boff, brow) = found, item_bias
     Nq, D = q.shape[1:]
     Nk, Dv = k.shape[1], v.shape[2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    qrows, krows = _item_rows(qrows, krows, Nq, Nk)
-    if G and lib.sa_items_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), o.data_ptr(),
-                                  lse.data_ptr(), qrows.data_ptr(), krows.data_ptr(), _ptr(bias), _ptr(boff), brow,
-                                  G, I, wq, wk, D, Dv, Nq, Nk, scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                                  _threads(G)):
+    grads = [torch.empty_like(x) for x in (q, k, v, k2, v2) if x is not None]
+    dk2, dv2 = grads[3:] if k2 is not None else (None, None)
+    qrows, krows = _item_rows(qrows, krows, Nq, Nk, Nk2)
+    if G and lib.sa_items_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(k2), _ptr(v2), g.data_ptr(),
+                                  o.data_ptr(), lse.data_ptr(), qrows.data_ptr(), krows.data_ptr(), _ptr(bias),
+                                  _ptr(boff), brow, G, I, wq, wk, D, Dv, Nq, Nk, Nk2, scale,
+                                  *(x.data_ptr() for x in grads[:3]), _ptr(dk2), _ptr(dv2), _threads(G)):
         raise MemoryError("native items backward: no memory for a thread's scratch")
-    return dq, dk, dv
+    return tuple(grads)
 
 
 #: linear attention's feature maps the kernels apply themselves (identity: features computed beforehand;

@@ -28,12 +28,28 @@
 
 typedef struct {
     const float *q, *k, *v, *g, *o, *lse, *bias;
+    const float *k2, *v2;                /* a second source of keys and values (or NULL): rows from `split` on */
     const int64_t *qrows, *krows, *boff; /* boff: each item's first bias entry */
-    int64_t items, wq, wk, D, Dv, Dp, Dvp, Kp, nq, nk, brow; /* brow: bias row stride (0: one row) */
+    int64_t items, wq, wk, D, Dv, Dp, Dvp, Kp, nq, nk, nk2, split, brow; /* brow: bias row stride (0: one row) */
     float scale;
-    float *dq, *dk, *dv;  /* backward */
-    float *out, *M, *Z;   /* forward */
+    float *dq, *dk, *dv, *dk2, *dv2; /* backward */
+    float *out, *M, *Z;              /* forward */
 } items_job;
+
+/* key row `row` (an absolute index: below split in k, else row - split in k2), and its value row; the same
+ * rows of the key and value gradients */
+static inline const float *key_row(const items_job *p, int64_t row) {
+    return row < p->split ? p->k + row * p->D : p->k2 + (row - p->split) * p->D;
+}
+static inline const float *value_row(const items_job *p, int64_t row) {
+    return row < p->split ? p->v + row * p->Dv : p->v2 + (row - p->split) * p->Dv;
+}
+static inline float *key_grad_row(const items_job *p, int64_t row) {
+    return row < p->split ? p->dk + row * p->D : p->dk2 + (row - p->split) * p->D;
+}
+static inline float *value_grad_row(const items_job *p, int64_t row) {
+    return row < p->split ? p->dv + row * p->Dv : p->dv2 + (row - p->split) * p->Dv;
+}
 
 typedef struct {
     float *kt, *vt, *kr, *vr, *dkb, *dvb, *rows;
@@ -62,21 +78,27 @@ static int scratch_init(items_scratch *s, const items_job *p) {
     return -1;
 }
 
-/* the item's keys as Kᵀ (pad columns stay 0), and for the forward its values as rows, for the backward its
+/* the item's keys as Kᵀ (pad columns 0), and for the forward its values as rows, for the backward its
  * values as Vᵀ and its keys as rows, with the item's dK and dV zeroed; a negative row is a zero key */
 static void load_keys(const items_job *p, const items_scratch *s, const int64_t *krow, int forward) {
-    for (int64_t j = 0; j < p->wk; j++) {
-        const int64_t row = krow[j]; /* negative: an empty slot, a zero key (its bias says -inf) */
-        const float *kx = row < 0 ? NULL : p->k + row * p->D, *vx = row < 0 ? NULL : p->v + row * p->Dv;
-        for (int64_t e = 0; e < p->D; e++) s->kt[e * p->Kp + j] = row < 0 ? 0.0f : kx[e];
-        if (forward) {
-            if (row < 0) zero_row(s->vr + j * p->Dvp, p->Dvp);
-            else load_row(s->vr + j * p->Dvp, vx, p->Dv, p->Dvp);
-        } else {
-            if (row < 0) zero_row(s->kr + j * p->Dp, p->Dp);
-            else load_row(s->kr + j * p->Dp, kx, p->D, p->Dp);
-            for (int64_t e = 0; e < p->Dv; e++) s->vt[e * p->Kp + j] = row < 0 ? 0.0f : vx[e];
+    for (int64_t j0 = 0; j0 < p->Kp; j0 += 16) { /* Kᵀ and Vᵀ by tiles of 16 keys (Kp is a multiple of 16) */
+        const float *kx[16], *vx[16];
+        for (int64_t r = 0; r < 16; r++) {
+            const int64_t row = j0 + r < p->wk ? krow[j0 + r] : -1; /* negative: a zero key (its bias: -inf) */
+            kx[r] = row < 0 ? NULL : key_row(p, row);
+            vx[r] = row < 0 ? NULL : value_row(p, row);
         }
+        for (int64_t e0 = 0; e0 < p->Dp; e0 += 16) transpose_tile16(kx, e0, p->D - e0, s->kt + e0 * p->Kp + j0, p->Kp);
+        if (!forward)
+            for (int64_t e0 = 0; e0 < p->Dvp; e0 += 16)
+                transpose_tile16(vx, e0, p->Dv - e0, s->vt + e0 * p->Kp + j0, p->Kp);
+    }
+    for (int64_t j = 0; j < p->wk; j++) {
+        const int64_t row = krow[j];
+        float *dst = forward ? s->vr + j * p->Dvp : s->kr + j * p->Dp;
+        const int64_t n = forward ? p->Dv : p->D, np = forward ? p->Dvp : p->Dp;
+        if (row < 0) zero_row(dst, np);
+        else load_row(dst, forward ? value_row(p, row) : key_row(p, row), n, np);
     }
     if (!forward) {
         memset(s->dkb, 0, (size_t)(p->Kp * p->Dp) * sizeof(float));
@@ -226,6 +248,10 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
         memset(p->dq + gi * p->nq * p->D, 0, (size_t)(p->nq * p->D) * sizeof(float));
         memset(p->dk + gi * p->nk * p->D, 0, (size_t)(p->nk * p->D) * sizeof(float));
         memset(p->dv + gi * p->nk * p->Dv, 0, (size_t)(p->nk * p->Dv) * sizeof(float));
+        if (p->dk2) {
+            memset(p->dk2 + gi * p->nk2 * p->D, 0, (size_t)(p->nk2 * p->D) * sizeof(float));
+            memset(p->dv2 + gi * p->nk2 * p->Dv, 0, (size_t)(p->nk2 * p->Dv) * sizeof(float));
+        }
         for (int64_t it = gi * p->items; it < (gi + 1) * p->items; it++) {
             const int64_t *qrow = p->qrows + it * p->wq, *krow = p->krows + it * p->wk;
             load_keys(p, &s, krow, 0);
@@ -264,7 +290,7 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
             }
             for (int64_t j = 0; j < p->wk; j++) {
                 if (krow[j] < 0) continue;
-                float *dk = p->dk + krow[j] * p->D, *dv = p->dv + krow[j] * p->Dv;
+                float *dk = key_grad_row(p, krow[j]), *dv = value_grad_row(p, krow[j]);
                 for (int64_t e = 0; e < p->D; e++) dk[e] += s.dkb[j * Dp + e];
                 for (int64_t e = 0; e < p->Dv; e++) dv[e] += s.dvb[j * Dvp + e];
             }
@@ -275,33 +301,37 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
 }
 
 /* q (groups·nq, D), g and o (groups·nq, Dv), lse (groups·nq) (+inf: a row with no key); k (groups·nk, D),
- * v (groups·nk, Dv); qrows (groups, items, wq) and krows (groups, items, wk): each item's rows, those of
- * group gi in [gi·nq, (gi+1)·nq) and [gi·nk, (gi+1)·nk), or -1 for an empty slot (no query; no key: the
+ * v (groups·nk, Dv), and optionally k2 (groups·nk2, D) and v2 (groups·nk2, Dv) (else NULL, nk2 0): key row r
+ * is row r of k below groups·nk, else row r - groups·nk of k2; qrows (groups, items, wq) and krows (groups,
+ * items, wk): each item's rows, those of group gi in [gi·nq, (gi+1)·nq) and in [gi·nk, (gi+1)·nk) or
+ * groups·nk + [gi·nk2, (gi+1)·nk2), or -1 for an empty slot (no query; no key: the
  * bias must be -inf there); bias NULL, or item it's row i at bias + boff[it] + i·brow (wk entries; brow 0:
  * one row for all). Writes dq, dk, dv (the shapes of q, k, v): the groups run in parallel, each zeroing and
  * then adding into its own rows. Returns 0, or -1 when a thread's scratch could not be allocated. */
-int sa_items_bwd_f32(const float *q, const float *k, const float *v, const float *g, const float *o,
-                     const float *lse, const int64_t *qrows, const int64_t *krows, const float *bias,
-                     const int64_t *boff, int64_t brow, int64_t groups, int64_t items, int64_t wq, int64_t wk,
-                     int64_t D, int64_t Dv, int64_t nq, int64_t nk, double scale, float *dq, float *dk, float *dv,
-                     int threads) {
-    items_job p = {.q = q, .k = k, .v = v, .g = g, .o = o, .lse = lse, .bias = bias, .qrows = qrows,
-                   .krows = krows, .boff = boff, .items = items, .wq = wq, .wk = wk, .D = D, .Dv = Dv,
-                   .Dp = padded(D), .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq, .nk = nk, .brow = brow,
-                   .scale = (float)scale, .dq = dq, .dk = dk, .dv = dv};
+int sa_items_bwd_f32(const float *q, const float *k, const float *v, const float *k2, const float *v2,
+                     const float *g, const float *o, const float *lse, const int64_t *qrows, const int64_t *krows,
+                     const float *bias, const int64_t *boff, int64_t brow, int64_t groups, int64_t items, int64_t wq,
+                     int64_t wk, int64_t D, int64_t Dv, int64_t nq, int64_t nk, int64_t nk2, double scale, float *dq,
+                     float *dk, float *dv, float *dk2, float *dv2, int threads) {
+    items_job p = {.q = q, .k = k, .v = v, .k2 = k2, .v2 = v2, .g = g, .o = o, .lse = lse, .bias = bias,
+                   .qrows = qrows, .krows = krows, .boff = boff, .items = items, .wq = wq, .wk = wk, .D = D,
+                   .Dv = Dv, .Dp = padded(D), .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq, .nk = nk,
+                   .nk2 = k2 ? nk2 : 0, .split = groups * nk, .brow = brow, .scale = (float)scale, .dq = dq,
+                   .dk = dk, .dv = dv, .dk2 = k2 ? dk2 : NULL, .dv2 = k2 ? dv2 : NULL};
     return sa_parallel_rows(groups, threads, backward_groups, &p);
 }
 
-/* q (groups·nq, D), k (groups·nk, D), v (groups·nk, Dv); qrows, krows and the bias as for sa_items_bwd_f32.
+/* q (groups·nq, D), k (groups·nk, D), v (groups·nk, Dv), k2 and v2; qrows, krows and the bias as for
+ * sa_items_bwd_f32.
  * Writes out (groups·nq, Dv), M and Z (groups·nq): a query in no item, or whose items hold no allowed key,
  * gets out 0, M -inf and Z 0. Returns 0, or -1 when a thread's scratch could not be allocated. */
-int sa_items_fwd_f32(const float *q, const float *k, const float *v, const int64_t *qrows, const int64_t *krows,
-                     const float *bias, const int64_t *boff, int64_t brow, int64_t groups, int64_t items, int64_t wq,
-                     int64_t wk, int64_t D, int64_t Dv, int64_t nq, int64_t nk, double scale, float *out, float *M,
-                     float *Z, int threads) {
-    items_job p = {.q = q, .k = k, .v = v, .bias = bias, .qrows = qrows, .krows = krows, .boff = boff,
-                   .items = items, .wq = wq, .wk = wk, .D = D, .Dv = Dv, .Dp = padded(D), .Dvp = padded(Dv),
-                   .Kp = padded(wk), .nq = nq, .nk = nk, .brow = brow, .scale = (float)scale, .out = out, .M = M,
-                   .Z = Z};
+int sa_items_fwd_f32(const float *q, const float *k, const float *v, const float *k2, const float *v2,
+                     const int64_t *qrows, const int64_t *krows, const float *bias, const int64_t *boff, int64_t brow,
+                     int64_t groups, int64_t items, int64_t wq, int64_t wk, int64_t D, int64_t Dv, int64_t nq,
+                     int64_t nk, int64_t nk2, double scale, float *out, float *M, float *Z, int threads) {
+    items_job p = {.q = q, .k = k, .v = v, .k2 = k2, .v2 = v2, .bias = bias, .qrows = qrows, .krows = krows,
+                   .boff = boff, .items = items, .wq = wq, .wk = wk, .D = D, .Dv = Dv, .Dp = padded(D),
+                   .Dvp = padded(Dv), .Kp = padded(wk), .nq = nq, .nk = nk, .nk2 = k2 ? nk2 : 0,
+                   .split = groups * nk, .brow = brow, .scale = (float)scale, .out = out, .M = M, .Z = Z};
     return sa_parallel_rows(groups, threads, forward_groups, &p);
 }
