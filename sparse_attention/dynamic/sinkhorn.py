@@ -147,8 +147,10 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
         k_sorted = torch.einsum("bhij,bhjtd->bhitd", p, kb)  # (B, H, nb, block, D)
         v_sorted = torch.einsum("bhij,bhjtd->bhitd", p, vb)
     else:  # a hard permutation: each sorted block a copy of one block, or zeros where P's row is 0
-        k_sorted, v_sorted = (x.gather(2, source.clamp(min=0).view(B, H, nb, 1, 1).expand(B, H, nb, block, x.shape[-1]))
-                              .masked_fill((source < 0).view(B, H, nb, 1, 1), 0.0) for x in (kb, vb))
+        rows = (source.clamp(min=0) + torch.arange(B * H, device=q.device).view(B, H, 1) * nb).view(-1)
+        k_sorted, v_sorted = (x.reshape(B * H * nb, -1).index_select(0, rows).view(x.shape) for x in (kb, vb))
+        if bool((source < 0).any()):
+            k_sorted, v_sorted = (x.masked_fill((source < 0).view(B, H, nb, 1, 1), 0.0) for x in (k_sorted, v_sorted))
     keep_sorted = torch.einsum("bhij,bjt->bhit", p, keep[:, 0].to(acc)) > 0.5  # sorted slot holds real keys
     # a row of P with no mass (causal block 0) contributes no sorted block
     far_ok = keep_sorted & (p.sum(-1) > 0).view(B, H, nb, 1)  # (B, H, nb, block)
