@@ -197,7 +197,7 @@ _ENTRIES = (
               "Nystromformer: segment-mean landmarks (needs S >= num_landmarks)",
               causal_support="none"),
     Mechanism("synthesizer", _synthesizer, "module", False, False,
-              {"max_len": 256, "mode": "dense", "per_head": False, "hidden": None, "rank": 8, "fixed": False,
+              {"max_len": 256, "mode": "dense", "per_head": False, "hidden": None, "rank": None, "fixed": False,
                "mix": False, "causal": False},
               "Synthesizer: learned attention logits up to max_len positions", learned=True,
               length_option="max_len"),

@@ -43,15 +43,17 @@ class SynthesizerAttention(torch.nn.Module):
         head_dim: D, needed by the dense modes (their MLPs read the query vector of each token,
             i.e. a linear projection of the token, so W1 composed with the q projection is the
             paper's first layer).
-        hidden: MLP width (default head_dim).
-        rank: for "factorized_random" (default 8).
+        hidden: MLP width, dense modes only (default head_dim).
+        rank: "factorized_random" only (default 8).
         factors: (a, b) for "factorized_dense"; default the most balanced divisor pair of L.
         random_logits: initial R for "random" (L × L or num_heads × L × L); default N(0, 1).
         fixed: "random" only: R is a buffer (not trained), the paper's fixed random Synthesizer.
         mix: mix with dot-product attention, scores = (1 - α) R + α q·kᵀ·scale with a learned
             α = sigmoid(w), w initialised to 0 (α = 0.5).
         causal: query i attends keys j <= i (N == S).
-        scale: of q·kᵀ, default 1/sqrt(D).
+        scale: of q·kᵀ, with mix=True only; default 1/sqrt(D).
+        An option the chosen mode does not read (hidden, factors, rank, random_logits, fixed, scale) raises
+        ValueError.
 
     forward(q (B, Hq, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), *, key_padding_mask=None)
     -> (B, Hq, N, Dv). q and k are read only by the dense modes (q, whose D must be head_dim) and by mixing
@@ -59,7 +61,7 @@ class SynthesizerAttention(torch.nn.Module):
     """
 
     def __init__(self, max_len: int, *, mode: str = "dense", num_heads: int = 1, head_dim: int | None = None,
-                 hidden: int | None = None, rank: int = 8, factors: tuple[int, int] | None = None,
+                 hidden: int | None = None, rank: int | None = None, factors: tuple[int, int] | None = None,
                  random_logits: torch.Tensor | None = None, fixed: bool = False, mix: bool = False,
                  causal: bool = False, scale: float | None = None):
         super().__init__()
@@ -76,6 +78,12 @@ class SynthesizerAttention(torch.nn.Module):
             raise ValueError(f"fixed=True applies to mode='random' only, got mode={mode!r}")
         if random_logits is not None and mode != "random":
             raise ValueError(f"random_logits applies to mode='random' only, got mode={mode!r}")
+        for name, value, modes in (("hidden", hidden, ("dense", "factorized_dense")),
+                                   ("factors", factors, ("factorized_dense",)), ("rank", rank, ("factorized_random",))):
+            if value is not None and mode not in modes:  # an option the mode never reads is a mistake, not a no-op
+                raise ValueError(f"{name} applies to mode={' or '.join(map(repr, modes))} only, got mode={mode!r}")
+        if scale is not None and not mix:
+            raise ValueError("scale (of q·kᵀ) applies to mix=True only: without mixing no dot product is taken")
         if mode in ("dense", "factorized_dense"):
             if head_dim is None:
                 raise ValueError(f"mode={mode!r} needs head_dim (the MLP reads each token's query vector)")
@@ -101,7 +109,7 @@ class SynthesizerAttention(torch.nn.Module):
             else:
                 self.random_logits = torch.nn.Parameter(r)
         else:  # factorized_random
-            rank = check_int("rank", rank, minimum=1)
+            rank = 8 if rank is None else check_int("rank", rank, minimum=1)
             self.r1 = torch.nn.Parameter(torch.randn(Hp, L, rank) / rank**0.25)
             self.r2 = torch.nn.Parameter(torch.randn(Hp, L, rank) / rank**0.25)
         self.mix_weight = torch.nn.Parameter(torch.zeros(())) if mix else None
