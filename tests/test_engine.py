@@ -303,6 +303,41 @@ def test_items_attention_matches_masked_softmax(lead, Lq, Lk, D, Dv, allowed_kin
         assert torch.equal(fast[1][..., 0, :], torch.zeros_like(fast[1][..., 0, :])), "a row with no key: dq 0"
 
 
+@pytest.mark.parametrize("path", ["native", "fused", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("lead", "Lq", "Lk", "D", "Dv", "allowed_kind"), ITEM_SHAPES[:3])
+def test_items_attention_second_part_is_the_concatenation(lead, Lq, Lk, D, Dv, allowed_kind, dtype, path,
+                                                          monkeypatch):
+    """Keys and values given in two parts (k2, v2: read in place by the native kernels, concatenated on the
+    others) give bit for bit what the concatenated keys and values give, output and the gradients of every
+    part, on each path (native items kernels, PyTorch's fused kernel, plain ops); mismatched parts raise."""
+    from sparse_attention import native
+    from sparse_attention.engine import blocksparse
+
+    if path == "native" and (dtype != torch.float32 or not native.items_available()):
+        pytest.skip("the native items kernels take float32 only, and need a build with 32-byte vectors")
+    if path == "fused":
+        monkeypatch.setattr(native, "items_available", lambda: False)
+    if path == "plain":
+        monkeypatch.setattr(blocksparse, "all_finite", lambda *t: False)
+    q, k, v, allowed, g = _items_case(lead, Lq, Lk, D, Dv, allowed_kind)
+    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    m = Lk // 3
+    parts = [t[..., sl, :].detach().clone().requires_grad_() for t in (k, v) for sl in (slice(None, m), slice(m, None))]
+    q = q.detach().clone().requires_grad_()
+    split = blocksparse.items_attention(q, parts[0], parts[2], allowed, scale=0.3, k2=parts[1], v2=parts[3])
+    split_grads = torch.autograd.grad(split, (q, *parts), g)
+    whole = run_and_grad(lambda a, b, c: blocksparse.items_attention(a, b, c, allowed, scale=0.3), q, k, v, g)
+    assert torch.equal(split, whole[0]) and torch.equal(split_grads[0], whole[1]), "output, dq"
+    for i, (name, full) in enumerate((("dk", whole[2]), ("dv", whole[3]))):
+        assert torch.equal(split_grads[1 + 2 * i], full[..., :m, :]), f"{name}, first part"
+        assert torch.equal(split_grads[2 + 2 * i], full[..., m:, :]), f"{name}, second part"
+    with pytest.raises(ValueError, match="k2 and v2"):
+        blocksparse.items_attention(q, parts[0], parts[2], allowed, scale=0.3, k2=parts[1][..., :-1], v2=parts[3])
+    with pytest.raises(ValueError, match="k2 and v2 go together"):
+        blocksparse.items_attention(q, parts[0], parts[2], allowed, scale=0.3, k2=parts[1])
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_items_attention_propagates_nan(where):
     """A NaN in an item's query, key or value makes the rows that read it NaN (the native and fused kernels

@@ -498,6 +498,10 @@ def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
         raise ValueError("k2 and v2 go together: give both or neither")
     lead, (Lq, D), (Lk, Dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
     Lk2 = 0 if k2 is None else k2.shape[-2]
+    if k2 is not None and (k2.shape[:-2] != lead or k2.shape[-1] != D or v2.shape[:-2] != lead or
+                           v2.shape[-2:] != (Lk2, Dv)):
+        raise ValueError(f"k2 and v2 must be (..., Lk2, {D}) and (..., Lk2, {Dv}) over q's leading dimensions "
+                         f"{tuple(lead)}, got {tuple(k2.shape)} and {tuple(v2.shape)}")
     if allowed is None:
         allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device)
     if q.device.type != "cpu" or not all_finite(q, k, v, *([] if k2 is None else [k2, v2])):
