@@ -338,6 +338,47 @@ def test_items_attention_second_part_is_the_concatenation(lead, Lq, Lk, D, Dv, a
         blocksparse.items_attention(q, parts[0], parts[2], allowed, scale=0.3, k2=parts[1])
 
 
+@pytest.mark.parametrize("allowed_kind", ["mask", "none"])
+def test_mixed_items_attention_matches_the_product_and_gradients(allowed_kind, monkeypatch):
+    """Items against their own keys and a p-mixture of their group's keys (Sinkhorn's soft sorting): the native
+    path (mixtures read in place, their gradients added into dk and dv in place, p's gradient) against the
+    same call on plain float32 ops (baseline) and float64 (golden), by the tolerance rule: output and the
+    gradients of q, k, v and p; bad shapes raise."""
+    from sparse_attention import native
+    from sparse_attention.engine import blocksparse
+
+    if not native.items_available():
+        pytest.skip("the native items kernels need a build with 32-byte vectors")
+    G, n, Lq, Lk, D, Dv = 3, 5, 8, 8, 16, 12
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(G, n, L, E, generator=gen, dtype=torch.float64) for L, E in ((Lq, D), (Lk, D), (Lk, Dv)))
+    p = torch.softmax(torch.randn(G, n, n, generator=gen, dtype=torch.float64), -1)
+    g = torch.randn(G, n, Lq, Dv, generator=gen, dtype=torch.float64)
+    allowed = None
+    if allowed_kind == "mask":
+        allowed = torch.rand(G, n, Lq, 2 * Lk, generator=gen) < 0.7
+        allowed[0, 1, 2] = False  # a row with no key
+
+    def run(dtype):
+        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, p)]
+        out = blocksparse.mixed_items_attention(*x, allowed, scale=0.3)
+        return [out.detach(), *torch.autograd.grad(out, x, g.to(dtype))]
+
+    calls = []
+    apply = blocksparse._MixedItemsFunction.apply
+    monkeypatch.setattr(blocksparse._MixedItemsFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    impl = run(torch.float32)
+    assert calls == [1], "the native path did not run"
+    golden = run(torch.float64)
+    monkeypatch.setattr(blocksparse, "all_finite", lambda *t: False)
+    baseline = run(torch.float32)
+    assert calls == [1], "float64 and non-finite inputs take items_attention"
+    for i, name in enumerate(("out", "dq", "dk", "dv", "dp")):
+        assert_within_baseline(name, impl[i], baseline[i], golden[i], grad=i > 0, min_len=Lk)
+    with pytest.raises(ValueError, match="p's leading dimensions"):
+        blocksparse.mixed_items_attention(q, k[:, :-1], v, p, allowed, scale=0.3)
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_items_attention_propagates_nan(where):
     """A NaN in an item's query, key or value makes the rows that read it NaN (the native and fused kernels

@@ -21,8 +21,10 @@ unchanged: block-local attention.
 
 The attention itself is ``engine.blocksparse.items_attention`` (every query block an item against its
 own block and its sorted block, 2·block keys: the native items kernels in float32, which read both parts in
-place, else PyTorch's fused CPU kernel); the sorting is plain differentiable ops: P's product with the blocks,
-or, for a hard P that needs no gradient, copies of the chosen blocks.
+place, else PyTorch's fused CPU kernel). Soft sorting is P's product with the blocks
+(``engine.blocksparse.mixed_items_attention``: on the native kernels one autograd Function that adds the sorted
+blocks' gradients into dk and dv in place and gives P's); a hard P that needs no gradient sorts by copies of
+the chosen blocks.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_int, check_positive_real, check_scale
-from ..engine.blocksparse import items_attention
+from ..engine.blocksparse import items_attention, mixed_items_attention
 from .base import padded
 
 
@@ -142,15 +144,6 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
 
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
     p = permutation.to(acc)
-    source = _hard_sources(p)
-    if source is None:  # soft sorting: every sorted block a mixture of all blocks
-        k_sorted = torch.einsum("bhij,bhjtd->bhitd", p, kb)  # (B, H, nb, block, D)
-        v_sorted = torch.einsum("bhij,bhjtd->bhitd", p, vb)
-    else:  # a hard permutation: each sorted block a copy of one block, or zeros where P's row is 0
-        rows = (source.clamp(min=0) + torch.arange(B * H, device=q.device).view(B, H, 1) * nb).view(-1)
-        k_sorted, v_sorted = (x.reshape(B * H * nb, -1).index_select(0, rows).view(x.shape) for x in (kb, vb))
-        if bool((source < 0).any()):
-            k_sorted, v_sorted = (x.masked_fill((source < 0).view(B, H, nb, 1, 1), 0.0) for x in (k_sorted, v_sorted))
     keep_sorted = torch.einsum("bhij,bjt->bhit", p, keep[:, 0].to(acc)) > 0.5  # sorted slot holds real keys
     # a row of P with no mass (causal block 0) contributes no sorted block
     far_ok = keep_sorted & (p.sum(-1) > 0).view(B, H, nb, 1)  # (B, H, nb, block)
@@ -160,7 +153,15 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
         tri = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
         allowed = torch.cat([allowed[..., :block] & tri, allowed[..., block:].expand(B, H, nb, block, block)], -1)
     # each query block against [its own block ; its sorted block] (native items kernels or fused kernel on CPU)
-    out = items_attention(qb, kb, vb, allowed, scale=scale, k2=k_sorted, v2=v_sorted)
+    source = _hard_sources(p)
+    if source is None:  # soft sorting: every sorted block a mixture of all blocks, P·K and P·V
+        out = mixed_items_attention(qb, kb, vb, p, allowed, scale=scale)
+    else:  # a hard permutation: each sorted block a copy of one block, or zeros where P's row is 0
+        rows = (source.clamp(min=0) + torch.arange(B * H, device=q.device).view(B, H, 1) * nb).view(-1)
+        k_sorted, v_sorted = (x.reshape(B * H * nb, -1).index_select(0, rows).view(x.shape) for x in (kb, vb))
+        if bool((source < 0).any()):
+            k_sorted, v_sorted = (x.masked_fill((source < 0).view(B, H, nb, 1, 1), 0.0) for x in (k_sorted, v_sorted))
+        out = items_attention(qb, kb, vb, allowed, scale=scale, k2=k_sorted, v2=v_sorted)
     return out.reshape(B, H, nb * block, -1)[:, :, :N].to(q.dtype)
 
 

@@ -426,6 +426,28 @@ def blocksparse_attention(q, k, v, plan: Plan, *, scale: float, key_padding_mask
 # --- independent items (used by mechanisms that build their own key sets) -----------------
 
 
+def _native_items(q, k, v, k2, v2, add, scale):
+    """Items attention (see ``_ItemsFunction``) on the native kernels: (out, lse, qrows, krows), lse +inf for a
+    row with no key (every p = 0 in the backward), the rows each item's own; None when they do not take it."""
+    I, Lq, _ = q.shape
+    Lk = k.shape[1] + (0 if k2 is None else k2.shape[1])
+    rows = (torch.arange(Lq, device=q.device).expand(I, 1, Lq), torch.arange(Lk, device=q.device).expand(I, 1, Lk))
+    found = native.items_forward(q, k, v, *rows, add, scale, k2, v2)
+    if found is None:
+        return None
+    out, lse = found
+    return out, torch.where(torch.isneginf(lse), float("inf"), lse), *rows
+
+
+def _native_items_grads(saved, g, scale):
+    """The native backward of ``_native_items`` from its saved (q, k, v, k2, v2, add, out, lse, qrows, krows)."""
+    q, k, v, k2, v2, add, out, lse, qrows, krows = saved
+    grads = native.items_backward(q, k, v, g, out, lse, qrows, krows, add, scale, k2, v2)
+    if grads is None:  # the forward ran on these kernels: they stay available
+        raise RuntimeError(f"native items backward: unavailable: {native.status()}")
+    return grads
+
+
 class _ItemsFunction(torch.autograd.Function):
     """Softmax attention inside each of I items, forward and backward: q (I, Lq, D), k (I, Lk, D),
     v (I, Lk, Dv), and optionally a second part of every item's keys k2 (I, Lk2, D), v2 (I, Lk2, Dv) (the
@@ -443,14 +465,11 @@ class _ItemsFunction(torch.autograd.Function):
         I, Lq, _ = q.shape
         Lk, Lk2 = k.shape[1], 0 if k2 is None else k2.shape[1]
         ctx.scale, ctx.parts = scale, (Lk, Lk2)
-        rows = (torch.arange(Lq, device=q.device).expand(I, 1, Lq),  # each item's own rows, both parts
-                torch.arange(Lk + Lk2, device=q.device).expand(I, 1, Lk + Lk2))
-        found = native.items_forward(q, k, v, *rows, add, scale, k2, v2)
+        found = _native_items(q, k, v, k2, v2, add, scale)
         ctx.native = found is not None
         if ctx.native:
-            out, lse = found
-            lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # no key: +inf, every p = 0 below
-            ctx.save_for_backward(q, k, v, k2, v2, add, out, lse, *rows)
+            out, lse, qrows, krows = found
+            ctx.save_for_backward(q, k, v, k2, v2, add, out, lse, qrows, krows)
             return out
         if k2 is not None:
             k, v = torch.cat([k, k2], 1), torch.cat([v, v2], 1)
@@ -468,10 +487,7 @@ class _ItemsFunction(torch.autograd.Function):
     def backward(ctx, g):
         Lk, Lk2 = ctx.parts
         if ctx.native:
-            q, k, v, k2, v2, add, out, lse, qrows, krows = ctx.saved_tensors
-            grads = native.items_backward(q, k, v, g, out, lse, qrows, krows, add, ctx.scale, k2, v2)
-            if grads is None:  # the forward ran on these kernels: they stay available
-                raise RuntimeError(f"native items backward: unavailable: {native.status()}")
+            grads = _native_items_grads(ctx.saved_tensors, g, ctx.scale)
             return (*grads, *[None] * (7 - len(grads)))
         q4, k4, v4, add4, o, lse = ctx.saved_tensors
         D, Dv = ctx.dims
@@ -515,3 +531,72 @@ def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
     out = _ItemsFunction.apply(q.reshape(-1, Lq, D), k.reshape(-1, Lk, D), v.reshape(-1, Lk, Dv), *second, add,
                                scale)
     return out.reshape(*lead, Lq, Dv)
+
+
+class _MixedItemsFunction(torch.autograd.Function):
+    """Native items attention whose second part of every item's keys and values mixes its group's first
+    parts: q (G·n, Lq, D), k (G·n, Lk, D), v (G·n, Lk, Dv) in groups of n items, p (G, n, n), and k2, v2 the
+    mixtures p @ k, p @ v (values, computed by the caller). The backward adds the mixtures' gradients into
+    dk and dv in place (``baddbmm_``) and gives p's; autograd through the product would build two more
+    gradient tensors per source and add them (at N = 16384 each is 32 MiB, mapped and page-faulted in
+    afresh by glibc on every call)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p, k2, v2, add, scale):
+        found = _native_items(q, k, v, k2, v2, add, scale)
+        if found is None:  # the caller checked that these kernels take the call
+            raise RuntimeError(f"native items forward: unavailable: {native.status()}")
+        out, lse, qrows, krows = found
+        ctx.save_for_backward(q, k, v, k2, v2, add, out, lse, qrows, krows, p)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @first_order
+    def backward(ctx, g):
+        *saved, p = ctx.saved_tensors
+        dq, dk, dv, dk2, dv2 = _native_items_grads(saved, g, ctx.scale)
+        G, n = p.shape[:2]
+        k, v = saved[1], saved[2]
+
+        def groups(x):  # (G·n, L, E) -> (G, n, L·E)
+            return x.reshape(G, n, -1)
+        dp = None
+        if ctx.needs_input_grad[3]:
+            dp = torch.bmm(groups(dk2), groups(k).transpose(1, 2)).baddbmm_(groups(dv2), groups(v).transpose(1, 2))
+        pt = p.transpose(1, 2)
+        groups(dk).baddbmm_(pt, groups(dk2))  # dk, dv: fresh and contiguous, so these are views of them
+        groups(dv).baddbmm_(pt, groups(dv2))
+        return dq, dk, dv, dp, None, None, None, None
+
+
+def mixed_items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor,
+                          allowed: torch.Tensor | None, *, scale: float) -> torch.Tensor:
+    """Items attention in groups of n items, each item against its own keys followed by a mixture of its
+    group's items' keys (Sinkhorn's soft sorting of blocks): ``items_attention(q, k, v, allowed,
+    k2=p @ k, v2=p @ v)`` with the mixtures taken over whole items, with gradients for q, k, v and p.
+
+    q (..., n, Lq, D), k (..., n, Lk, D), v (..., n, Lk, Dv), p (..., n, n); ``allowed`` broadcastable to
+    (..., n, Lq, 2·Lk). On CPU in float32 with finite inputs and mixtures the native items kernels read
+    the mixtures in place and the backward adds into dk and dv (``_MixedItemsFunction``); otherwise
+    ``items_attention``. Returns (..., n, Lq, Dv) in q's dtype.
+    """
+    lead, n, (Lq, D), (Lk, Dv) = p.shape[:-2], p.shape[-1], q.shape[-2:], v.shape[-2:]
+    if q.shape[:-2] != (*lead, n) or k.shape[:-1] != (*lead, n, Lk) or v.shape[:-2] != (*lead, n):
+        raise ValueError(f"q, k, v must be (..., {n}, L, E) over p's leading dimensions {tuple(lead)}, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+    def mix(x):  # Σ_j p_ij x_j over whole items
+        return torch.matmul(p, x.flatten(-2)).view(x.shape)
+    if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == p.dtype == torch.float32 and \
+            native.items_available():
+        with torch.no_grad():
+            k2, v2 = mix(k), mix(v)
+        if all_finite(q, k, v, k2, v2):
+            allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device) if allowed is None else allowed
+            add = _additive(allowed.expand(*lead, n, allowed.shape[-2], 2 * Lk), q.dtype)
+            out = _MixedItemsFunction.apply(q.reshape(-1, Lq, D), k.reshape(-1, Lk, D), v.reshape(-1, Lk, Dv),
+                                            p.reshape(-1, n, n), k2.reshape(-1, Lk, D), v2.reshape(-1, Lk, Dv), add,
+                                            scale)
+            return out.reshape(*lead, n, Lq, Dv)
+    return items_attention(q, k, v, allowed, scale=scale, k2=mix(k), v2=mix(v))
