@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_within_baseline, make_qkv
+from conftest import assert_within_baseline, make_qkv, padding_mask
 
 import sparse_attention as sa
 from sparse_attention.dynamic import LSH, Routing, explain, sinkhorn, sinkhorn_attention
@@ -78,6 +78,33 @@ def test_sinkhorn_module_soft_in_training_hard_in_eval_and_learns_the_sort():
         expected = sinkhorn_attention(q, k, v, p, block=5)
         torch.testing.assert_close(mod(q, k, v), expected, atol=0, rtol=0)
     assert bool(((p == 0) | (p == 1)).all()), "eval mode sorts hard"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinkhorn_block_scores_are_the_block_means_scored(causal):
+    """The sorting scores from a loop over blocks (each block's mean over its real keys; causal: row i scored
+    from block i - 1's mean, block 0 from zeros) through the two sort projections, value and the gradients
+    of k and both projections, in float64, with a padding mask and a cut-short last block."""
+    B, H, N, D, block = 2, 3, 23, 4, 5
+    mod = SinkhornAttention(D, H, block=block, causal=causal).double()
+    k = torch.randn(B, H, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(44), requires_grad=True)
+    kpm = padding_mask(B, N)
+    g = torch.randn(B, H, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(45))
+    keep = ~kpm
+    means = []
+    for i in range(5):
+        rows = keep[:, i * block:(i + 1) * block].to(k.dtype)  # (B, ≤ block)
+        total = (k[:, :, i * block:(i + 1) * block] * rows[:, None, :, None]).sum(2)
+        means.append(total / rows.sum(-1).clamp_min(1)[:, None, None])
+    summary = torch.stack(means, 2)  # (B, H, nb, D)
+    query_side = torch.cat([torch.zeros_like(summary[:, :, :1]), summary[:, :, :-1]], 2) if causal else summary
+    want = (query_side @ mod.sort_q) @ (summary @ mod.sort_k).transpose(-1, -2) * D**-0.5
+    got = mod.block_scores(k, kpm)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    params = (k, mod.sort_q, mod.sort_k)
+    for name, a, b in zip(("dk", "dsort_q", "dsort_k"), torch.autograd.grad(got, params, g),
+                          torch.autograd.grad(want, params, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_causal_modules_ignore_the_future():

@@ -200,7 +200,10 @@ class SinkhornAttention(torch.nn.Module):
             keep = (~key_padding_mask).to(k.dtype)
         pad = nb * self.block - N
         masked = k if key_padding_mask is None else k * keep[:, None, :, None]
-        kb = padded(masked, (0, 0, 0, pad)).view(B, H, nb, self.block, D).sum(3)
+        # block sums as a product with ones: its backward writes one contiguous gradient for k (a sum over the
+        # block dimension would expand its gradient and then copy it into k's shape)
+        ones = torch.ones(1, self.block, dtype=k.dtype, device=k.device)
+        kb = torch.matmul(ones, padded(masked, (0, 0, 0, pad)).view(B, H, nb, self.block, D)).squeeze(-2)
         counts = F.pad(keep, (0, pad)).view(B, 1, nb, self.block).sum(-1, keepdim=True).clamp_min(1)
         summary = kb / counts  # (B, H, nb, D)
         query_side = summary
