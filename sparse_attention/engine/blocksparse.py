@@ -565,8 +565,8 @@ class _MixedItemsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             dp = torch.bmm(groups(dk2), groups(k).transpose(1, 2)).baddbmm_(groups(dv2), groups(v).transpose(1, 2))
         pt = p.transpose(1, 2)
-        groups(dk).baddbmm_(pt, groups(dk2))  # dk, dv: fresh and contiguous, so these are views of them
-        groups(dv).baddbmm_(pt, groups(dv2))
+        dk.view(G, n, -1).baddbmm_(pt, groups(dk2))  # into dk and dv themselves (view: never a copy)
+        dv.view(G, n, -1).baddbmm_(pt, groups(dv2))
         return dq, dk, dv, dp, None, None, None, None
 
 
@@ -582,7 +582,7 @@ def mixed_items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: 
     ``items_attention``. Returns (..., n, Lq, Dv) in q's dtype.
     """
     lead, n, (Lq, D), (Lk, Dv) = p.shape[:-2], p.shape[-1], q.shape[-2:], v.shape[-2:]
-    if q.shape[:-2] != (*lead, n) or k.shape[:-1] != (*lead, n, Lk) or v.shape[:-2] != (*lead, n):
+    if q.shape[:-2] != (*lead, n) or k.shape != (*lead, n, Lk, D) or v.shape[:-2] != (*lead, n):
         raise ValueError(f"q, k, v must be (..., {n}, L, E) over p's leading dimensions {tuple(lead)}, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
