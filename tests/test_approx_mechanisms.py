@@ -301,9 +301,9 @@ def test_synthesizer_errors():
     for mode, option in (("random", {"hidden": 16}), ("dense", {"rank": 4}), ("factorized_random", {"hidden": 3}),
                          ("dense", {"factors": (2, 4)}), ("random", {"factors": (2, 4)}),
                          ("factorized_dense", {"rank": 2})):
-        with pytest.raises(ValueError, match=f"{next(iter(option))} applies to mode="):
+        with pytest.raises(ValueError, match=rf"{next(iter(option))}=.+ applies to mode="):
             sa.nn.SynthesizerAttention(8, mode=mode, head_dim=4, **option)
-    with pytest.raises(ValueError, match="scale .* applies to mix=True only"):
+    with pytest.raises(ValueError, match=r"scale=0.5 \(of q·kᵀ\) applies to mix=True only"):
         sa.nn.SynthesizerAttention(8, mode="random", scale=0.5)
     assert sa.nn.SynthesizerAttention(8, mode="random", mix=True, scale=0.5).scale == 0.5
     assert sa.nn.SynthesizerAttention(8, mode="factorized_random", rank=3).r1.shape[-1] == 3

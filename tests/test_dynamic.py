@@ -691,6 +691,54 @@ def test_hard_sinkhorn_sorts_by_copies_exactly(causal, dtype):
         assert torch.equal(rows.all(-1), reads[..., :full]) and torch.equal(rows.any(-1), reads[..., :full])
 
 
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinkhorn_padded_keys_and_values_change_nothing(hard, causal):
+    """Whatever lies at padded positions (large values, inf, NaN) changes neither the output nor any gradient:
+    padded keys and values take no part in the sorted blocks (soft sorting mixes whole blocks) and are
+    never attended in their own block. Padded keys and values get gradient 0."""
+    B, H, N, block, D = 2, 2, 23, 4, 8
+    nb = -(-N // block)
+    q, k, v = make_qkv(B, H, H, N, N, D, dtype=torch.float32, seed=36, requires_grad=False)
+    kpm = padding_mask(B, N)
+    kpm[0, 9:13] = True  # a whole block of the first entry too
+    logits = torch.randn(B, H, nb, nb, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    g = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(10))
+
+    def run(kx, vx):
+        x = [t.clone().requires_grad_() for t in (q, kx, vx)]
+        p = sinkhorn(logits, 8, hard=hard, causal=causal)
+        out = sinkhorn_attention(*x, p, block=block, causal=causal, key_padding_mask=kpm)
+        grads = torch.autograd.grad(out, [*x] + ([] if hard else [logits]), g)
+        return out, grads
+
+    base = run(k, v)
+    pad = kpm[:, None, :, None].expand_as(k)
+    for junk in (1e30, float("inf"), float("nan")):
+        got = run(torch.where(pad, junk, k), torch.where(pad, -junk, v))
+        assert torch.equal(got[0], base[0]), f"output changed with {junk} at padded positions"
+        for name, a, b in zip(("dq", "dk", "dv", "dlogits")[:len(base[1])], got[1], base[1], strict=True):
+            assert torch.equal(a, b), f"{name} changed with {junk} at padded positions"
+    for name, d in zip(("dk", "dv"), base[1][1:3], strict=True):
+        assert torch.equal(d[pad], torch.zeros_like(d[pad])), f"{name}: padded positions get gradient 0"
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_sinkhorn_empty_batch_and_heads(hard):
+    """No batch entry, or no head: an empty output, and gradient 0 for every input (module and function)."""
+    for B, H in ((0, 2), (2, 0)):
+        q, k, v = (torch.randn(B, H, 7, 4, requires_grad=True) for _ in range(3))
+        p = sinkhorn(torch.randn(B, H, 3, 3), 3, hard=hard)
+        out = sinkhorn_attention(q, k, v, p, block=3)
+        assert out.shape == (B, H, 7, 4)
+        assert all(torch.equal(d, torch.zeros_like(d)) for d in torch.autograd.grad(out.sum(), (q, k, v)))
+    mod = sa.nn.SinkhornAttention(4, 2, 3).train(not hard)
+    q, k, v = (torch.randn(0, 2, 7, 4, requires_grad=True) for _ in range(3))
+    out = mod(q, k, v)
+    out.sum().backward()
+    assert out.shape == (0, 2, 7, 4) and q.grad.shape == q.shape
+
+
 def test_sinkhorn_gradient_is_the_unrolled_iterations():
     """sinkhorn's own backward (recomputed half-steps) against autograd through the unrolled log-space
     iterations, first and second order; gradcheck and gradgradcheck in float64."""

@@ -379,6 +379,28 @@ def test_mixed_items_attention_matches_the_product_and_gradients(allowed_kind, m
         blocksparse.mixed_items_attention(q, k[:, :-1], v, p, allowed, scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_items_attention_with_an_empty_part(dtype):
+    """An empty second part is no part (the same result as without one); an empty first part leaves the second
+    alone; bad dtypes of the parts, and a p that is not square or not of q's dtype, are refused."""
+    from sparse_attention.engine import blocksparse
+
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(3, 4, L, E, generator=gen, dtype=dtype) for L, E in ((5, 6), (7, 6), (7, 2)))
+    none = blocksparse.items_attention(q, k, v, None, scale=0.4)
+    empty = blocksparse.items_attention(q, k, v, None, scale=0.4, k2=k[..., :0, :], v2=v[..., :0, :])
+    assert torch.equal(empty, none)
+    only_second = blocksparse.items_attention(q, k[..., :0, :], v[..., :0, :], None, scale=0.4, k2=k, v2=v)
+    assert torch.equal(only_second, none)
+    with pytest.raises(TypeError, match="k2 and v2 must have k's and v's dtypes"):
+        blocksparse.items_attention(q, k, v, None, scale=0.4, k2=k.to(torch.bfloat16), v2=v)
+    p = torch.softmax(torch.randn(3, 4, 4, generator=gen, dtype=dtype), -1)
+    with pytest.raises(ValueError, match="p must be"):
+        blocksparse.mixed_items_attention(q, k, v, p[..., :3], None, scale=0.4)
+    with pytest.raises(TypeError, match="share a dtype"):
+        blocksparse.mixed_items_attention(q, k, v, p.to(torch.bfloat16), None, scale=0.4)
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_items_attention_propagates_nan(where):
     """A NaN in an item's query, key or value makes the rows that read it NaN (the native and fused kernels

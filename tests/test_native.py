@@ -301,6 +301,29 @@ def test_native_pair_counts_count_the_shared_clusters(K):
         native.pair_counts(qi + N, ki, N, S)
 
 
+@needs_native
+def test_native_items_check_their_shapes():
+    """The items kernels index their tensors by q's, k's and v's sizes: any tensor of another shape (a key,
+    value, second source, output gradient, output or log-sum-exp) is a ValueError naming it, before the
+    kernels could read or write past its end."""
+    G, N, D, Dv, I, wq, wk = 2, 6, 8, 4, 3, 2, 3
+    q, k, v = torch.randn(G, N, D), torch.randn(G, N, D), torch.randn(G, N, Dv)
+    qrows, krows = torch.zeros(G, I, wq, dtype=torch.long), torch.zeros(G, I, wk, dtype=torch.long)
+    ok = {"k2": torch.randn(G, 5, D), "v2": torch.randn(G, 5, Dv)}
+    for name, bad in (("k", torch.randn(G, N, 3)), ("v", torch.randn(G, N + 1, Dv)), ("k2", torch.randn(G, 5, 3)),
+                      ("v2", torch.randn(G, 5, 1)), ("krows", torch.zeros(G, I + 1, wk, dtype=torch.long))):
+        args = {"k": k, "v": v, "krows": krows, **ok, name: bad}
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            native.items_forward(q, args["k"], args["v"], qrows, args["krows"], None, 0.5, args["k2"], args["v2"])
+    out, lse = native.items_forward(q, k, v, qrows, krows, None, 0.5, **ok)
+    for name, bad in (("g", torch.randn(G, N, Dv + 1)), ("o", out[:, :-1]), ("lse", lse[:1])):
+        args = {"g": torch.randn(G, N, Dv), "o": out, "lse": lse, name: bad}
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            native.items_backward(q, k, v, args["g"], args["o"], args["lse"], qrows, krows, None, 0.5, **ok)
+    with pytest.raises(ValueError, match="k2 and v2 go together"):
+        native.items_forward(q, k, v, qrows, krows, None, 0.5, ok["k2"])
+
+
 def _items_reference(q, k, v, qrows, krows, bias, scale):
     """Union softmax over items, in q's dtype: each query's (item, key) pairs, -1 slots left out; (out, lse)."""
     G, Nq, _ = q.shape

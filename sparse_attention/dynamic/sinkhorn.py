@@ -8,7 +8,8 @@ Keys and values are re-sorted block-wise with the same P (values are sorted valu
 the sinkhorn-transformer 0.11.4 package sorts the *keys* into the values by mistake), and
 each query block attends to the concatenation of its own block and its sorted block (a
 slot of the sorted block is attended when more than half of its mass comes from real,
-non-padded keys):
+non-padded keys; padded keys and their values take no part in the mixtures, so what lies at padded
+positions never changes the output):
 
     out_i = softmax([q_i K_i^T, q_i (sum_j P_ij K_j)^T] * scale) [V_i ; sum_j P_ij V_j]
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from .._checks import check_int, check_positive_real, check_scale
 from ..engine.blocksparse import items_attention, mixed_items_attention
+from ..reference import zeros_from
 from .base import padded
 
 
@@ -132,6 +134,8 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
         raise ValueError(f"permutation must be (B, H, {nb}, {nb}) for N={N}, block={block}, got "
                          f"{tuple(permutation.shape)}")
     scale = check_scale(scale, D)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:  # no batch entry, head, token or head size
+        return zeros_from((B, H, N, v.shape[-1]), q, k, v, permutation)
     pad = nb * block - N
     acc = torch.promote_types(q.dtype, torch.float32)
     keep = torch.ones(B, N, dtype=torch.bool, device=q.device)
@@ -143,6 +147,8 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
         return padded(x.to(acc), (0, 0, 0, pad)).view(B, H, nb, block, x.shape[-1])
 
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    if key_padding_mask is not None:  # padded keys and values take no part in the sorted blocks (nor their NaN)
+        kb, vb = (torch.where(keep.view(B, 1, nb, block, 1), x, 0.0) for x in (kb, vb))
     p = permutation.to(acc)
     keep_sorted = torch.einsum("bhij,bjt->bhit", p, keep[:, 0].to(acc)) > 0.5  # sorted slot holds real keys
     # a row of P with no mass (causal block 0) contributes no sorted block
@@ -158,11 +164,12 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
         out = mixed_items_attention(qb, kb, vb, p, allowed, scale=scale)
     else:  # a hard permutation: each sorted block a copy of one block, or zeros where P's row is 0
         rows = (source.clamp(min=0) + torch.arange(B * H, device=q.device).view(B, H, 1) * nb).view(-1)
-        k_sorted, v_sorted = (x.reshape(B * H * nb, -1).index_select(0, rows).view(x.shape) for x in (kb, vb))
+        k_sorted, v_sorted = (x.reshape(B * H * nb, block * x.shape[-1]).index_select(0, rows).view(x.shape)
+                              for x in (kb, vb))
         if bool((source < 0).any()):
             k_sorted, v_sorted = (x.masked_fill((source < 0).view(B, H, nb, 1, 1), 0.0) for x in (k_sorted, v_sorted))
         out = items_attention(qb, kb, vb, allowed, scale=scale, k2=k_sorted, v2=v_sorted)
-    return out.reshape(B, H, nb * block, -1)[:, :, :N].to(q.dtype)
+    return out.reshape(B, H, nb * block, v.shape[-1])[:, :, :N].to(q.dtype)
 
 
 def sinkhorn_reference(q, k, v, permutation, *, block: int, causal: bool = False, scale=None,
@@ -186,10 +193,10 @@ def sinkhorn_reference(q, k, v, permutation, *, block: int, causal: bool = False
                 for j in range(nb):
                     for t in range(block):
                         pos = j * block + t
-                        if pos < N:
+                        if pos < N and keep[b, pos]:  # a padded key (and its value) takes no part
                             ks[t] += p[b, h, i, j] * k[b, h, pos]
                             vs[t] += p[b, h, i, j] * v[b, h, pos]
-                            real[t] += p[b, h, i, j] * keep[b, pos]
+                            real[t] += p[b, h, i, j]
                 has_far = bool(p[b, h, i].sum() > 0)
                 for r in rows:
                     scores, values = [], []

@@ -26,6 +26,7 @@ Tensor layout inside the engine (G = Hq // Hkv query heads per key/value head):
 from __future__ import annotations
 
 import bisect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -518,6 +519,8 @@ def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
                            v2.shape[-2:] != (Lk2, Dv)):
         raise ValueError(f"k2 and v2 must be (..., Lk2, {D}) and (..., Lk2, {Dv}) over q's leading dimensions "
                          f"{tuple(lead)}, got {tuple(k2.shape)} and {tuple(v2.shape)}")
+    if k2 is not None and (k2.dtype != k.dtype or v2.dtype != v.dtype):
+        raise TypeError(f"k2 and v2 must have k's and v's dtypes ({k.dtype}, {v.dtype}), got {k2.dtype}, {v2.dtype}")
     if allowed is None:
         allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device)
     if q.device.type != "cpu" or not all_finite(q, k, v, *([] if k2 is None else [k2, v2])):
@@ -527,9 +530,9 @@ def items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
         return torch.matmul(masked_softmax(s, allowed), v.to(s.dtype)).to(q.dtype)
     allowed = allowed.expand(*lead, allowed.shape[-2], Lk + Lk2)  # rows may stay broadcast (size 1)
     add = _additive(allowed, q.dtype)
-    second = (None, None) if k2 is None else (k2.reshape(-1, Lk2, D), v2.reshape(-1, Lk2, Dv))
-    out = _ItemsFunction.apply(q.reshape(-1, Lq, D), k.reshape(-1, Lk, D), v.reshape(-1, Lk, Dv), *second, add,
-                               scale)
+    I = math.prod(lead)  # (explicit sizes: a -1 cannot be inferred when a length is 0)
+    second = (None, None) if k2 is None else (k2.reshape(I, Lk2, D), v2.reshape(I, Lk2, Dv))
+    out = _ItemsFunction.apply(q.reshape(I, Lq, D), k.reshape(I, Lk, D), v.reshape(I, Lk, Dv), *second, add, scale)
     return out.reshape(*lead, Lq, Dv)
 
 
@@ -560,13 +563,13 @@ class _MixedItemsFunction(torch.autograd.Function):
         k, v = saved[1], saved[2]
 
         def groups(x):  # (G·n, L, E) -> (G, n, L·E)
-            return x.reshape(G, n, -1)
+            return x.reshape(G, n, x.shape[1] * x.shape[2])
         dp = None
         if ctx.needs_input_grad[3]:
             dp = torch.bmm(groups(dk2), groups(k).transpose(1, 2)).baddbmm_(groups(dv2), groups(v).transpose(1, 2))
         pt = p.transpose(1, 2)
-        dk.view(G, n, -1).baddbmm_(pt, groups(dk2))  # into dk and dv themselves (view: never a copy)
-        dv.view(G, n, -1).baddbmm_(pt, groups(dv2))
+        dk.view(groups(dk).shape).baddbmm_(pt, groups(dk2))  # into dk and dv themselves (view: never a copy)
+        dv.view(groups(dv).shape).baddbmm_(pt, groups(dv2))
         return dq, dk, dv, dp, None, None, None, None
 
 
@@ -582,21 +585,25 @@ def mixed_items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: 
     ``items_attention``. Returns (..., n, Lq, Dv) in q's dtype.
     """
     lead, n, (Lq, D), (Lk, Dv) = p.shape[:-2], p.shape[-1], q.shape[-2:], v.shape[-2:]
+    if p.dim() < 2 or p.shape[-2] != n:
+        raise ValueError(f"p must be (..., n, n), got {tuple(p.shape)}")
+    if not q.dtype == k.dtype == v.dtype == p.dtype:
+        raise TypeError(f"q, k, v and p must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {p.dtype}")
     if q.shape[:-2] != (*lead, n) or k.shape != (*lead, n, Lk, D) or v.shape[:-2] != (*lead, n):
         raise ValueError(f"q, k, v must be (..., {n}, L, E) over p's leading dimensions {tuple(lead)}, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
     def mix(x):  # Σ_j p_ij x_j over whole items
         return torch.matmul(p, x.flatten(-2)).view(x.shape)
-    if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == p.dtype == torch.float32 and \
-            native.items_available():
+    if q.device.type == "cpu" and q.dtype == torch.float32 and native.items_available():
         with torch.no_grad():
             k2, v2 = mix(k), mix(v)
         if all_finite(q, k, v, k2, v2):
             allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device) if allowed is None else allowed
             add = _additive(allowed.expand(*lead, n, allowed.shape[-2], 2 * Lk), q.dtype)
-            out = _MixedItemsFunction.apply(q.reshape(-1, Lq, D), k.reshape(-1, Lk, D), v.reshape(-1, Lk, Dv),
-                                            p.reshape(-1, n, n), k2.reshape(-1, Lk, D), v2.reshape(-1, Lk, Dv), add,
-                                            scale)
+            G = math.prod(lead)
+            out = _MixedItemsFunction.apply(q.reshape(G * n, Lq, D), k.reshape(G * n, Lk, D),
+                                            v.reshape(G * n, Lk, Dv), p.reshape(G, n, n), k2.reshape(G * n, Lk, D),
+                                            v2.reshape(G * n, Lk, Dv), add, scale)
             return out.reshape(*lead, n, Lq, Dv)
     return items_attention(q, k, v, allowed, scale=scale, k2=mix(k), v2=mix(v))

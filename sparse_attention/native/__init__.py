@@ -410,16 +410,31 @@ def _item_rows(qrows: torch.Tensor, krows: torch.Tensor, Nq: int, Nk: int, Nk2: 
     return qrows.contiguous(), torch.where(krows >= 0, first, -1).contiguous()
 
 
-def _second_source(k2: torch.Tensor | None, v2: torch.Tensor | None, G: int) -> int:
-    """Rows per group of the optional second key/value source (0 without one); both or neither given."""
+def _items_shapes(q, k, v, k2, v2, qrows, krows, g=None, o=None, lse=None) -> int:
+    """Checks the items kernels' tensors against each other (the kernels index them by these sizes, so a
+    mismatch would read or write past their ends): q (G, Nq, D), k (G, Nk, D), v (G, Nk, Dv), optionally k2
+    (G, Nk2, D) and v2 (G, Nk2, Dv), qrows (G, I, wq), krows (G, I, wk), and for the backward g and o
+    (G, Nq, Dv) and lse (G, Nq). Returns Nk2 (0 without a second source)."""
     if (k2 is None) != (v2 is None):
         raise ValueError("k2 and v2 go together: give both or neither")
-    if k2 is None:
-        return 0
-    if k2.shape[0] != G or v2.shape[:2] != k2.shape[:2]:
-        raise ValueError(f"k2 (G, Nk2, D) and v2 (G, Nk2, Dv) must have G={G} groups and the same Nk2, got "
-                         f"{tuple(k2.shape)}, {tuple(v2.shape)}")
-    return k2.shape[1]
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or qrows.dim() != 3 or krows.dim() != 3:
+        raise ValueError(f"q, k, v, qrows, krows must be 3-D, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}, {tuple(qrows.shape)}, {tuple(krows.shape)}")
+    (G, Nq, D), (Nk, Dv) = q.shape, (k.shape[1], v.shape[2])
+    want = {"k": (G, Nk, D), "v": (G, Nk, Dv), "qrows": (G, *qrows.shape[1:]),
+            "krows": (G, qrows.shape[1], krows.shape[2])}  # krows: as many items as qrows
+    given = {"k": k, "v": v, "qrows": qrows, "krows": krows}
+    if k2 is not None:
+        want.update(k2=(G, k2.shape[1], D), v2=(G, k2.shape[1], Dv))
+        given.update(k2=k2, v2=v2)
+    if g is not None:
+        want.update(g=(G, Nq, Dv), o=(G, Nq, Dv), lse=(G, Nq))
+        given.update(g=g, o=o, lse=lse)
+    for name, shape in want.items():
+        if tuple(given[name].shape) != shape:
+            raise ValueError(f"{name} must be {shape} for q {tuple(q.shape)}, k {tuple(k.shape)} and v "
+                             f"{tuple(v.shape)}, got {tuple(given[name].shape)}")
+    return 0 if k2 is None else k2.shape[1]
 
 
 def _item_bias(bias: torch.Tensor | None, items: int, wq: int, wk: int) -> \
@@ -455,9 +470,9 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
     log-sum-exp (a query in no item, or with no allowed key: out 0, lse -inf). The kernel returns the largest
     of the query's row maxima M and Z = Σ exp(m - M)·l; lse = M + log Z. float32 on CPU with vectors of 32
     bytes or more, else None."""
+    Nk2 = _items_shapes(q, k, v, k2, v2, qrows, krows)
     G, I, wq = qrows.shape
     wk = krows.shape[2]
-    Nk2 = _second_source(k2, v2, G)
     found, item_bias = _args((qrows, krows), (q, k, v, k2, v2)), _item_bias(bias, G * I, wq, wk)
     if found is None or item_bias is None or not items_available():
         return None
@@ -493,9 +508,9 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     float32 on CPU, when the build has vectors of 32 bytes or more (routing fwd+bwd at N=4096, H=8, ad hoc:
     with an SSE-only build 114.9 against 76.6 ms for the fused kernel; with AVX2 67.9 against 72.5); else
     None (see native/items.c)."""
+    Nk2 = _items_shapes(q, k, v, k2, v2, qrows, krows, g, o, lse)
     G, I, wq = qrows.shape
     wk = krows.shape[2]
-    Nk2 = _second_source(k2, v2, G)
     found, item_bias = _args((qrows, krows), (q, k, v, k2, v2, g, o, lse)), _item_bias(bias, G * I, wq, wk)
     if found is None or item_bias is None or not items_available():
         return None

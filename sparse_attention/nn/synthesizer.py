@@ -81,9 +81,11 @@ class SynthesizerAttention(torch.nn.Module):
         for name, value, modes in (("hidden", hidden, ("dense", "factorized_dense")),
                                    ("factors", factors, ("factorized_dense",)), ("rank", rank, ("factorized_random",))):
             if value is not None and mode not in modes:  # an option the mode never reads is a mistake, not a no-op
-                raise ValueError(f"{name} applies to mode={' or '.join(map(repr, modes))} only, got mode={mode!r}")
+                raise ValueError(f"{name}={value!r} applies to mode={' or '.join(map(repr, modes))} only, got "
+                                 f"mode={mode!r}")
         if scale is not None and not mix:
-            raise ValueError("scale (of q·kᵀ) applies to mix=True only: without mixing no dot product is taken")
+            raise ValueError(f"scale={scale!r} (of q·kᵀ) applies to mix=True only: mode={mode!r} without mixing "
+                             "takes no dot product")
         if mode in ("dense", "factorized_dense"):
             if head_dim is None:
                 raise ValueError(f"mode={mode!r} needs head_dim (the MLP reads each token's query vector)")
