@@ -47,8 +47,8 @@ def attention(
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     scale = check_scale(scale, D)
     dropout_p = check_dropout(dropout_p)
-    if N == 0 or S == 0 or Dv == 0:
-        # no queries: empty output; no keys: every row is empty, so 0 (kept differentiable)
+    if B == 0 or Hq == 0 or N == 0 or S == 0 or Dv == 0:
+        # no batch entry, head or query: empty output; no keys: every row is empty, so 0 (kept differentiable)
         return zeros_from((B, Hq, N, Dv), q, k, v)
     if isinstance(pattern, DynamicPattern):
         if backend != "auto":

@@ -69,6 +69,25 @@ def test_zero_queries_gives_empty_output(name, backend):
         assert t is not None and torch.equal(t, torch.zeros_like(t)), f"{name_} should be zeros"
 
 
+@pytest.mark.parametrize("call", ["sliding_window", "topk", "probsparse", "lsh", "routing", "linear", "compressed"])
+def test_no_batch_entry_gives_empty_output(call):
+    """An empty batch: an empty output and empty gradients, on every kind of call (a reshape with -1 once
+    failed there, PyTorch cannot infer it for an empty tensor)."""
+    q, k, v = make_qkv(0, 4, 2, 9, 9, 8, 5)
+    mechanisms = {"sliding_window": sa.SlidingWindow(3), "topk": sa.TopK(3), "probsparse": sa.ProbSparse(),
+                  "lsh": sa.LSH(4), "routing": sa.Routing(torch.randn(4, 2, 8))}
+    if call in mechanisms:
+        out = sa.attention(q, k, v, mechanisms[call])
+    elif call == "linear":
+        out = sa.linear_attention(q, k, v)
+    else:
+        out = sa.approx.compressed_attention(q, k, v, k_weight=torch.randn(8, 8, 3), v_weight=torch.randn(5, 5, 3),
+                                             stride=3)
+    assert out.shape == (0, 4, 9, 5)
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in (q, k, v))
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["auto"])
 @pytest.mark.parametrize("name", ["none", "causal", "strided3"])
 def test_zero_keys_gives_zeros(name, backend):

@@ -58,6 +58,18 @@ def test_shapes_and_batch_first(mech):
     torch.testing.assert_close(one, out[0], msg=f"{mech.name}: unbatched != batch element 0")
 
 
+@pytest.mark.parametrize("mech", MECHANISMS, ids=IDS)
+def test_empty_batch(mech):
+    """A batch of no sequences gives an empty output and an empty gradient, training and eval (every mechanism
+    and module once took a reshape with -1, which PyTorch cannot infer when the batch is 0)."""
+    for train in (True, False):
+        m = _mha(mech).train(train)
+        x = torch.randn(0, N, E, requires_grad=True)
+        out = _call(m, x)
+        out.sum().backward()
+        assert out.shape == (0, N, E) and x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("mech", KPM_PARAMS, ids=IDS)
 def test_key_padding_mask_true_is_ignored(mech):
     m = _mha(mech).eval()

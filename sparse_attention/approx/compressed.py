@@ -104,7 +104,7 @@ def compressed_attention(
         raise ValueError(f"k_weight and v_weight must share one kernel size, got {w} and {v_weight.shape[-1]}")
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     scale = check_scale(scale, D)
-    if N == 0 or S == 0:
+    if B == 0 or Hq == 0 or N == 0 or S == 0:
         return zeros_from((B, Hq, N, v_weight.shape[0]), q, k, v)
     dtype = compute_dtype(q.dtype)
     kc = compress(zero_padded(k.to(dtype), key_padding_mask), k_weight, k_bias, stride=stride)

@@ -778,7 +778,7 @@ def linear_attention(
         raise ValueError(
             f"causal linear attention needs N == S (query i reads the running sum of keys 0..i), got N={N}, S={S}"
         )
-    if N == 0 or S == 0 or Dv == 0:
+    if B == 0 or Hq == 0 or N == 0 or S == 0 or Dv == 0:
         return zeros_from((B, Hq, N, Dv), q, k, v)
     q32, k32, v32, fm_core = _prepare(fm, q, k, v, key_padding_mask)
     keep = None if key_padding_mask is None else (~key_padding_mask)[:, None, :, None].to(q32.dtype)  # (B, 1, S, 1)

@@ -102,7 +102,7 @@ class ProbSparse(DynamicPattern):
             qp = padded(q.to(acc), (0, 0, 0, nb * SAMPLE_BLOCK - N))  # whole blocks (B, H, nb·64, D)
             qs = qp.view(B, Hkv, H // Hkv, nb, SAMPLE_BLOCK, D)
             s = torch.matmul(qs, ks.to(acc).unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, blocks, 64, s)
-            s = s.view(B, H, nb * SAMPLE_BLOCK, -1)[:, :, :N] * scale  # (B, H, N, s)
+            s = s.view(B, H, nb * SAMPLE_BLOCK, s.shape[-1])[:, :, :N] * scale  # (B, H, N, s)
             if key_padding_mask is None:
                 m = s.amax(-1) - s.mean(-1)  # (B, H, N)
             else:  # sampled padded keys do not count; padded queries (N == S) are never active

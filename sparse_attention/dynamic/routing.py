@@ -417,7 +417,7 @@ def update_centroids(centroids: torch.Tensor, x: torch.Tensor, *, decay: float =
         B, H, L, D = xn.shape
         K = c.shape[1]
         nearest = torch.empty(B, H, L, dtype=torch.long, device=x.device)
-        step = max(1, SIM_CHUNK_ELEMENTS // (B * H * K))  # rows of the L x K similarity at a time
+        step = max(1, SIM_CHUNK_ELEMENTS // max(1, B * H * K))  # rows of the L x K similarity at a time
         for a in range(0, L, step):
             nearest[:, :, a:a + step] = torch.matmul(xn[:, :, a:a + step], ct).argmax(-1)
         cluster = (torch.arange(H, device=x.device).view(1, H, 1) * K + nearest).flatten()  # (head, cluster) id

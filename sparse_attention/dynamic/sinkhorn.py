@@ -134,7 +134,7 @@ def sinkhorn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, permut
         raise ValueError(f"permutation must be (B, H, {nb}, {nb}) for N={N}, block={block}, got "
                          f"{tuple(permutation.shape)}")
     scale = check_scale(scale, D)
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:  # no batch entry, head, token or head size
+    if 0 in (B, H, N, v.shape[-1]):  # an empty output: no batch entry, head, token or value channel
         return zeros_from((B, H, N, v.shape[-1]), q, k, v, permutation)
     pad = nb * block - N
     acc = torch.promote_types(q.dtype, torch.float32)

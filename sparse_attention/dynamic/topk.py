@@ -45,7 +45,7 @@ def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, buffer: torch
     Hkv, S = k.shape[1], k.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
     qs = (q.to(acc) * scale).reshape(B, Hkv, (Hq // Hkv) * C, D)  # (B, Hkv, G*C, D)
-    out = None if buffer is None else buffer[: B * Hq * C * S].view(B, Hkv, -1, S)
+    out = None if buffer is None else buffer[: B * Hq * C * S].view(B, Hkv, (Hq // Hkv) * C, S)
     return torch.matmul(qs, k.to(acc).transpose(-1, -2), out=out).view(B, Hq, C, S)
 
 
@@ -106,7 +106,7 @@ def grouped_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     B, Hq, C, S = p.shape
     Hkv = v.shape[1]
     out = torch.matmul(p.reshape(B, Hkv, (Hq // Hkv) * C, S), v.to(p.dtype))
-    return out.view(B, Hq, C, -1)
+    return out.view(B, Hq, C, v.shape[-1])
 
 
 def key_window(allowed: torch.Tensor, k: int) -> tuple[int, int, tuple[int, int] | None]:

@@ -215,7 +215,7 @@ class SinkhornAttention(torch.nn.Module):
 
     def forward(self, q, k, v, *, key_padding_mask=None):
         key_padding_mask = _check_inputs(self, q, k, v, key_padding_mask, self_attention=True)
-        if q.shape[2] == 0:
+        if 0 in q.shape[:3]:  # no batch entry, head or token
             return zeros_from((*q.shape[:3], v.shape[-1]), q, k, v)
         # grouped-query attention: each query head sorts and reads its group's key/value head
         k, v = _to_query_heads(k, q.shape[1], "k"), _to_query_heads(v, q.shape[1], "v")

@@ -97,7 +97,7 @@ class LinformerAttention(torch.nn.Module):
             if b is not None:
                 mass = p[..., :S].to(xp.dtype).sum(-1) if keep is None else keep @ p[..., :S].to(xp.dtype).T  # (B|1, K)
                 out = out + mass.unsqueeze(-1) * b
-            return out.view(B, self.k, num_kv_heads, -1).transpose(1, 2)
+            return out.view(B, self.k, num_kv_heads, out.shape[-1] // num_kv_heads).transpose(1, 2)
 
         xe = mixed(e, key)
         xf = xe if (f is e and value is key) else mixed(f, value)

@@ -386,11 +386,11 @@ class MultiheadAttention(torch.nn.Module):
             q, k, v = self._project(query, None, None)[0], None, None
         elif shared_qk and cache is None:  # the keys are the queries: no key projection
             q, _, v = self._project(query, None, value)
-            k, v = None, v.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+            k, v = None, v.view(B, v.shape[1], Hkv, D).transpose(1, 2)  # (B, Hkv, S, D); sizes given: B may be 0
         elif cached_kv is None:
             q, k, v = self._project(query, key, value)
-            k = k.view(B, -1, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-            v = v.view(B, -1, Hkv, D).transpose(1, 2)
+            k = k.view(B, k.shape[1], Hkv, D).transpose(1, 2)  # (B, Hkv, S, D); sizes given: B may be 0
+            v = v.view(B, v.shape[1], Hkv, D).transpose(1, 2)
             if isinstance(cache, MemoryCache):
                 cache.fill(key_in, value_in, k, v)
         else:
