@@ -120,26 +120,27 @@ def test_strictly_causal_modules_never_see_the_future(mech):
 def test_key_causal_mechanisms_never_read_future_values_or_attend_future_keys(mech):
     """causal_support "keys" (LSH, ProbSparse, Routing, Reformer): with causal=True, changing the
     values after position t changes no output at or before t (no future key is attended), while
-    the keys after t may (the selection is global). Checked on head-split q, k, v."""
+    the keys after t may (the selection is global). Checked on head-split q, k, v; modules in eval and
+    in training mode (each call on a fresh copy: training moves routing's centroids)."""
     torch.manual_seed(0)
     D = E // H
-    mech_obj = mech.make(causal=True, **({"head_dim": D, "num_heads": H} if mech.kind == "module" else {}))
-    if isinstance(mech_obj, torch.nn.Module):
-        mech_obj.eval()
-
-    def run(q, k, v):
-        if getattr(mech_obj, "shared_qk", False):
-            return mech_obj(q, v)
-        return mech_obj(q, k, v) if isinstance(mech_obj, torch.nn.Module) else sa.attention(q, k, v, mech_obj)
-
+    base = mech.make(causal=True, **({"head_dim": D, "num_heads": H} if mech.kind == "module" else {}))
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
-    out = run(q, k, v)
-    for t in (0, 16, 30):
-        v2 = v.clone()
-        v2[:, :, t + 1:] = torch.randn_like(v2[:, :, t + 1:]) * 10
-        torch.testing.assert_close(run(q, k, v2)[:, :, :t + 1], out[:, :, :t + 1],
-                                   msg=f"{mech.name}: output at positions <= {t} read a future value")
+    for train in (False, True) if isinstance(base, torch.nn.Module) else (False,):
+        def run(q, k, v, train=train):
+            if not isinstance(base, torch.nn.Module):
+                return sa.attention(q, k, v, base)
+            mod = copy.deepcopy(base).train(train)
+            return mod(q, v) if getattr(mod, "shared_qk", False) else mod(q, k, v)
+
+        out = run(q, k, v)
+        for t in (0, 16, 30):
+            v2 = v.clone()
+            v2[:, :, t + 1:] = torch.randn_like(v2[:, :, t + 1:]) * 10
+            torch.testing.assert_close(run(q, k, v2)[:, :, :t + 1], out[:, :, :t + 1],
+                                       msg=f"{mech.name} (training={train}): output at positions <= {t} read "
+                                           "a future value")
 
 
 def test_mechanisms_without_causal_support_refuse_it():
