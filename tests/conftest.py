@@ -21,6 +21,9 @@ engine giving bitwise the same error).
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -148,3 +151,33 @@ def registry_id(m) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def use_avx2_build(monkeypatch, tmp_path_factory) -> None:
+    """Switches the native kernels, for the rest of the test, to a rebuild for AVX2 (-march=haswell: 32-byte
+    vectors, no AVX-512, as on CI machines without it: e.g. the scalar tile transposition of the items
+    kernels), built once per session into a cache directory of its own; skips where that cannot be built."""
+    from sparse_attention import native
+
+    if sys.platform != "linux" or os.uname().machine != "x86_64" or not native.available():
+        pytest.skip("an AVX2 rebuild needs an x86-64 Linux machine with the native kernels")
+    monkeypatch.setenv("SPARSE_ATTENTION_CACHE", str(tmp_path_factory.getbasetemp() / "sa-avx2"))
+    monkeypatch.setattr(native, "_ATTEMPTS", (["-march=haswell", "-fopenmp"],))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_reason", None)
+    if not native.available():
+        pytest.skip(f"no AVX2 build here: {native.status()}")
+    assert native._lib.sa_linear_vector_bytes() == 32, native.status()
+
+
+@pytest.fixture(params=["this-cpu", "avx2"])
+def native_build(request, monkeypatch, tmp_path_factory):
+    """The native kernels as built for this machine, or rebuilt for AVX2 (``use_avx2_build``); the machine's
+    build comes back after the test."""
+    from sparse_attention import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    if request.param == "avx2":
+        use_avx2_build(monkeypatch, tmp_path_factory)
+    return request.param

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad
+from conftest import assert_within_baseline, make_qkv, padding_mask, run_and_grad, use_avx2_build
 
 import sparse_attention as sa
 from sparse_attention import native
@@ -135,12 +135,14 @@ def test_topk_keeps_exactly_k_per_row_and_the_best(k_top):
     assert bool((worst_kept >= best_dropped).all()), "a dropped key scores higher than a kept one"
 
 
-@pytest.fixture(params=["native", "torch"])
-def top_k_path(request, monkeypatch):
-    """The native kernels, or the PyTorch ops they replace (the path without a compiler): top_k, the
-    stable orders, LSH's buckets, TopK's value mixing and backward, and routing's pair counts, row
-    scatters and items kernels."""
-    if request.param == "native":
+@pytest.fixture(params=["native", "native-avx2", "torch"])
+def top_k_path(request, monkeypatch, tmp_path_factory):
+    """The native kernels (built for this CPU, or rebuilt for AVX2 as on CI machines without AVX-512), or
+    the PyTorch ops they replace (the path without a compiler): top_k, the stable orders, LSH's buckets,
+    TopK's value mixing and backward, and routing's pair counts, row scatters and items kernels."""
+    if request.param.startswith("native"):
+        if request.param == "native-avx2":
+            use_avx2_build(monkeypatch, tmp_path_factory)
         if not native.available():
             pytest.skip(f"native kernels unavailable: {native.status()}")
     else:
@@ -408,7 +410,8 @@ def _assert_padded_keys_get_no_gradient(kpm, dk, dv):
 @pytest.mark.parametrize("shape", [(2, 4, 2, 130, 130, 13, 5), (1, 2, 1, 64, 90, 8, 8), (1, 2, 2, 256, 256, 64, 64)],
                          ids=lambda s: "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s))
 @pytest.mark.parametrize("rounds", [1, 3])
-def test_lsh_native_items_match_the_fused_kernel(shape, causal, exclude_self, masked, rounds, monkeypatch):
+def test_lsh_native_items_match_the_fused_kernel(shape, causal, exclude_self, masked, rounds, monkeypatch,
+                                                 native_build):
     """float32: the rounds on the native items kernels (chunks against their key windows, rows read and results
     added by index, GQA heads grouped by key/value head) against the fused kernel path, both against the
     float64 plain path by the tolerance rule; padded keys get exactly zero dK and dV."""
@@ -896,7 +899,7 @@ def test_routing_fused_kernel_path_equals_the_plain_path(shape, causal, masked, 
 @pytest.mark.parametrize("masked", [False, True], ids=["", "kpm"])
 @pytest.mark.parametrize("shape", [(1, 2, 2, 100, 100, 8, 8), (2, 4, 2, 50, 70, 13, 5), (1, 2, 1, 300, 300, 64, 64)],
                          ids=lambda s: "B{}-H{}/{}-N{}-S{}-D{}-Dv{}".format(*s))
-def test_routing_native_items_match_the_fused_kernel(shape, causal, masked, monkeypatch):
+def test_routing_native_items_match_the_fused_kernel(shape, causal, masked, monkeypatch, native_build):
     """float32: the native items forward and backward (rows read, outputs and gradients added by index)
     against the fused kernel on gathered items, both against the float64 plain path (the tolerance rule,
     the kernel's error as the baseline); padded keys get exactly zero dK and dV, and queries without a key

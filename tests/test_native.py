@@ -344,34 +344,16 @@ def _items_reference(q, k, v, qrows, krows, bias, scale):
     return out, lse
 
 
-@pytest.fixture(params=["this-cpu", "avx2"])
-def items_build(request, monkeypatch, tmp_path_factory):
-    """The native kernels as built for this machine, or rebuilt for AVX2 (-march=haswell: 32-byte vectors,
-    no AVX-512, so the scalar tile transposition), which CI machines without AVX-512 run."""
-    if request.param == "avx2":
-        if sys.platform != "linux" or os.uname().machine != "x86_64" or not native.available():
-            pytest.skip("an AVX2 rebuild needs an x86-64 Linux machine with the native kernels")
-        monkeypatch.setenv("SPARSE_ATTENTION_CACHE", str(tmp_path_factory.getbasetemp() / "sa-avx2"))  # built once
-        monkeypatch.setattr(native, "_ATTEMPTS", (["-march=haswell", "-fopenmp"],))
-        monkeypatch.setattr(native, "_lib", None)
-        monkeypatch.setattr(native, "_reason", None)
-        if not native.available():
-            pytest.skip(f"no AVX2 build here: {native.status()}")
-    if not native.items_available():
-        pytest.skip(f"the items kernels need 32-byte vectors: {native.status()}")
-    return request.param
-
-
 @pytest.mark.parametrize("shape", [(3, 20, 13, 13, 5, 7, 11), (2, 30, 16, 40, 4, 17, 33), (1, 9, 3, 5, 3, 2, 1)],
                          ids=lambda s: "G{}-N{}-D{}-Dv{}-I{}-wq{}-wk{}".format(*s))
 @pytest.mark.parametrize("bias_rows", ["full", "one-row", "one-row-unexpanded"])
-def test_native_items_forward_and_backward(shape, bias_rows, items_build):
+def test_native_items_forward_and_backward(shape, bias_rows, native_build):
     """Softmax attention over items given by row indices (queries in several items, -1 slots, a bias with
     -inf entries, expanded or full) against a loop over each query's pairs: output, log-sum-exp and the
     three gradients, by the tolerance rule (float64 golden, the loop in float32 as the baseline); built for
     this CPU and for AVX2."""
-    if items_build == "avx2":
-        assert native._lib.sa_linear_vector_bytes() == 32, native.status()
+    if not native.items_available():
+        pytest.skip(f"the items kernels need 32-byte vectors: {native.status()}")
     G, N, D, Dv, I, wq, wk = shape
     gen = torch.Generator().manual_seed(sum(shape))
     q, g = torch.randn(G, N, D, generator=gen), torch.randn(G, N, Dv, generator=gen)
