@@ -159,8 +159,10 @@ def use_avx2_build(monkeypatch, tmp_path_factory) -> None:
     kernels), built once per session into a cache directory of its own; skips where that cannot be built."""
     from sparse_attention import native
 
-    if sys.platform != "linux" or os.uname().machine != "x86_64" or not native.available():
-        pytest.skip("an AVX2 rebuild needs an x86-64 Linux machine with the native kernels")
+    flags = native._cpu_flags().split()
+    if sys.platform != "linux" or os.uname().machine != "x86_64" or not native.available() or \
+            not {"avx2", "fma"} <= set(flags):
+        pytest.skip("an AVX2 rebuild needs an x86-64 Linux machine with AVX2 and FMA, and the native kernels")
     monkeypatch.setenv("SPARSE_ATTENTION_CACHE", str(tmp_path_factory.getbasetemp() / "sa-avx2"))
     monkeypatch.setattr(native, "_ATTEMPTS", (["-march=haswell", "-fopenmp"],))
     monkeypatch.setattr(native, "_lib", None)
