@@ -107,6 +107,30 @@ def test_sinkhorn_block_scores_are_the_block_means_scored(causal):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_sinkhorn_module_ignores_non_finite_padded_keys_and_values(train):
+    """The module's sorting scores leave padded keys out too: inf or NaN at padded positions changes neither
+    the output nor the gradients (the block sums once multiplied padded keys by 0, and NaN·0 is NaN)."""
+    q, k, v = make_qkv(1, 2, 2, 14, 14, 8, seed=46, requires_grad=False)
+    kpm = torch.zeros(1, 14, dtype=torch.bool)
+    kpm[0, 11:] = True
+    mod = SinkhornAttention(8, 2, block=4).train(train)
+    g = torch.randn(1, 2, 14, 8, generator=torch.Generator().manual_seed(47))
+
+    def run(kx, vx):
+        x = [t.clone().requires_grad_() for t in (q, kx, vx)]
+        out = mod(*x, key_padding_mask=kpm)
+        return out, torch.autograd.grad(out, x, g)
+
+    base = run(k, v)
+    pad = kpm[:, None, :, None].expand_as(k)
+    for junk in (float("inf"), float("nan")):
+        out, grads = run(torch.where(pad, junk, k), torch.where(pad, junk, v))
+        assert torch.equal(out, base[0]), f"output changed with {junk} at padded positions"
+        for name, a, b in zip(("dq", "dk", "dv"), grads, base[1], strict=True):
+            assert torch.equal(a, b), f"{name} changed with {junk} at padded positions"
+
+
 def test_causal_modules_ignore_the_future():
     q, k, v = make_qkv(1, 2, 2, 40, 40, 8, seed=43, requires_grad=False)
     k2, v2 = k.clone(), v.clone()

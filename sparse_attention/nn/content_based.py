@@ -199,7 +199,8 @@ class SinkhornAttention(torch.nn.Module):
         if key_padding_mask is not None:
             keep = (~key_padding_mask).to(k.dtype)
         pad = nb * self.block - N
-        masked = k if key_padding_mask is None else k * keep[:, None, :, None]
+        # padded keys take no part (where, not a product: a NaN or inf there would survive times 0)
+        masked = k if key_padding_mask is None else torch.where(key_padding_mask[:, None, :, None], 0.0, k)
         # block sums as a product with ones: its backward writes one contiguous gradient for k (a sum over the
         # block dimension would expand its gradient and then copy it into k's shape)
         ones = torch.ones(1, self.block, dtype=k.dtype, device=k.device)
