@@ -161,3 +161,13 @@ def first_order(backward):
                                "sa.reference_attention instead")
         return backward(ctx, *grads)
     return checked
+
+
+def check_layer_input_dtype(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    """A layer's input: a floating tensor in the dtype of the layer's parameters (its Linear would raise
+    "mat1 and mat2 must have the same dtype"), or any floating dtype under autocast, which casts it."""
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dtype != dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(f"{name} must have the dtype of the layer's parameters ({dtype}), got {t.dtype}; "
+                        "convert the input or the layer (.to(dtype))")

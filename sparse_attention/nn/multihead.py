@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
-from .._checks import check_bool, check_dropout, check_int
+from .._checks import check_bool, check_dropout, check_int, check_layer_input_dtype
 from ..approx.linear import LinearAttentionState
 from ..dynamic.base import DynamicPattern
 from ..dynamic.probsparse import ProbSparse
@@ -303,12 +303,7 @@ class MultiheadAttention(torch.nn.Module):
                                  f"{tuple(t.shape)}")
             if t.shape[-1] != feat:
                 raise ValueError(f"{name} must have {feat} features in its last dim, got shape {tuple(t.shape)}")
-            if not t.dtype.is_floating_point:
-                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-            # F.linear would raise "mat1 and mat2 must have the same dtype"; autocast casts the inputs itself
-            if t.dtype != wdtype and not torch.is_autocast_enabled(t.device.type):
-                raise TypeError(f"{name} must have the dtype of the layer's parameters ({wdtype}), got "
-                                f"{t.dtype}; convert the input or the layer (.to(dtype))")
+            check_layer_input_dtype(name, t, wdtype)
         if not (query.dim() == key.dim() == value.dim()):
             raise ValueError(f"query, key and value must all be batched or all unbatched, got shapes "
                              f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")

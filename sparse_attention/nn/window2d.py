@@ -31,7 +31,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_bool, check_dropout, check_int, check_scale
+from .._checks import check_bool, check_dropout, check_int, check_layer_input_dtype, check_scale
 from ..reference import masked_softmax
 
 
@@ -135,13 +135,7 @@ class WindowAttention2d(torch.nn.Module):
             raise ValueError(f"x must be (B, H, W, C={self.dim}), got {got}")
         if x.shape[1] == 0 or x.shape[2] == 0:
             raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
-        # the qkv Linear would raise "mat1 and mat2 must have the same dtype"; autocast casts x itself
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
-        wdtype = self.qkv.weight.dtype
-        if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x must have the dtype of the layer's parameters ({wdtype}), got {x.dtype}; "
-                            "convert the input or the layer (.to(dtype))")
+        check_layer_input_dtype("x", x, self.qkv.weight.dtype)
 
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, Wh·Ww, Wh·Ww) bias added to the scores of every window."""
