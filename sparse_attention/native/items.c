@@ -306,8 +306,8 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
  * items, wk): each item's rows, those of group gi in [gi·nq, (gi+1)·nq) and in [gi·nk, (gi+1)·nk) or
  * groups·nk + [gi·nk2, (gi+1)·nk2), or -1 for an empty slot (no query; no key: the
  * bias must be -inf there); bias NULL, or item it's row i at bias + boff[it] + i·brow (wk entries; brow 0:
- * one row for all). Writes dq, dk, dv (the shapes of q, k, v): the groups run in parallel, each zeroing and
- * then adding into its own rows. Returns 0, or -1 when a thread's scratch could not be allocated. */
+ * one row for all). Writes dq, dk, dv (the shapes of q, k, v), and dk2, dv2 (those of k2, v2) with a second
+ * source: the groups run in parallel, each zeroing and then adding into its own rows. Returns 0, or -1 when a thread's scratch could not be allocated. */
 int sa_items_bwd_f32(const float *q, const float *k, const float *v, const float *k2, const float *v2,
                      const float *g, const float *o, const float *lse, const int64_t *qrows, const int64_t *krows,
                      const float *bias, const int64_t *boff, int64_t brow, int64_t groups, int64_t items, int64_t wq,
