@@ -237,21 +237,39 @@ static void probabilities(const items_job *p, float *const *s, float *const *dp,
     }
 }
 
+/* dst = src the first time a row is written (*written 0), dst += src after: n floats */
+static inline void put_row(float *restrict dst, const float *restrict src, int64_t n, unsigned char *written) {
+    if (*written)
+        for (int64_t e = 0; e < n; e++) dst[e] += src[e];
+    else
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    *written = 1;
+}
+
+/* zeros in the rows of x (n rows of w floats) that were never written */
+static void zero_unwritten(float *x, int64_t n, int64_t w, const unsigned char *written) {
+    for (int64_t r = 0; r < n; r++)
+        if (!written[r]) memset(x + r * w, 0, (size_t)w * sizeof(float));
+}
+
 static int backward_groups(void *arg, int64_t g0, int64_t g1) {
     const items_job *p = arg;
     items_scratch s;
     if (scratch_init(&s, p)) return -1;
+    /* which of the group's query rows and key rows (k's, then k2's) have been written: a gradient row is
+     * stored on its first write and added to after, so the gradients are never zeroed in advance (at N = 4096
+     * that pass wrote, and the adds read back, 40 MB per call) */
+    unsigned char *qdone = calloc((size_t)(p->nq + p->nk + p->nk2) + 1, 1), *kdone = qdone + p->nq;
+    if (!qdone) {
+        scratch_free(&s);
+        return -1;
+    }
     const int64_t Dp = p->Dp, Dvp = p->Dvp, Kp = p->Kp;
     float *qr[BLOCK], *dqr[BLOCK], *gr[BLOCK], *sr[BLOCK], *dpr[BLOCK];
     block_rows(p, &s, qr, dqr, gr, sr, dpr);
     for (int64_t gi = g0; gi < g1; gi++) {
-        memset(p->dq + gi * p->nq * p->D, 0, (size_t)(p->nq * p->D) * sizeof(float));
-        memset(p->dk + gi * p->nk * p->D, 0, (size_t)(p->nk * p->D) * sizeof(float));
-        memset(p->dv + gi * p->nk * p->Dv, 0, (size_t)(p->nk * p->Dv) * sizeof(float));
-        if (p->dk2) {
-            memset(p->dk2 + gi * p->nk2 * p->D, 0, (size_t)(p->nk2 * p->D) * sizeof(float));
-            memset(p->dv2 + gi * p->nk2 * p->Dv, 0, (size_t)(p->nk2 * p->Dv) * sizeof(float));
-        }
+        memset(qdone, 0, (size_t)(p->nq + p->nk + p->nk2));
+        const int64_t q0 = gi * p->nq, k0 = gi * p->nk, k20 = p->split + gi * p->nk2;
         for (int64_t it = gi * p->items; it < (gi + 1) * p->items; it++) {
             const int64_t *qrow = p->qrows + it * p->wq, *krow = p->krows + it * p->wk;
             load_keys(p, &s, krow, 0);
@@ -280,22 +298,29 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
                 times_rows(gr, s.vt, Dvp, Kp, dpr); /* dP = dO Vᵀ */
                 probabilities(p, sr, dpr, bias, lse, Drow);
                 times_rows(dpr, s.kr, Kp, Dp, dqr); /* dQ = dS K */
-                for (int r = 0; r < BLOCK && i + r < p->wq; r++) {
-                    if (qrow[i + r] < 0) continue;
-                    float *dst = p->dq + qrow[i + r] * p->D;
-                    for (int64_t e = 0; e < p->D; e++) dst[e] += dqr[r][e];
-                }
+                for (int r = 0; r < BLOCK && i + r < p->wq; r++)
+                    if (qrow[i + r] >= 0) put_row(p->dq + qrow[i + r] * p->D, dqr[r], p->D, qdone + qrow[i + r] - q0);
                 rank_rows(s.dkb, dpr, qr, Kp, Dp);  /* dK += dSᵀ Q */
                 rank_rows(s.dvb, sr, gr, Kp, Dvp);  /* dV += Pᵀ dO */
             }
             for (int64_t j = 0; j < p->wk; j++) {
-                if (krow[j] < 0) continue;
-                float *dk = key_grad_row(p, krow[j]), *dv = value_grad_row(p, krow[j]);
-                for (int64_t e = 0; e < p->D; e++) dk[e] += s.dkb[j * Dp + e];
-                for (int64_t e = 0; e < p->Dv; e++) dv[e] += s.dvb[j * Dvp + e];
+                const int64_t row = krow[j];
+                if (row < 0) continue;
+                unsigned char *done = kdone + (row < p->split ? row - k0 : p->nk + row - k20), first = *done;
+                put_row(key_grad_row(p, row), s.dkb + j * Dp, p->D, done);
+                *done = first; /* the value row's gradient below is written for the first time too */
+                put_row(value_grad_row(p, row), s.dvb + j * Dvp, p->Dv, done);
             }
         }
+        zero_unwritten(p->dq + q0 * p->D, p->nq, p->D, qdone);
+        zero_unwritten(p->dk + k0 * p->D, p->nk, p->D, kdone);
+        zero_unwritten(p->dv + k0 * p->Dv, p->nk, p->Dv, kdone);
+        if (p->dk2) {
+            zero_unwritten(p->dk2 + gi * p->nk2 * p->D, p->nk2, p->D, kdone + p->nk);
+            zero_unwritten(p->dv2 + gi * p->nk2 * p->Dv, p->nk2, p->Dv, kdone + p->nk);
+        }
     }
+    free(qdone);
     scratch_free(&s);
     return 0;
 }
@@ -307,7 +332,7 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
  * groups·nk + [gi·nk2, (gi+1)·nk2), or -1 for an empty slot (no query; no key: the
  * bias must be -inf there); bias NULL, or item it's row i at bias + boff[it] + i·brow (wk entries; brow 0:
  * one row for all). Writes dq, dk, dv (the shapes of q, k, v), and dk2, dv2 (those of k2, v2) with a second
- * source: the groups run in parallel, each zeroing and then adding into its own rows. Returns 0, or -1 when a thread's scratch could not be allocated. */
+ * source: the groups run in parallel, each writing only its own rows (a row that no item reaches gets zeros). Returns 0, or -1 when a thread's scratch could not be allocated. */
 int sa_items_bwd_f32(const float *q, const float *k, const float *v, const float *k2, const float *v2,
                      const float *g, const float *o, const float *lse, const int64_t *qrows, const int64_t *krows,
                      const float *bias, const int64_t *boff, int64_t brow, int64_t groups, int64_t items, int64_t wq,
