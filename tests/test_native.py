@@ -402,3 +402,29 @@ def test_native_items_forward_and_backward(shape, bias_rows, native_build):
     split = (grads[0], grads[1][:, :m], grads[2][:, :m], grads[1][:, m:], grads[2][:, m:])
     for name, a, b in zip(("dq", "dk", "dv", "dk2", "dv2"), grads2, split, strict=True):
         assert torch.equal(a, b), f"{name} with a second source"
+
+
+def test_empty_advises_whole_huge_pages_inside_the_tensor(monkeypatch):
+    """native.empty: float32 of the shape asked; from 4 MiB up, madvise(MADV_HUGEPAGE) over the 2 MiB pages
+    that lie wholly inside the tensor's bytes (never past them), below that and where no advice is given here,
+    no call. The real call (whatever this kernel's mode) leaves a tensor that takes writes."""
+    calls = []
+    monkeypatch.setattr(native, "_madvise_fn", lambda addr, length, advice: calls.append((addr, length, advice)) or 0)
+    huge = 1 << 21
+    for shape in [(3, 1 << 20), (2, huge // 4), (5, 7, 1 << 15)]:  # 12 MiB, 4 MiB, 4.4 MiB
+        t = native.empty(*shape)
+        assert t.shape == shape and t.dtype == torch.float32 and t.is_contiguous()
+        (addr, length, advice), = calls
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * 4
+        assert advice == 14 and addr % huge == 0 and length % huge == 0 and length > 0
+        assert start <= addr and addr + length <= end and addr - start < huge and end - (addr + length) < huge
+        calls.clear()
+    native.empty(1023, 1024)  # just under 4 MiB: no advice
+    assert not calls
+    monkeypatch.setattr(native, "_madvise_fn", False)  # this machine gives no advice (mode always or never)
+    native.empty(4, 1 << 20)
+    assert not calls
+    monkeypatch.setattr(native, "_madvise_fn", None)  # looked up for real
+    t = native.empty(4, 1 << 20)
+    t.fill_(1.5)
+    assert t.sum().item() == 1.5 * 4 * (1 << 20)

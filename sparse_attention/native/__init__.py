@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "bucket_order", "dot_rows", "items_backward", "items_forward", "linear_backward",
+__all__ = ["available", "bucket_order", "dot_rows", "empty", "items_backward", "items_forward", "linear_backward",
            "linear_forward", "linear_map", "lsh_buckets", "mix_rows", "pair_counts", "scatter_groups", "status",
            "topk_rows", "unit_rows_backward"]
 
@@ -213,6 +213,46 @@ def _rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[ctypes.CDLL, torch.Tenso
         return None
     flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     return lib, flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+_madvise_fn: object = None  # None: not looked up yet; False: no advice to give here
+
+
+def _madvise():
+    """libc's madvise when this kernel gives transparent huge pages to memory that asks for them (Linux,
+    /sys/kernel/mm/transparent_hugepage/enabled in mode "madvise"), else None: in mode "always" they come
+    without asking, in "never" not at all."""
+    global _madvise_fn
+    if _madvise_fn is None:
+        _madvise_fn = False
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                if "[madvise]" in f.read():
+                    fn = ctypes.CDLL(None, use_errno=True).madvise
+                    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+                    _madvise_fn = fn
+        except (OSError, AttributeError):
+            pass
+    return _madvise_fn or None
+
+
+def empty(*shape: int) -> torch.Tensor:
+    """An uninitialised float32 CPU tensor for a kernel or an ``out=`` operation to fill whole.
+
+    The whole 2 MiB pages of one of 4 MiB or more are advised to be transparent huge pages before anything
+    touches them. glibc maps a tensor of 32 MiB or more afresh on every call, and faulting one in 4 kB at a
+    time took ~8 ms here, against ~3 ms in 2 MiB pages (benchmarks/RESULTS.md). The advice is only that:
+    where the kernel does not take it, nothing changes."""
+    t = torch.empty(*shape, dtype=torch.float32)
+    start, nbytes = t.data_ptr(), t.numel() * 4
+    if nbytes >= 2 * _HUGE_PAGE and (advise := _madvise()) is not None:
+        lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+        hi = (start + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if hi > lo:
+            advise(lo, hi - lo, _MADV_HUGEPAGE)
+    return t
 
 
 def _threads(rows: int) -> int:
@@ -480,7 +520,7 @@ def items_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrows: torc
     Nq, D = q.shape[1:]
     Nk, Dv = k.shape[1], v.shape[2]
     qrows, krows = _item_rows(qrows, krows, Nq, Nk, Nk2)
-    out, M, Z = q.new_empty(G, Nq, Dv), q.new_empty(G, Nq), q.new_empty(G, Nq)
+    out, M, Z = empty(G, Nq, Dv), q.new_empty(G, Nq), q.new_empty(G, Nq)
     if G and lib.sa_items_fwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(k2), _ptr(v2), qrows.data_ptr(),
                                   krows.data_ptr(), _ptr(bias), _ptr(boff), brow, G, I, wq, wk, D, Dv, Nq, Nk, Nk2,
                                   scale, out.data_ptr(), M.data_ptr(), Z.data_ptr(), _threads(G)):
@@ -517,7 +557,7 @@ def items_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     (lib, (qrows, krows, q, k, v, k2, v2, g, o, lse)), (bias, boff, brow) = found, item_bias
     Nq, D = q.shape[1:]
     Nk, Dv = k.shape[1], v.shape[2]
-    grads = [torch.empty_like(x) for x in (q, k, v, k2, v2) if x is not None]
+    grads = [empty(*x.shape) for x in (q, k, v, k2, v2) if x is not None]
     dk2, dv2 = grads[3:] if k2 is not None else (None, None)
     qrows, krows = _item_rows(qrows, krows, Nq, Nk, Nk2)
     if G and lib.sa_items_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(k2), _ptr(v2), g.data_ptr(),
@@ -574,7 +614,7 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torc
     H, S, D = k.shape
     proj, shift, F = _favor_args(favor, D)
     R, Dv = q.shape[1], v.shape[2]
-    out = q.new_empty(q.shape[0], R, Dv)
+    out = empty(q.shape[0], R, Dv)
     den = q.new_empty(q.shape[0], R)
     if group is None:
         kvz = q.new_empty(H, F, Dv + 1)
@@ -605,7 +645,7 @@ def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
     H, S, D = k.shape
     proj, shift, F = _favor_args(favor, D)
     R, Dv = q.shape[1], v.shape[2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = empty(*q.shape), empty(*k.shape), empty(*v.shape)
     if group is None:
         status = lib.sa_linear_bwd_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(keep), _ptr(proj), _ptr(shift),
                                        kvz.data_ptr(), g.data_ptr(), out.data_ptr(), den.data_ptr(), H, R, S, D, F,
