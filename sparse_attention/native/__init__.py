@@ -223,11 +223,13 @@ _madvise_fn: object = None  # None: not looked up yet; False: no advice to give 
 def _madvise():
     """libc's madvise when this kernel gives transparent huge pages to memory that asks for them (Linux,
     /sys/kernel/mm/transparent_hugepage/enabled in mode "madvise"), else None: in mode "always" they come
-    without asking, in "never" not at all."""
+    without asking, in "never" not at all. ``SPARSE_ATTENTION_HUGE_PAGES=0`` (read once) asks for none."""
     global _madvise_fn
     if _madvise_fn is None:
         _madvise_fn = False
         try:
+            if os.environ.get("SPARSE_ATTENTION_HUGE_PAGES") == "0":
+                raise OSError("huge pages switched off by SPARSE_ATTENTION_HUGE_PAGES=0")
             with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
                 if "[madvise]" in f.read():
                     fn = ctypes.CDLL(None, use_errno=True).madvise
