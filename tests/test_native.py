@@ -424,6 +424,10 @@ def test_empty_advises_whole_huge_pages_inside_the_tensor(monkeypatch):
     monkeypatch.setattr(native, "_madvise_fn", False)  # this machine gives no advice (mode always or never)
     native.empty(4, 1 << 20)
     assert not calls
+    monkeypatch.setenv("SPARSE_ATTENTION_HUGE_PAGES", "0")  # switched off: no advice whatever the mode
+    monkeypatch.setattr(native, "_madvise_fn", None)
+    assert native._madvise() is None
+    monkeypatch.delenv("SPARSE_ATTENTION_HUGE_PAGES")
     monkeypatch.setattr(native, "_madvise_fn", None)  # looked up for real
     t = native.empty(4, 1 << 20)
     t.fill_(1.5)
