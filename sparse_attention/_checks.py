@@ -81,7 +81,10 @@ def check_qkv(q: object, k: object, v: object) -> tuple[int, int, int, int, int,
         raise ValueError(f"k and v must have the same length, got k.shape[2]={S}, v.shape[2]={v.shape[2]}")
     if k.shape[3] != D:
         raise ValueError(f"q and k must have the same head dim, got q.shape[-1]={D}, k.shape[-1]={k.shape[3]}")
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0 and Hq != 0:
+        raise ValueError(f"k and v have no heads (k.shape[1]=0) while q has {Hq}: each query head reads a "
+                         "key/value head")
+    if Hkv != 0 and Hq % Hkv != 0:  # (no heads on either side, as in SDPA: an empty output)
         raise ValueError(
             f"the number of query heads must be a multiple of the key/value heads, got Hq={Hq}, Hkv={Hkv}"
         )

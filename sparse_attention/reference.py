@@ -59,7 +59,7 @@ def reference_attention(
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
     B, Hq, N, D = q.shape
-    G = Hq // k.shape[1]
+    G = Hq // k.shape[1] if k.shape[1] else 1  # (no heads on either side: an empty output)
     k = k.repeat_interleave(G, dim=1)  # (B, Hq, S, D)
     v = v.repeat_interleave(G, dim=1)
     scale = check_scale(scale, D)

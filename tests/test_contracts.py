@@ -69,7 +69,8 @@ def test_zero_queries_gives_empty_output(name, backend):
         assert t is not None and torch.equal(t, torch.zeros_like(t)), f"{name_} should be zeros"
 
 
-@pytest.mark.parametrize("call", ["sliding_window", "topk", "probsparse", "lsh", "routing", "linear", "compressed"])
+@pytest.mark.parametrize("call", ["sliding_window", "topk", "probsparse", "lsh", "routing", "linear", "compressed",
+                                  "nystrom"])
 def test_no_batch_entry_gives_empty_output(call):
     """An empty batch: an empty output and empty gradients, on every kind of call (a reshape with -1 once
     failed there, PyTorch cannot infer it for an empty tensor)."""
@@ -80,12 +81,62 @@ def test_no_batch_entry_gives_empty_output(call):
         out = sa.attention(q, k, v, mechanisms[call])
     elif call == "linear":
         out = sa.linear_attention(q, k, v)
+    elif call == "nystrom":
+        out = sa.approx.nystrom_attention(q, k, v, num_landmarks=3)
     else:
         out = sa.approx.compressed_attention(q, k, v, k_weight=torch.randn(8, 8, 3), v_weight=torch.randn(5, 5, 3),
                                              stride=3)
     assert out.shape == (0, 4, 9, 5)
     out.sum().backward()
     assert all(t.grad is not None and t.grad.shape == t.shape for t in (q, k, v))
+
+
+def _no_head_calls():
+    from sparse_attention.dynamic.sinkhorn import sinkhorn_attention
+    N, D = 12, 8
+    calls = {f"attention-{name}": (lambda q, k, v, m=m: sa.attention(q, k, v, m)) for name, m in [
+        ("dense", None), ("causal", sa.Causal()), ("sliding_window", sa.SlidingWindow(3)), ("strided", sa.Strided(3)),
+        ("bigbird", sa.BigBird(4, 1, 1, 1)), ("topk", sa.TopK(3)), ("probsparse", sa.ProbSparse(seed=0)),
+        ("lsh", sa.LSH(4)), ("routing", sa.Routing(torch.randn(3, D, generator=torch.Generator().manual_seed(0))))]}
+    calls.update({
+        "linear": lambda q, k, v: sa.linear_attention(q, k, v),
+        "linear-causal": lambda q, k, v: sa.linear_attention(q, k, v, causal=True),
+        "linformer": lambda q, k, v: sa.approx.linformer_attention(q, k, v, e_proj=torch.randn(4, N)),
+        "nystrom": lambda q, k, v: sa.approx.nystrom_attention(q, k, v, num_landmarks=4),
+        "compressed": lambda q, k, v: sa.approx.compressed_attention(q, k, v, k_weight=torch.randn(D, D, 3),
+                                                                     v_weight=torch.randn(D, D, 3), stride=3),
+        "sinkhorn": lambda q, k, v: sinkhorn_attention(q, k, v, torch.eye(3).expand(2, 0, 3, 3), block=4),
+        "reference": lambda q, k, v: sa.reference_attention(q, k, v),
+        "synthesizer": lambda q, k, v: sa.approx.synthesizer_attention(torch.randn(N, N), v),
+        "synthesizer-dot": lambda q, k, v: sa.approx.synthesizer_attention(torch.randn(N, N), v, q=q, k=k,
+                                                                           dot_weight=0.5),
+    })
+    return calls
+
+
+@pytest.mark.parametrize("call", list(_no_head_calls()))
+def test_no_heads_gives_empty_output(call):
+    """No heads on either side (Hq = Hkv = 0), as SDPA takes it: an empty output and empty gradients from every
+    front door (Hkv = 0 once made the head check divide by zero)."""
+    q, k, v = make_qkv(2, 0, 0, 12, 12, 8)
+    out = _no_head_calls()[call](q, k, v)
+    assert out.shape == (2, 0, 12, 8)
+    out.sum().backward()
+    used = (v,) if call == "synthesizer" else (q, k, v)  # (plain synthesizer attention reads no q or k)
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in used)
+
+
+@pytest.mark.parametrize("mech", [sa.Causal(), sa.TopK(3), sa.ProbSparse(seed=0), sa.LSH(4)], ids=str)
+def test_explain_with_no_heads(mech):
+    q, k, _ = make_qkv(2, 0, 0, 12, 12, 8)
+    kept = sa.explain(q, k, mech)
+    assert kept.shape == (2, 0, 12, 12) and kept.dtype == torch.bool
+
+
+def test_query_heads_without_key_heads_are_refused():
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 8)
+    with pytest.raises(ValueError, match=r"k and v have no heads \(k.shape\[1\]=0\) while q has 2"):
+        sa.attention(q, k[:, :0], v[:, :0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["auto"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_int, check_key_padding_mask, check_qkv, check_scale
+from ..reference import zeros_from
 from ._common import compute_dtype, masked_softmax, zero_padded
 
 __all__ = ["iterative_pinv", "segment_means", "nystrom_attention", "reference_nystrom_attention"]
@@ -92,6 +93,8 @@ def nystrom_attention(
                          "is the mean of a non-empty segment")
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     scale = check_scale(scale, D)
+    if B == 0 or Hq == 0 or Dv == 0:  # no batch entry, head or value channel: an empty output
+        return zeros_from((B, Hq, N, Dv), q, k, v)
     in_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     G = Hq // Hkv
     q, k, v = q.to(dtype), zero_padded(k.to(dtype), key_padding_mask), zero_padded(v.to(dtype), key_padding_mask)

@@ -77,7 +77,10 @@ def synthesizer_attention(
         raise ValueError(f"logits heads must be 1 or Hq={Hq}, got logits.shape={tuple(logits.shape)}")
     if logits.dim() == 4 and logits.shape[0] not in (1, B):
         raise ValueError(f"logits batch must be 1 or B={B}, got logits.shape={tuple(logits.shape)}")
-    if Hq % Hkv:
+    if Hkv == 0 and Hq != 0:
+        raise ValueError(f"v has no heads (v.shape[1]=0) while the query side has {Hq}: each query head reads a "
+                         "value head")
+    if Hkv and Hq % Hkv:  # (no heads on either side: an empty output)
         raise ValueError(f"the number of query heads must be a multiple of the value heads, got Hq={Hq}, Hkv={Hkv}")
     check_bool("causal", causal)
     if causal and N != S:
@@ -96,7 +99,8 @@ def synthesizer_attention(
             raise ValueError(f"dot_weight must be a scalar in [0, 1], got {dot_weight!r}")
         scale = check_scale(scale, D)
         # padded keys zeroed (where): inf/NaN there would reach q's gradient through the masked scores
-        kk = zero_padded(k.to(dtype), key_padding_mask).repeat_interleave(Hq2 // Hkv, dim=1)  # (B, Hq, S, D)
+        group = Hq2 // Hkv if Hkv else 1
+        kk = zero_padded(k.to(dtype), key_padding_mask).repeat_interleave(group, dim=1)  # (B, Hq, S, D)
         dots = q.to(dtype) @ kk.transpose(-1, -2) * scale  # (B, Hq, N, S)
         scores = (1 - alpha) * scores + alpha * dots
     elif q is not None and q.shape[1] != Hq:

@@ -24,7 +24,7 @@ def explain(q: torch.Tensor, k: torch.Tensor, mechanism: Pattern | DynamicPatter
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, S, q.device)
     scale = check_scale(scale, D)
     if isinstance(mechanism, DynamicPattern):
-        if N == 0 or S == 0:  # as in sa.attention: no query or no key, so no pair (no selection runs)
+        if 0 in (B, Hq, N, S):  # as in sa.attention: no batch entry, head, query or key, so no pair
             return torch.zeros(B, Hq, N, S, dtype=torch.bool, device=q.device)
         return mechanism.kept(q, k, key_padding_mask=key_padding_mask, scale=scale)
     m = torch.ones(N, S, dtype=torch.bool, device=q.device) if mechanism is None else mechanism.mask(N, S, q.device)
