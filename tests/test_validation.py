@@ -351,6 +351,12 @@ def test_stats_valid_arguments_still_work(entry):
     assert _stats(entry, num_heads=2, batch=3, head_dim=7, dtype=torch.bfloat16).flops_dense == 4 * 3 * 2 * 7 * 256
     assert sa.pattern_stats(sa.SlidingWindow(4), 16, 16, num_heads=4, num_kv_heads=2).attended_pairs == \
         auto.attended_pairs
+    # grouped-query attention through either entry: the method forwards num_kv_heads (it once had no such argument)
+    assert _stats(entry, num_heads=4, num_kv_heads=2) == sa.pattern_stats(sa.SlidingWindow(4), 16, 16, num_heads=4,
+                                                                          num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"num_heads must be a multiple of num_kv_heads, got num_heads=4, "
+                                         r"num_kv_heads=3"):
+        _stats(entry, num_heads=4, num_kv_heads=3)
 
 
 # --- sa.nn.MultiheadAttention: flags are bools (check_bool), inputs have the layer's dtype

@@ -160,6 +160,7 @@ class Pattern:
         n_k: int | None = None,
         *,
         num_heads: int = 1,
+        num_kv_heads: int | None = None,
         head_dim: int = 64,
         batch: int = 1,
         dtype: torch.dtype = torch.float32,
@@ -167,13 +168,14 @@ class Pattern:
     ):
         """Cost before running: attended pairs, density, FLOPs, estimated peak memory.
 
-        See :func:`sparse_attention.cost.pattern_stats`.
+        See :func:`sparse_attention.cost.pattern_stats` (``num_kv_heads``: grouped-query attention's key/value
+        heads, default None = ``num_heads``).
         """
         from ..cost import pattern_stats
 
         return pattern_stats(
-            self, n_q, n_q if n_k is None else n_k, num_heads=num_heads, head_dim=head_dim,
-            batch=batch, dtype=dtype, block=block,
+            self, n_q, n_q if n_k is None else n_k, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, batch=batch, dtype=dtype, block=block,
         )
 
     def __or__(self, other: object) -> Pattern:
