@@ -42,7 +42,8 @@ def pattern_stats(pattern: Pattern, n_q: int, n_k: int, *, num_heads: int = 1, n
     Pairs are counted exactly from the layout (the predicate is evaluated on visited
     blocks only, never on N x S). The memory estimate adds up what the block-sparse
     engine allocates for a forward+backward pass (the output, the saved LSE, float32
-    gradient accumulators, padded or converted copies and one chunk of work); for
+    gradient accumulators, padded or converted copies and its largest chunk of work, about
+    24 MB, less for a small call); for
     SlidingWindow(256), H=8, D=64 it gives 0.15 / 0.53 GiB at N = 16384 / 65536 where
     benchmarks/bench_core.py measured 0.16 / 0.54 GiB (warm call).
 
@@ -51,7 +52,7 @@ def pattern_stats(pattern: Pattern, n_q: int, n_k: int, *, num_heads: int = 1, n
     float32 or float64; ``block`` >= 1, default None = the engine's own choice (``choose_block``).
     Anything else raises ValueError/TypeError naming the argument.
     """
-    from .engine.blocksparse import ROW_CHUNK_BYTES
+    from .engine.blocksparse import chunk_bytes
     from .engine.plan import build_plan
     from .engine.tuning import choose_block
 
@@ -104,7 +105,10 @@ def pattern_stats(pattern: Pattern, n_q: int, n_k: int, *, num_heads: int = 1, n
         + (H * QBb * D + 2 * Hkv * KBb * D) * 4  # float32 dq, dk, dv (returned as they are for fp32)
         + ((H * n_q * D + 2 * Hkv * n_k * D) * itemsize if half or q_copy or kv_copy else 0)  # converted grads
     )
-    peak = batch * per_batch + ROW_CHUNK_BYTES
+    QB = QBb // b
+    chunk = max((chunk_bytes(segments, batch * Hkv, QB, b, G, D, itemsize) for segments in plan.heads),
+                default=0) if batch else 0  # (an empty batch runs nothing)
+    peak = batch * per_batch + chunk  # (the engine's chunks: about ROW_CHUNK_BYTES, less for a small call)
     return PatternStats(n_q, n_k, int(per_head_pairs), per_head_pairs / max(n_q * n_k, 1),
                         int(4 * batch * H * D * per_head_pairs), 4 * batch * H * D * n_q * n_k, computed, b,
                         int(peak), batch * H * n_q * n_k * itemsize)

@@ -533,3 +533,15 @@ def test_kept_stats_and_render_masks_check_their_inputs(tmp_path):
         render_masks(masks, str(tmp_path / "m.png"), title="t", panel_titles=["a"])
     with pytest.raises(ValueError, match="block must be >= 1"):
         render_masks(masks, str(tmp_path / "m.png"), title="t", block=-2)
+
+
+def test_stats_peak_counts_the_chunk_the_engine_makes():
+    """The peak estimate adds the engine's largest chunk of work: about ROW_CHUNK_BYTES for a long call, only
+    the call's own work for a short one (it once added the whole 24 MB to every estimate), nothing for an
+    empty batch."""
+    from sparse_attention.engine.blocksparse import ROW_CHUNK_BYTES
+    assert sa.SlidingWindow(4).stats(64, num_heads=2, head_dim=8).peak_memory_bytes < 1 << 20
+    assert sa.SlidingWindow(4).stats(64, num_heads=2, head_dim=8, batch=0).peak_memory_bytes == 0
+    one, two = (sa.SlidingWindow(256).stats(16384, num_heads=8, batch=b).peak_memory_bytes for b in (1, 2))
+    chunk = 2 * one - two  # the per-batch part doubles; each call's largest chunk is cut to ROW_CHUNK_BYTES
+    assert 0.9 * ROW_CHUNK_BYTES <= chunk <= ROW_CHUNK_BYTES

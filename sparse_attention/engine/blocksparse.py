@@ -229,15 +229,27 @@ def _padding_for(ch: _Chunk, kpm_f: torch.Tensor | None, dirty: torch.Tensor | N
     return kpm_f if dirty is not None and bool(dirty[ch.kv].any()) else None
 
 
-def _row_chunks(segments, BH: int, QB: int, b: int, G: int, E: int, itemsize: int):
-    """Yield the chunks of every segment, about ROW_CHUNK_BYTES of work each."""
+def _chunk_rows(segments, BH: int, QB: int, b: int, G: int, E: int, itemsize: int) -> tuple[int, float]:
+    """Query block rows per chunk (about ROW_CHUNK_BYTES of work, at least one row) and the work bytes of one row,
+    averaged over the segments' items."""
     per_row = 0.0
     for seg in segments:
         L = seg.num_kv_blocks * b
         # q, out and their gradients; K/V or their gradient buffers; an additive mask
         per_item = BH * (2 * G * b + L) * 2 * E * itemsize + (G * b * L * (itemsize + 1) if seg.needs_mask else 0)
         per_row += per_item * seg.num_items / max(QB, 1)
-    step = max(1, min(QB, int(ROW_CHUNK_BYTES // max(per_row, 1.0))))
+    return max(1, min(QB, int(ROW_CHUNK_BYTES // max(per_row, 1.0)))), per_row
+
+
+def chunk_bytes(segments, BH: int, QB: int, b: int, G: int, E: int, itemsize: int) -> int:
+    """The work bytes of the largest chunk ``_row_chunks`` makes of these segments (for cost estimates)."""
+    step, per_row = _chunk_rows(segments, BH, QB, b, G, E, itemsize)
+    return int(per_row * min(step, QB))
+
+
+def _row_chunks(segments, BH: int, QB: int, b: int, G: int, E: int, itemsize: int):
+    """Yield the chunks of every segment, about ROW_CHUNK_BYTES of work each."""
+    step, _ = _chunk_rows(segments, BH, QB, b, G, E, itemsize)
     for r0 in range(0, QB, step):
         for seg in segments:
             lo, hi = bisect.bisect_left(seg.row_list, r0), bisect.bisect_left(seg.row_list, r0 + step)
