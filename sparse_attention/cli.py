@@ -181,10 +181,17 @@ def cmd_list(args, extra) -> int:
     return 0
 
 
+SHOW_MAX_LEN = 8192  # show builds the whole N x N mask of pairs: 0.7-1.4 GB of memory at 8192 here, as N²
+
+
 def cmd_show(args, extra) -> int:
-    from .viz import render_masks
+    from .viz import pool_any, pool_factor, render_masks
 
     n = args.seq_len
+    if n > SHOW_MAX_LEN:
+        raise UsageError(f"--seq-len {n}: show builds the whole N x N mask of pairs, and its memory grows as N² "
+                         f"(about 1 GB at 8192); draw at most {SHOW_MAX_LEN}, and use `cost` for the statistics at "
+                         "this length")
     pattern = _pattern(args, extra, n, n)
     path = _output_path(args.output, (".png", ".svg"))
     content = isinstance(pattern, DynamicPattern)
@@ -199,12 +206,18 @@ def cmd_show(args, extra) -> int:
         raise UsageError(f"{args.mechanism} has {mask.shape[0]} heads, got --heads {args.heads}")
     block = getattr(pattern, "block", None)  # block patterns show their block grid
     density = float(mask.float().mean())
+    factor = pool_factor(n)  # a long matrix is drawn a tile of factor x factor pairs per pixel
+    if factor > 1:
+        masks, block = pool_any(masks, factor), None
     title = f"{pattern!r} | N=S={n}, density {density:.3f}" + (f", grid: blocks of {block}" if block else "")
+    if factor > 1:
+        title += f" | a pixel per {factor}x{factor} pairs, drawn when any is kept"
     if content:
         title += f" | pairs kept on random q, k (input seed {args.input_seed}, D={args.dim})"
     panel_titles = [f"head {h}" for h in range(masks.shape[0])] if masks.shape[0] > 1 else None
     render_masks(masks, path, title=title, panel_titles=panel_titles, block=block)
-    print(f"wrote {path} ({masks.shape[0]} panel(s), {n}x{n}, density {density:.4f})")
+    drawn = f", drawn {masks.shape[1]}x{masks.shape[2]}" if factor > 1 else ""
+    print(f"wrote {path} ({masks.shape[0]} panel(s), {n}x{n}{drawn}, density {density:.4f})")
     return 0
 
 

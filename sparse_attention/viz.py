@@ -20,6 +20,7 @@ EMPTY_RGB = (1.0, 1.0, 1.0)
 GRID_RGB = (0.72, 0.72, 0.72)  # block boundaries over empty cells
 GRID_ALLOWED_RGB = (0.50, 0.60, 0.85)  # block boundaries over allowed cells
 MARGIN = 40  # pixels around each panel (room for titles)
+MAX_CELLS = 1024  # matrices longer than this are pooled to at most this many pixels a side (pool_any)
 TITLE_PX = 48
 
 
@@ -62,6 +63,23 @@ def geometry(num_panels: int, n_q: int, n_k: int) -> Geometry:
 def cell_size(n_q: int, n_k: int) -> int:
     """Pixels per cell: matrices of any size come out between ~256 and ~1024 pixels wide."""
     return max(1, min(16, 768 // max(n_q, n_k, 1)))
+
+
+def pool_factor(n: int) -> int:
+    """Pairs per pixel side for a matrix of n rows or columns: 1 up to MAX_CELLS, else enough to fit it."""
+    return max(1, -(-n // MAX_CELLS))
+
+
+def pool_any(masks: torch.Tensor, factor: int) -> torch.Tensor:
+    """(H, N, S) bool -> (H, ceil(N/factor), ceil(S/factor)): a cell is True when any pair of its factor × factor
+    tile is (the tiles at the far edges may be cut short)."""
+    if factor == 1:
+        return masks
+    H, n_q, n_k = masks.shape
+    rows, cols = -(-n_q // factor), -(-n_k // factor)
+    padded = torch.zeros(H, rows * factor, cols * factor, dtype=torch.bool, device=masks.device)
+    padded[:, :n_q, :n_k] = masks
+    return padded.view(H, rows, factor, cols, factor).any(4).any(2)
 
 
 def panel_image(mask: torch.Tensor, cell: int, block: int | None) -> torch.Tensor:

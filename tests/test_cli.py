@@ -64,6 +64,41 @@ def test_show_writes_png_and_svg(tmp_path):
     assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
 
 
+@pytest.mark.parametrize(("n", "s", "factor"), [(10, 7, 3), (9, 9, 3), (5, 12, 4), (4, 4, 1)])
+def test_pool_any_marks_a_tile_when_any_pair_is_kept(n, s, factor):
+    """pool_any against a loop over tiles, the tiles at the far edges cut short."""
+    from sparse_attention.viz import pool_any
+    masks = torch.rand(2, n, s, generator=torch.Generator().manual_seed(n * s)) < 0.1
+    pooled = pool_any(masks, factor)
+    rows, cols = -(-n // factor), -(-s // factor)
+    assert pooled.shape == (2, rows, cols)
+    for h in range(2):
+        for i in range(rows):
+            for j in range(cols):
+                tile = masks[h, i * factor:(i + 1) * factor, j * factor:(j + 1) * factor]
+                assert bool(pooled[h, i, j]) == bool(tile.any()), (h, i, j)
+
+
+def test_show_pools_long_matrices_and_refuses_huge_ones(tmp_path, capsys):
+    """Past 1024 a pixel stands for a tile of pairs (drawn when any is kept): the pooled picture's cells
+    match pool_any of mask(), the picture stays ~1024 pixels a side; past 8192 the command refuses (the
+    N x N mask alone would be the problem, 4.5 GB of memory at 16384 here)."""
+    from sparse_attention.viz import pool_any
+    path = tmp_path / "sw.png"
+    assert cli.main(["show", "sliding_window", "--seq-len", "2500", "--window", "40", "-o", str(path)]) == 0
+    assert "2500x2500, drawn 834x834" in capsys.readouterr().out
+    want = pool_any(sa.SlidingWindow(40).mask(2500, 2500).unsqueeze(0), 3)[0]
+    img = torch.from_numpy(mpimg.imread(path)[..., :3].copy())
+    geo = geometry(1, 834, 834)
+    assert img.shape[:2] == (geo.height, geo.width)
+    rows = torch.tensor([geo.center(0, i, 0)[0] for i in range(834)])
+    cols = torch.tensor([geo.center(0, 0, j)[1] for j in range(834)])
+    is_allowed = (img[rows][:, cols] - torch.tensor(ALLOWED_RGB)).abs().amax(-1) < 0.02
+    assert torch.equal(is_allowed, want)
+    assert cli.main(["show", "sliding_window", "--seq-len", "8193", "-o", str(path)]) == 2
+    assert "--seq-len 8193: show builds the whole N x N mask" in capsys.readouterr().err
+
+
 def _patterns_for_pictures():
     pats = {m.name: m.make() for m in sa.mechanisms("static")}
     pats["per_head"] = sa.PerHead([sa.Causal(), sa.SlidingWindow(3), sa.Strided(5)])
