@@ -605,12 +605,11 @@ def mixed_items_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: 
         raise ValueError(f"q, k, v must be (..., {n}, L, E) over p's leading dimensions {tuple(lead)}, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
-    def mix(x):  # Σ_j p_ij x_j over whole items
-        return torch.matmul(p, x.flatten(-2)).view(x.shape)
+    def mix(x, out=None):  # Σ_j p_ij x_j over whole items
+        return torch.matmul(p, x.flatten(-2), out=out).view(x.shape)
     if q.device.type == "cpu" and q.dtype == torch.float32 and native.items_available():
         with torch.no_grad():  # into fresh tensors advised to be huge pages (see native.empty)
-            k2, v2 = (torch.matmul(p, x.flatten(-2), out=native.empty(*x.shape[:-2], x.shape[-2] * x.shape[-1]))
-                      .view(x.shape) for x in (k, v))
+            k2, v2 = (mix(x, native.empty(*x.shape[:-2], x.shape[-2] * x.shape[-1])) for x in (k, v))
         if all_finite(q, k, v, k2, v2):
             allowed = torch.ones(1, 1, dtype=torch.bool, device=q.device) if allowed is None else allowed
             add = _additive(allowed.expand(*lead, n, allowed.shape[-2], 2 * Lk), q.dtype)

@@ -227,16 +227,16 @@ def _madvise():
     global _madvise_fn
     if _madvise_fn is None:
         _madvise_fn = False
-        try:
-            if os.environ.get("SPARSE_ATTENTION_HUGE_PAGES") == "0":
-                raise OSError("huge pages switched off by SPARSE_ATTENTION_HUGE_PAGES=0")
-            with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-                if "[madvise]" in f.read():
+        if os.environ.get("SPARSE_ATTENTION_HUGE_PAGES") != "0":
+            try:
+                with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                    mode = f.read()
+                if "[madvise]" in mode:
                     fn = ctypes.CDLL(None, use_errno=True).madvise
                     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
                     _madvise_fn = fn
-        except (OSError, AttributeError):
-            pass
+            except (OSError, AttributeError):  # not Linux, or a libc without madvise
+                pass
     return _madvise_fn or None
 
 

@@ -237,13 +237,12 @@ static void probabilities(const items_job *p, float *const *s, float *const *dp,
     }
 }
 
-/* dst = src the first time a row is written (*written 0), dst += src after: n floats */
-static inline void put_row(float *restrict dst, const float *restrict src, int64_t n, unsigned char *written) {
-    if (*written)
+/* dst = src when the row has not been written yet, dst += src after: n floats */
+static inline void put_row(float *restrict dst, const float *restrict src, int64_t n, int written) {
+    if (written)
         for (int64_t e = 0; e < n; e++) dst[e] += src[e];
     else
         memcpy(dst, src, (size_t)n * sizeof(float));
-    *written = 1;
 }
 
 /* zeros in the rows of x (n rows of w floats) that were never written */
@@ -298,18 +297,22 @@ static int backward_groups(void *arg, int64_t g0, int64_t g1) {
                 times_rows(gr, s.vt, Dvp, Kp, dpr); /* dP = dO Vᵀ */
                 probabilities(p, sr, dpr, bias, lse, Drow);
                 times_rows(dpr, s.kr, Kp, Dp, dqr); /* dQ = dS K */
-                for (int r = 0; r < BLOCK && i + r < p->wq; r++)
-                    if (qrow[i + r] >= 0) put_row(p->dq + qrow[i + r] * p->D, dqr[r], p->D, qdone + qrow[i + r] - q0);
+                for (int r = 0; r < BLOCK && i + r < p->wq; r++) {
+                    const int64_t row = qrow[i + r];
+                    if (row < 0) continue;
+                    put_row(p->dq + row * p->D, dqr[r], p->D, qdone[row - q0]);
+                    qdone[row - q0] = 1;
+                }
                 rank_rows(s.dkb, dpr, qr, Kp, Dp);  /* dK += dSᵀ Q */
                 rank_rows(s.dvb, sr, gr, Kp, Dvp);  /* dV += Pᵀ dO */
             }
             for (int64_t j = 0; j < p->wk; j++) {
                 const int64_t row = krow[j];
                 if (row < 0) continue;
-                unsigned char *done = kdone + (row < p->split ? row - k0 : p->nk + row - k20), first = *done;
-                put_row(key_grad_row(p, row), s.dkb + j * Dp, p->D, done);
-                *done = first; /* the value row's gradient below is written for the first time too */
-                put_row(value_grad_row(p, row), s.dvb + j * Dvp, p->Dv, done);
+                unsigned char *done = kdone + (row < p->split ? row - k0 : p->nk + row - k20);
+                put_row(key_grad_row(p, row), s.dkb + j * Dp, p->D, *done); /* a key's and its value's rows */
+                put_row(value_grad_row(p, row), s.dvb + j * Dvp, p->Dv, *done);
+                *done = 1;
             }
         }
         zero_unwritten(p->dq + q0 * p->D, p->nq, p->D, qdone);
